@@ -1,0 +1,154 @@
+//! Who may do what: the backend's api key, and listener tokens.
+//!
+//! The api key guards `/api/v1`; it is compared in constant time so its bytes cannot be
+//! guessed by timing. Listener tokens are HS256 JWTs: `sub` is the uid, `exp` is
+//! checked with [`LEEWAY_SECONDS`] of clock skew, and an optional `tracks` claim
+//! connects the listener to those tracks when it opens its stream.
+
+use axum::http::HeaderMap;
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+
+/// Clock skew tolerated on `exp`, as the spec promises.
+pub const LEEWAY_SECONDS: u64 = 60;
+/// Longest lifetime `POST /api/v1/tokens` will sign: long-lived tokens are keys that
+/// cannot be revoked, so a week is the most we hand out.
+pub const MAX_TOKEN_TTL_SECONDS: u64 = 7 * 24 * 3600;
+/// Lifetime of a token when the caller does not say.
+pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3600;
+
+/// Checks `Authorization: Bearer <key>` against `key`.
+pub fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+        return Err(ApiError::unauthorized(
+            "missing_api_key",
+            "send the api key as 'Authorization: Bearer <key>'",
+        ));
+    };
+    let given = value
+        .to_str()
+        .ok()
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .unwrap_or("")
+        .trim();
+    if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::unauthorized("wrong_api_key", "the api key is wrong"))
+    }
+}
+
+/// A listener token's claims.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Claims {
+    /// The listener's uid.
+    pub sub: String,
+    /// Expiry, seconds since the Unix epoch.
+    pub exp: u64,
+    /// Tracks the listener is connected to when it opens its stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracks: Option<Vec<String>>,
+}
+
+/// Signs and checks listener tokens with the server's token secret.
+#[derive(Clone)]
+pub struct Tokens {
+    encoding: EncodingKey,
+    decoding: DecodingKey,
+    validation: Validation,
+}
+
+impl std::fmt::Debug for Tokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tokens(<secret>)")
+    }
+}
+
+impl Tokens {
+    /// Tokens signed with `secret`.
+    pub fn new(secret: &str) -> Self {
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.leeway = LEEWAY_SECONDS;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        Self {
+            encoding: EncodingKey::from_secret(secret.as_bytes()),
+            decoding: DecodingKey::from_secret(secret.as_bytes()),
+            validation,
+        }
+    }
+
+    /// A token for `uid`, valid `ttl_seconds` from now.
+    pub fn mint(
+        &self,
+        uid: &str,
+        tracks: Option<Vec<String>>,
+        ttl_seconds: u64,
+    ) -> Result<String, jsonwebtoken::errors::Error> {
+        let claims = Claims {
+            sub: uid.to_owned(),
+            exp: crate::engine::now_ms() / 1000 + ttl_seconds,
+            tracks,
+        };
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
+    }
+
+    /// Checks `token` and that it was given to `uid`.
+    pub fn verify(&self, token: &str, uid: &str) -> Result<Claims, ApiError> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
+            .map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => {
+                    ApiError::unauthorized("token_expired", "the listener token has expired")
+                }
+                _ => ApiError::unauthorized(
+                    "bad_token",
+                    format!("the listener token is not valid here: {e}"),
+                ),
+            })?
+            .claims;
+        if claims.sub != uid {
+            return Err(ApiError::unauthorized(
+                "token_wrong_listener",
+                "the listener token was given to another uid",
+            ));
+        }
+        Ok(claims)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_minted_token_verifies_for_its_uid_only() {
+        let tokens = Tokens::new("s3cret");
+        let token = tokens
+            .mint("listener-1", Some(vec![":data".into()]), 60)
+            .expect("mint");
+        let claims = tokens.verify(&token, "listener-1").expect("valid");
+        assert_eq!(claims.tracks, Some(vec![":data".to_owned()]));
+        assert_eq!(
+            tokens.verify(&token, "listener-2").unwrap_err().code,
+            "token_wrong_listener"
+        );
+        assert_eq!(
+            Tokens::new("other").verify(&token, "listener-1").unwrap_err().code,
+            "bad_token"
+        );
+        assert_eq!(tokens.verify("garbage", "listener-1").unwrap_err().code, "bad_token");
+    }
+
+    #[test]
+    fn api_keys_must_match_exactly() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(check_api_key("k", &headers).unwrap_err().code, "missing_api_key");
+        headers.insert("authorization", "Bearer kk".parse().expect("header"));
+        assert_eq!(check_api_key("k", &headers).unwrap_err().code, "wrong_api_key");
+        headers.insert("authorization", "Bearer k".parse().expect("header"));
+        assert!(check_api_key("k", &headers).is_ok());
+    }
+}

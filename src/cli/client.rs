@@ -1,0 +1,269 @@
+//! The client subcommands: talk to a running server over its HTTP API.
+//!
+//! Run beside a local server they find its generated api key in the data dir by
+//! themselves. Every failure is one line and a non-zero exit code.
+
+use std::time::Duration;
+
+use anyhow::{Context, anyhow, bail};
+use futures_util::StreamExt;
+use serde_json::{Value, json};
+
+use crate::auth::Tokens;
+use crate::config::Settings;
+
+/// Longest a backend call may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest pause between reconnects of `listen`.
+const MAX_BACKOFF: Duration = Duration::from_secs(10);
+
+fn api_key(settings: &Settings) -> anyhow::Result<String> {
+    if let Some(key) = &settings.api_key {
+        return Ok(key.clone());
+    }
+    let path = settings.api_key_file();
+    match std::fs::read_to_string(&path) {
+        Ok(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
+        _ => bail!(
+            "no api key: pass --api-key or set DOLORES_API_KEY (a local server keeps its \
+             generated key in {})",
+            path.display()
+        ),
+    }
+}
+
+async fn call(settings: &Settings, path: &str, body: Value) -> anyhow::Result<Value> {
+    let url = format!("{}/api/v1/{path}", settings.server_url());
+    let response = reqwest::Client::new()
+        .post(&url)
+        .bearer_auth(api_key(settings)?)
+        .timeout(CALL_TIMEOUT)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| anyhow!("cannot reach the server at {}: {e}", settings.server_url()))?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or(Value::Null);
+    if !status.is_success() {
+        bail!("{}", describe_error(status, &body));
+    }
+    Ok(body)
+}
+
+fn describe_error(status: reqwest::StatusCode, body: &Value) -> String {
+    let code = body["error"]["code"].as_str().unwrap_or("error");
+    let message = body["error"]["message"].as_str().unwrap_or("");
+    format!("{code}: {message} (HTTP {})", status.as_u16())
+}
+
+/// `dolores update TRACK MESSAGE`.
+pub(crate) async fn update(
+    settings: Settings,
+    track: String,
+    message: String,
+    as_string: bool,
+) -> anyhow::Result<()> {
+    let message = if as_string {
+        Value::String(message)
+    } else {
+        serde_json::from_str(&message).unwrap_or(Value::String(message))
+    };
+    let answer = call(&settings, "update", json!({"track": track, "message": message})).await?;
+    println!("{answer}");
+    Ok(())
+}
+
+/// `dolores connect UID TRACK`.
+pub(crate) async fn connect(settings: Settings, uid: String, track: String) -> anyhow::Result<()> {
+    let answer = call(&settings, "connect", json!({"uid": uid, "track": track})).await?;
+    println!("{answer}");
+    Ok(())
+}
+
+/// `dolores disconnect UID [TRACK]`.
+pub(crate) async fn disconnect(
+    settings: Settings,
+    uid: String,
+    track: Option<String>,
+) -> anyhow::Result<()> {
+    let body = match track {
+        Some(track) => json!({"uid": uid, "track": track}),
+        None => json!({"uid": uid}),
+    };
+    let answer = call(&settings, "disconnect", body).await?;
+    println!("{answer}");
+    Ok(())
+}
+
+/// `dolores token UID [--track T]…`.
+pub(crate) async fn token(
+    settings: Settings,
+    uid: String,
+    tracks: Vec<String>,
+    ttl: Duration,
+) -> anyhow::Result<()> {
+    crate::names::check_uid(&uid)?;
+    let tracks = (!tracks.is_empty()).then_some(tracks);
+    let ttl = ttl.as_secs().max(1);
+    let token = match &settings.token_secret {
+        Some(secret) => Tokens::new(secret)
+            .mint(&uid, tracks, ttl)
+            .context("cannot sign the token")?,
+        None => {
+            let answer = call(
+                &settings,
+                "tokens",
+                json!({"uid": uid, "tracks": tracks, "ttl_seconds": ttl}),
+            )
+            .await?;
+            answer["token"].as_str().unwrap_or_default().to_owned()
+        }
+    };
+    println!("{token}");
+    Ok(())
+}
+
+/// `dolores listen UID`: prints `{"id", "track", "message"}` (or `{"id", "reset": true}`)
+/// per event, one per line; reconnects with the last id after every drop.
+pub(crate) async fn listen(
+    settings: Settings,
+    uid: String,
+    token: Option<String>,
+    mut last_id: Option<String>,
+) -> anyhow::Result<()> {
+    let base = format!("{}/listen/{uid}", settings.server_url());
+    let client = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()?;
+    let mut backoff = Duration::from_millis(250);
+    loop {
+        // A token is base64url and dots: safe in a query string as it is.
+        let url = match &token {
+            Some(token) => format!("{base}?token={token}"),
+            None => base.clone(),
+        };
+        let mut request = client.get(&url);
+        if let Some(id) = &last_id {
+            request = request.header("Last-Event-ID", id);
+        }
+        match request.send().await {
+            Ok(response) if response.status().is_success() => {
+                backoff = Duration::from_millis(250);
+                let mut parser = SseParser::default();
+                let mut body = response.bytes_stream();
+                while let Some(chunk) = body.next().await {
+                    let Ok(chunk) = chunk else { break };
+                    for event in parser.feed(&chunk) {
+                        if let Some(id) = &event.id {
+                            last_id = Some(id.clone());
+                        }
+                        print_event(&event);
+                    }
+                }
+                eprintln!("dolores: stream ended; reconnecting");
+            }
+            Ok(response) => {
+                let status = response.status();
+                let body: Value = response.json().await.unwrap_or(Value::Null);
+                if status.is_client_error() {
+                    bail!("{}", describe_error(status, &body));
+                }
+                eprintln!("dolores: {}; retrying", describe_error(status, &body));
+            }
+            Err(e) => eprintln!("dolores: cannot reach {}: {e}; retrying", settings.server_url()),
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+fn print_event(event: &SseEvent) {
+    let id = event.id.clone().map_or(Value::Null, Value::String);
+    let line = if event.name == "reset" {
+        json!({"id": id, "reset": true})
+    } else {
+        match serde_json::from_str::<Value>(&event.data) {
+            Ok(Value::Object(mut data)) => {
+                data.insert("id".into(), id);
+                Value::Object(data)
+            }
+            _ => json!({"id": id, "data": event.data}),
+        }
+    };
+    println!("{line}");
+}
+
+/// One Server-Sent Event.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct SseEvent {
+    /// `id:`, if the event had one.
+    pub id: Option<String>,
+    /// `event:`, or `message`.
+    pub name: String,
+    /// The `data:` lines joined with newlines.
+    pub data: String,
+}
+
+/// A minimal Server-Sent Events parser: enough for what Dolores sends.
+#[derive(Debug, Default)]
+pub(crate) struct SseParser {
+    buffer: Vec<u8>,
+    event: SseEvent,
+    has_data: bool,
+}
+
+impl SseParser {
+    /// Feeds bytes; returns the events they complete.
+    pub(crate) fn feed(&mut self, bytes: &[u8]) -> Vec<SseEvent> {
+        self.buffer.extend_from_slice(bytes);
+        let mut events = Vec::new();
+        while let Some(end) = self.buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buffer.drain(..=end).collect();
+            let line = String::from_utf8_lossy(&line);
+            let line = line.trim_end_matches(['\n', '\r']);
+            if line.is_empty() {
+                if self.has_data {
+                    let mut event = std::mem::take(&mut self.event);
+                    if event.name.is_empty() {
+                        event.name = "message".into();
+                    }
+                    events.push(event);
+                }
+                self.event = SseEvent::default();
+                self.has_data = false;
+                continue;
+            }
+            let (field, value) = line.split_once(':').unwrap_or((line, ""));
+            let value = value.strip_prefix(' ').unwrap_or(value);
+            match field {
+                "id" => self.event.id = Some(value.to_owned()),
+                "event" => self.event.name = value.to_owned(),
+                "data" => {
+                    if self.has_data {
+                        self.event.data.push('\n');
+                    }
+                    self.event.data.push_str(value);
+                    self.has_data = true;
+                }
+                _ => {}
+            }
+        }
+        events
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_events_split_across_chunks() {
+        let mut parser = SseParser::default();
+        assert!(parser.feed(b"retry: 2000\n: hi\n\nid: 1\nda").is_empty());
+        let events = parser.feed(b"ta: {\"a\":1}\n\nid: 2\nevent: reset\ndata: x\n\n");
+        assert_eq!(events.len(), 2);
+        assert_eq!(events[0].id.as_deref(), Some("1"));
+        assert_eq!(events[0].data, "{\"a\":1}");
+        assert_eq!(events[1].name, "reset");
+    }
+}

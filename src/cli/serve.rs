@@ -1,0 +1,112 @@
+//! `dolores serve`: binds, finds or makes the api key, and runs the server until
+//! Ctrl-C or SIGTERM.
+
+use std::io::Write;
+use std::net::SocketAddr;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+
+use crate::config::Settings;
+use crate::server::{self, AppState};
+
+/// Runs the server with `settings`.
+pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let listener = TcpListener::bind(&settings.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    let (api_key, generated) = api_key(&settings, addr)?;
+    let where_stored = if settings.memory {
+        "in memory, nothing on disk".to_owned()
+    } else {
+        format!("embedded store in {}", settings.data.display())
+    };
+    let key_file = settings.api_key_file();
+    let memory = settings.memory;
+    let state = AppState::open(settings, api_key.clone())?;
+    let url = format!("http://{addr}");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "dolores {} listening on {url} ({where_stored})", env!("CARGO_PKG_VERSION"))?;
+    if generated {
+        let kept = if memory {
+            "for this run only".to_owned()
+        } else {
+            format!("kept in {}", key_file.display())
+        };
+        writeln!(out, "api key: {api_key} ({kept})")?;
+        writeln!(
+            out,
+            "try it: curl -H 'Authorization: Bearer {api_key}' -H 'Content-Type: application/json' \
+             -d '{{\"track\":\":data\",\"message\":\"hello\"}}' {url}/api/v1/update"
+        )?;
+    }
+    out.flush()?;
+    drop(out);
+    server::run(listener, state, shutdown_signal()).await
+}
+
+/// The api key: given, or (on loopback only) read from or made in the data dir.
+fn api_key(settings: &Settings, addr: SocketAddr) -> anyhow::Result<(String, bool)> {
+    if let Some(key) = &settings.api_key {
+        return Ok((key.clone(), false));
+    }
+    if !addr.ip().is_loopback() {
+        bail!(
+            "refusing to listen on {addr} without an api key: set --api-key or DOLORES_API_KEY \
+             (only a loopback address gets a generated one)"
+        );
+    }
+    let key = hex(&rand::random::<[u8; 24]>());
+    if settings.memory {
+        return Ok((key, true));
+    }
+    let path = settings.api_key_file();
+    if let Ok(stored) = std::fs::read_to_string(&path) {
+        let stored = stored.trim();
+        if !stored.is_empty() {
+            return Ok((stored.to_owned(), true));
+        }
+    }
+    std::fs::create_dir_all(&settings.data)
+        .with_context(|| format!("cannot create {}", settings.data.display()))?;
+    write_private(&path, &key).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok((key, true))
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    options.open(path)?.write_all(format!("{text}\n").as_bytes())
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

@@ -1,0 +1,294 @@
+//! Settings, each with three spellings: a flag (`--max-stored-messages`), an
+//! environment variable (`DOLORES_MAX_STORED_MESSAGES`) and a key in the file named by
+//! `--config` (`max_stored_messages`). A flag beats the environment, which beats the
+//! file, which beats the default.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Where the server listens by default: loopback, on the port the original used.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8007";
+/// Where the embedded store and the generated api key live by default.
+pub const DEFAULT_DATA: &str = "./dolores-data";
+/// The file in the data dir that holds a generated api key.
+pub const API_KEY_FILE: &str = "api-key";
+
+/// The options every subcommand takes (clap reads flags and `DOLORES_*` variables).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct Options {
+    /// Address to listen on (serve) or of the server to talk to (clients) [default: 127.0.0.1:8007]
+    #[arg(long, env = "DOLORES_LISTEN")]
+    pub listen: Option<String>,
+    /// Data dir of the embedded store and the generated api key [default: ./dolores-data]
+    #[arg(long, env = "DOLORES_DATA")]
+    pub data: Option<PathBuf>,
+    /// Keep everything in memory: nothing on disk, queues lost on restart
+    #[arg(long, env = "DOLORES_MEMORY", num_args = 0..=1, default_missing_value = "true")]
+    pub memory: Option<bool>,
+    /// Redis URL for several nodes (redis://127.0.0.1:6379/0)
+    #[arg(long, env = "DOLORES_REDIS")]
+    pub redis: Option<String>,
+    /// The backend's api key (generated on loopback when not given)
+    #[arg(long, env = "DOLORES_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Secret for HS256 listener tokens; when set, listeners need ?token=
+    #[arg(long, env = "DOLORES_TOKEN_SECRET", hide_env_values = true)]
+    pub token_secret: Option<String>,
+    /// Time between heartbeat comments on open streams, like 20s [default: 20s]
+    #[arg(long, env = "DOLORES_HEARTBEAT", value_parser = humantime::parse_duration)]
+    pub heartbeat: Option<Duration>,
+    /// How long messages are kept for listeners that are away, like 24h [default: 24h]
+    #[arg(long, env = "DOLORES_RETENTION", value_parser = humantime::parse_duration)]
+    pub retention: Option<Duration>,
+    /// Most messages kept by the whole store [default: 1000000]
+    #[arg(long, env = "DOLORES_MAX_STORED_MESSAGES")]
+    pub max_stored_messages: Option<u64>,
+    /// A listener not seen for this long is forgotten, like 24h [default: 24h]
+    #[arg(long, env = "DOLORES_LISTENER_TTL", value_parser = humantime::parse_duration)]
+    pub listener_ttl: Option<Duration>,
+    /// Largest message, serialized as JSON, in bytes [default: 65536]
+    #[arg(long, env = "DOLORES_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    /// Origins allowed to use the listener endpoints from a browser, comma-separated
+    #[arg(long, env = "DOLORES_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Option<Vec<String>>,
+    /// A dolores.toml with any of these settings as keys
+    #[arg(long, env = "DOLORES_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The keys of `dolores.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileSettings {
+    listen: Option<String>,
+    data: Option<PathBuf>,
+    memory: Option<bool>,
+    redis: Option<String>,
+    api_key: Option<String>,
+    token_secret: Option<String>,
+    heartbeat: Option<String>,
+    retention: Option<String>,
+    max_stored_messages: Option<u64>,
+    listener_ttl: Option<String>,
+    max_message_bytes: Option<usize>,
+    cors_origins: Option<Vec<String>>,
+}
+
+/// Every setting, resolved.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Address to listen on or to reach.
+    pub listen: String,
+    /// The data dir.
+    pub data: PathBuf,
+    /// Nothing on disk.
+    pub memory: bool,
+    /// Redis URL, for several nodes.
+    pub redis: Option<String>,
+    /// The api key, if given.
+    pub api_key: Option<String>,
+    /// The token secret, if any.
+    pub token_secret: Option<String>,
+    /// Heartbeat interval on open streams.
+    pub heartbeat: Duration,
+    /// How long messages are kept.
+    pub retention: Duration,
+    /// Most messages kept.
+    pub max_stored_messages: u64,
+    /// How long an unseen listener is kept.
+    pub listener_ttl: Duration,
+    /// Largest message in bytes.
+    pub max_message_bytes: usize,
+    /// Allowed browser origins.
+    pub cors_origins: Vec<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            listen: DEFAULT_LISTEN.into(),
+            data: DEFAULT_DATA.into(),
+            memory: false,
+            redis: None,
+            api_key: None,
+            token_secret: None,
+            // Below the 30–60 s idle timeouts of common proxies and load balancers.
+            heartbeat: Duration::from_secs(20),
+            // A day covers a laptop closed overnight.
+            retention: Duration::from_secs(24 * 3600),
+            // About 100 MB of small messages: plenty of backlog, bounded disk.
+            max_stored_messages: 1_000_000,
+            listener_ttl: Duration::from_secs(24 * 3600),
+            // Push servers carry notices, not documents.
+            max_message_bytes: 64 * 1024,
+            cors_origins: Vec::new(),
+        }
+    }
+}
+
+/// A setting that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The config file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid.
+    #[error("{path}: {message}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn duration(path: &Path, key: &str, value: Option<String>) -> Result<Option<Duration>, ConfigError> {
+    value
+        .map(|v| {
+            humantime::parse_duration(&v).map_err(|e| ConfigError::File {
+                path: path.to_owned(),
+                message: format!("{key} = {v:?}: {e} (write durations like 20s, 15m, 24h)"),
+            })
+        })
+        .transpose()
+}
+
+impl Settings {
+    /// Resolves flags and environment (already in `options`) over the config file over
+    /// the defaults.
+    pub fn resolve(options: &Options) -> Result<Self, ConfigError> {
+        let mut file = FileSettings::default();
+        let path = options.config.clone().unwrap_or_default();
+        if let Some(config) = &options.config {
+            let text = std::fs::read_to_string(config).map_err(|source| ConfigError::Read {
+                path: config.clone(),
+                source,
+            })?;
+            file = toml::from_str(&text).map_err(|e| ConfigError::File {
+                path: config.clone(),
+                message: e.to_string(),
+            })?;
+        }
+        let d = Settings::default();
+        let o = options.clone();
+        let settings = Settings {
+            listen: o.listen.or(file.listen).unwrap_or(d.listen),
+            data: o.data.or(file.data).unwrap_or(d.data),
+            memory: o.memory.or(file.memory).unwrap_or(d.memory),
+            redis: o.redis.or(file.redis).filter(|r| !r.is_empty()),
+            api_key: o.api_key.or(file.api_key).filter(|k| !k.is_empty()),
+            token_secret: o.token_secret.or(file.token_secret).filter(|s| !s.is_empty()),
+            heartbeat: o
+                .heartbeat
+                .or(duration(&path, "heartbeat", file.heartbeat)?)
+                .unwrap_or(d.heartbeat),
+            retention: o
+                .retention
+                .or(duration(&path, "retention", file.retention)?)
+                .unwrap_or(d.retention),
+            max_stored_messages: o
+                .max_stored_messages
+                .or(file.max_stored_messages)
+                .unwrap_or(d.max_stored_messages),
+            listener_ttl: o
+                .listener_ttl
+                .or(duration(&path, "listener_ttl", file.listener_ttl)?)
+                .unwrap_or(d.listener_ttl),
+            max_message_bytes: o
+                .max_message_bytes
+                .or(file.max_message_bytes)
+                .unwrap_or(d.max_message_bytes),
+            cors_origins: o.cors_origins.or(file.cors_origins).unwrap_or(d.cors_origins),
+        };
+        settings.check()?;
+        Ok(settings)
+    }
+
+    fn check(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self.heartbeat < Duration::from_millis(100) {
+            return invalid("heartbeat must be at least 100ms");
+        }
+        if self.retention.is_zero() || self.listener_ttl.is_zero() {
+            return invalid("retention and listener_ttl must be longer than zero");
+        }
+        if self.max_stored_messages == 0 {
+            return invalid("max_stored_messages must be at least 1");
+        }
+        if !(16..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
+            return invalid("max_message_bytes must be between 16 and 16777216");
+        }
+        if self.memory && self.redis.is_some() {
+            return invalid("choose --memory or --redis, not both");
+        }
+        Ok(())
+    }
+
+    /// The base URL a client uses to reach the server at `listen`.
+    pub fn server_url(&self) -> String {
+        let listen = self.listen.trim_end_matches('/');
+        if listen.starts_with("http://") || listen.starts_with("https://") {
+            return listen.to_owned();
+        }
+        // A server bound to every interface is reached on loopback from here.
+        let listen = listen
+            .replace("0.0.0.0:", "127.0.0.1:")
+            .replace("[::]:", "[::1]:");
+        format!("http://{listen}")
+    }
+
+    /// The path of the generated api key file.
+    pub fn api_key_file(&self) -> PathBuf {
+        self.data.join(API_KEY_FILE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_file_which_beats_defaults() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dolores.toml");
+        std::fs::write(
+            &path,
+            "heartbeat = \"5s\"\nmax_stored_messages = 10\nlisten = \"127.0.0.1:9\"\n",
+        )
+        .expect("write");
+        let options = Options {
+            config: Some(path),
+            listen: Some("127.0.0.1:1".into()),
+            ..Options::default()
+        };
+        let s = Settings::resolve(&options).expect("valid");
+        assert_eq!(s.listen, "127.0.0.1:1");
+        assert_eq!(s.heartbeat, Duration::from_secs(5));
+        assert_eq!(s.max_stored_messages, 10);
+        assert_eq!(s.retention, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dolores.toml");
+        std::fs::write(&path, "hartbeat = \"5s\"\n").expect("write");
+        let options = Options {
+            config: Some(path),
+            ..Options::default()
+        };
+        let e = Settings::resolve(&options).unwrap_err().to_string();
+        assert!(e.contains("hartbeat"), "{e}");
+    }
+}

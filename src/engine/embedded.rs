@@ -1,0 +1,273 @@
+//! The durable embedded storage (the default): one redb file in the data dir.
+//!
+//! Tables: `log` (position → time, track, message), `by_track` ((track, position) → ()),
+//! the index that makes a listener's queue a range scan per track, `listeners`
+//! (uid → JSON record), `subscribers` (track → count) and `meta` (the log's bounds).
+//! Every commit is durable (redb's `Immediate` durability: synced before `commit`
+//! returns); the writer in `local` groups many updates into one commit.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use redb::{
+    Database, Key, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
+    TableDefinition, Value, WriteTransaction,
+};
+
+use super::local::{Bounds, Snapshot, Storage, StorageTxn};
+use super::{EngineError, Listener, Message, Position, Result, StoreCounts};
+
+const LOG: TableDefinition<u64, (u64, &str, &str)> = TableDefinition::new("log");
+const BY_TRACK: TableDefinition<(&str, u64), ()> = TableDefinition::new("by_track");
+const LISTENERS: TableDefinition<&str, &[u8]> = TableDefinition::new("listeners");
+const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscribers");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+
+/// The file's name inside the data dir.
+pub(crate) const FILE_NAME: &str = "dolores.redb";
+
+fn storage_error(e: impl std::fmt::Display) -> EngineError {
+    EngineError::Storage(e.to_string())
+}
+
+/// The redb database.
+#[derive(Debug)]
+pub(crate) struct RedbStorage {
+    db: Database,
+}
+
+impl RedbStorage {
+    /// Opens or creates the store in `dir` (created if missing).
+    pub(crate) fn open(dir: &Path) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| EngineError::Storage(format!("cannot create {}: {e}", dir.display())))?;
+        let path = dir.join(FILE_NAME);
+        let db = Database::create(&path)
+            .map_err(|e| EngineError::Storage(format!("cannot open {}: {e}", path.display())))?;
+        let txn = db.begin_write().map_err(storage_error)?;
+        {
+            txn.open_table(LOG).map_err(storage_error)?;
+            txn.open_table(BY_TRACK).map_err(storage_error)?;
+            txn.open_table(LISTENERS).map_err(storage_error)?;
+            txn.open_table(SUBSCRIBERS).map_err(storage_error)?;
+            txn.open_table(META).map_err(storage_error)?;
+        }
+        txn.commit().map_err(storage_error)?;
+        Ok(Self { db })
+    }
+}
+
+impl Storage for RedbStorage {
+    type Snap<'a> = ReadTransaction;
+    type Txn<'a> = RedbTxn;
+
+    fn read(&self) -> Result<ReadTransaction> {
+        self.db.begin_read().map_err(storage_error)
+    }
+
+    fn write(&self) -> Result<RedbTxn> {
+        Ok(RedbTxn(self.db.begin_write().map_err(storage_error)?))
+    }
+}
+
+/// The write transaction.
+pub(crate) struct RedbTxn(WriteTransaction);
+
+/// Opens a table for reading in either kind of transaction.
+trait OpenTable {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<K, V>,
+    ) -> Result<impl ReadableTable<K, V> + ReadableTableMetadata + '_>;
+}
+
+impl OpenTable for ReadTransaction {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<K, V>,
+    ) -> Result<impl ReadableTable<K, V> + ReadableTableMetadata + '_> {
+        self.open_table(def).map_err(storage_error)
+    }
+}
+
+impl OpenTable for RedbTxn {
+    fn table<K: Key + 'static, V: Value + 'static>(
+        &self,
+        def: TableDefinition<K, V>,
+    ) -> Result<impl ReadableTable<K, V> + ReadableTableMetadata + '_> {
+        self.0.open_table(def).map_err(storage_error)
+    }
+}
+
+/// Reads shared by the read and the write transaction (redb gives them different
+/// table types with one `ReadableTable` trait).
+macro_rules! snapshot_reads {
+    () => {
+        fn bounds(&self) -> Result<Bounds> {
+            let meta = self.table(META)?;
+            let get = |key| -> Result<u64> {
+                Ok(meta
+                    .get(key)
+                    .map_err(storage_error)?
+                    .map_or(0, |v| v.value()))
+            };
+            Ok(Bounds {
+                head: get("head")?,
+                trimmed_through: get("trimmed_through")?,
+            })
+        }
+
+        fn listener(&self, uid: &str) -> Result<Option<Listener>> {
+            let table = self.table(LISTENERS)?;
+            let Some(record) = table.get(uid).map_err(storage_error)? else {
+                return Ok(None);
+            };
+            serde_json::from_slice(record.value())
+                .map(Some)
+                .map_err(|e| EngineError::Storage(format!("listener {uid} unreadable: {e}")))
+        }
+
+        fn track_after(
+            &self,
+            track: &str,
+            after: Position,
+            limit: usize,
+        ) -> Result<Vec<Arc<Message>>> {
+            let index = self.table(BY_TRACK)?;
+            let log = self.table(LOG)?;
+            let track_name: Arc<str> = track.into();
+            let mut messages = Vec::new();
+            let Some(start) = after.checked_add(1) else {
+                return Ok(messages);
+            };
+            for entry in index
+                .range((track, start)..=(track, u64::MAX))
+                .map_err(storage_error)?
+                .take(limit)
+            {
+                let (key, _) = entry.map_err(storage_error)?;
+                let pos = key.value().1;
+                if let Some(row) = log.get(pos).map_err(storage_error)? {
+                    let (time_ms, _, json) = row.value();
+                    messages.push(Arc::new(Message::new(
+                        pos,
+                        track_name.clone(),
+                        json.into(),
+                        time_ms,
+                    )));
+                }
+            }
+            Ok(messages)
+        }
+
+        fn counts(&self) -> Result<StoreCounts> {
+            Ok(StoreCounts {
+                listeners: self.table(LISTENERS)?.len().map_err(storage_error)?,
+                tracks: self.table(SUBSCRIBERS)?.len().map_err(storage_error)?,
+                messages: self.table(LOG)?.len().map_err(storage_error)?,
+            })
+        }
+
+        fn stale_listeners(&self, seen_before_ms: u64, limit: usize) -> Result<Vec<String>> {
+            let table = self.table(LISTENERS)?;
+            let mut stale = Vec::new();
+            for entry in table.iter().map_err(storage_error)? {
+                if stale.len() >= limit {
+                    break;
+                }
+                let (uid, record) = entry.map_err(storage_error)?;
+                // An unreadable record is stale too: nothing could ever use it.
+                let seen = serde_json::from_slice::<Listener>(record.value())
+                    .map_or(0, |l| l.last_seen_ms);
+                if seen < seen_before_ms {
+                    stale.push(uid.value().to_owned());
+                }
+            }
+            Ok(stale)
+        }
+    };
+}
+
+impl Snapshot for ReadTransaction {
+    snapshot_reads!();
+}
+
+impl Snapshot for RedbTxn {
+    snapshot_reads!();
+}
+
+impl StorageTxn for RedbTxn {
+    fn append(&mut self, message: &Arc<Message>) -> Result<()> {
+        let mut log = self.0.open_table(LOG).map_err(storage_error)?;
+        log.insert(
+            message.pos,
+            (message.time_ms, &*message.track, &*message.json),
+        )
+        .map_err(storage_error)?;
+        let mut index = self.0.open_table(BY_TRACK).map_err(storage_error)?;
+        index
+            .insert((&*message.track, message.pos), ())
+            .map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn oldest(&self) -> Result<Option<(Position, u64)>> {
+        let log = self.0.open_table(LOG).map_err(storage_error)?;
+        let first = log.first().map_err(storage_error)?;
+        Ok(first.map(|(k, v)| (k.value(), v.value().0)))
+    }
+
+    fn delete_oldest(&mut self) -> Result<()> {
+        let mut log = self.0.open_table(LOG).map_err(storage_error)?;
+        let (pos, track) = match log.pop_first().map_err(storage_error)? {
+            Some((pos, row)) => (pos.value(), row.value().1.to_owned()),
+            None => return Ok(()),
+        };
+        drop(log);
+        let mut index = self.0.open_table(BY_TRACK).map_err(storage_error)?;
+        index.remove((track.as_str(), pos)).map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn put_listener(&mut self, listener: &Listener) -> Result<()> {
+        let record = serde_json::to_vec(listener).map_err(storage_error)?;
+        let mut table = self.0.open_table(LISTENERS).map_err(storage_error)?;
+        table
+            .insert(listener.uid.as_str(), record.as_slice())
+            .map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn remove_listener(&mut self, uid: &str) -> Result<()> {
+        let mut table = self.0.open_table(LISTENERS).map_err(storage_error)?;
+        table.remove(uid).map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()> {
+        let mut table = self.0.open_table(SUBSCRIBERS).map_err(storage_error)?;
+        let count = table
+            .get(track)
+            .map_err(storage_error)?
+            .map_or(0, |v| v.value())
+            .saturating_add_signed(delta);
+        if count == 0 {
+            table.remove(track).map_err(storage_error)?;
+        } else {
+            table.insert(track, count).map_err(storage_error)?;
+        }
+        Ok(())
+    }
+
+    fn set_bounds(&mut self, bounds: Bounds) -> Result<()> {
+        let mut meta = self.0.open_table(META).map_err(storage_error)?;
+        meta.insert("head", bounds.head).map_err(storage_error)?;
+        meta.insert("trimmed_through", bounds.trimmed_through)
+            .map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn commit(self) -> Result<()> {
+        self.0.commit().map_err(storage_error)
+    }
+}

@@ -1,0 +1,516 @@
+//! The single-node engines' common part: one writer thread that owns every write and
+//! commits in groups, and the reads that merge a listener's tracks into its queue.
+//!
+//! A storage (`memory`, `embedded`) only has to offer a [`Snapshot`] to read from and a
+//! [`StorageTxn`] to write in; the rules — positions, subscriptions, cursors, retention,
+//! expiry — live here once.
+//!
+//! Why one writer: the order the writer takes updates is the log order, every commit
+//! costs one sync however many updates it carries, and the [`Tail`] hears every change
+//! in exactly that order — which is what keeps live delivery gap-free.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result,
+    StoreCounts, Subscription, Tail, Update, now_ms,
+};
+
+/// How many operations the writer takes into one commit. Bounds a commit's size (and
+/// so its latency) under heavy load; each operation may carry up to 1,000 messages.
+const MAX_OPS_PER_COMMIT: usize = 512;
+/// Room in the writer's inbox; callers wait (asynchronously) when it is full, which is
+/// the back-pressure on publishers when the disk cannot keep up.
+const OP_QUEUE: usize = 4096;
+/// Most messages or listeners deleted by retention and expiry in one commit, so a big
+/// clean-up never stalls publishers for long; the rest goes in the next ticks.
+const MAX_DELETES_PER_COMMIT: usize = 10_000;
+/// How often the writer flushes cursors and looks for expired messages and listeners.
+const TICK: Duration = Duration::from_secs(1);
+
+/// The log's bounds, kept by the storage beside the data.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Bounds {
+    /// The last position handed out.
+    pub head: Position,
+    /// Every position up to this one has been deleted.
+    pub trimmed_through: Position,
+}
+
+/// A consistent view to read from.
+pub(crate) trait Snapshot {
+    /// The log's bounds.
+    fn bounds(&self) -> Result<Bounds>;
+    /// A listener as stored.
+    fn listener(&self, uid: &str) -> Result<Option<Listener>>;
+    /// Up to `limit` messages of `track` after `after`, in order.
+    fn track_after(&self, track: &str, after: Position, limit: usize)
+    -> Result<Vec<Arc<Message>>>;
+    /// Counts of what is stored.
+    fn counts(&self) -> Result<StoreCounts>;
+    /// Up to `limit` uids of listeners last seen before `seen_before_ms`.
+    fn stale_listeners(&self, seen_before_ms: u64, limit: usize) -> Result<Vec<String>>;
+}
+
+/// One write transaction: nothing is visible to readers before `commit`.
+pub(crate) trait StorageTxn: Snapshot {
+    /// Stores a message at its position.
+    fn append(&mut self, message: &Arc<Message>) -> Result<()>;
+    /// The oldest stored message's position and time.
+    fn oldest(&self) -> Result<Option<(Position, u64)>>;
+    /// Deletes the oldest stored message.
+    fn delete_oldest(&mut self) -> Result<()>;
+    /// Writes a listener.
+    fn put_listener(&mut self, listener: &Listener) -> Result<()>;
+    /// Deletes a listener.
+    fn remove_listener(&mut self, uid: &str) -> Result<()>;
+    /// Changes a track's subscriber count by `delta` (the track is gone at zero).
+    fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()>;
+    /// Writes the log's bounds.
+    fn set_bounds(&mut self, bounds: Bounds) -> Result<()>;
+    /// Makes it all durable (as the storage promises) and visible.
+    fn commit(self) -> Result<()>;
+}
+
+/// A place to keep the log and the listeners.
+pub(crate) trait Storage: Send + Sync + 'static {
+    /// A read view.
+    type Snap<'a>: Snapshot
+    where
+        Self: 'a;
+    /// A write transaction.
+    type Txn<'a>: StorageTxn
+    where
+        Self: 'a;
+    /// Opens a read view.
+    fn read(&self) -> Result<Self::Snap<'_>>;
+    /// Begins the (only) write transaction.
+    fn write(&self) -> Result<Self::Txn<'_>>;
+}
+
+type Reply<T> = oneshot::Sender<Result<T>>;
+
+enum Op {
+    Append(Vec<Update>, Reply<Vec<Position>>),
+    Connect(String, Vec<String>, Reply<Vec<String>>),
+    Disconnect(String, Option<String>, Reply<Option<Vec<String>>>),
+    Tick,
+    Close(oneshot::Sender<()>),
+}
+
+/// Deliveries recorded since the last commit: uid → (cursor, last seen).
+type Acks = Arc<Mutex<HashMap<String, (Position, u64)>>>;
+
+/// An engine over a local storage. See the module docs.
+pub(crate) struct LocalEngine<S: Storage> {
+    kind: &'static str,
+    storage: Arc<S>,
+    ops_tx: mpsc::Sender<Op>,
+    acks: Acks,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl<S: Storage> std::fmt::Debug for LocalEngine<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalEngine").field("kind", &self.kind).finish()
+    }
+}
+
+impl<S: Storage> LocalEngine<S> {
+    /// Starts the writer thread and the tick that drives flushes and clean-up. Must be
+    /// called inside a Tokio runtime.
+    pub(crate) fn start(storage: S, kind: &'static str, limits: Limits, tail: Arc<dyn Tail>) -> Self {
+        let storage = Arc::new(storage);
+        let acks = Acks::default();
+        let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE);
+        let writer = Writer {
+            storage: storage.clone(),
+            acks: acks.clone(),
+            limits,
+            tail,
+            last_maintenance: Instant::now(),
+        };
+        let writer = std::thread::Builder::new()
+            .name("dolores-writer".into())
+            .spawn(move || writer.run(ops_rx))
+            .ok();
+        let weak_tx = ops_tx.downgrade();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(TICK);
+            loop {
+                tick.tick().await;
+                let Some(tx) = weak_tx.upgrade() else { break };
+                if tx.is_closed() {
+                    break;
+                }
+                // A full inbox means the writer is busy and will flush anyway.
+                let _ = tx.try_send(Op::Tick);
+            }
+        });
+        Self {
+            kind,
+            storage,
+            ops_tx,
+            acks,
+            writer: Mutex::new(writer),
+        }
+    }
+
+    async fn call<T>(&self, op: impl FnOnce(Reply<T>) -> Op) -> Result<T> {
+        let (done_tx, done_rx) = oneshot::channel();
+        self.ops_tx
+            .send(op(done_tx))
+            .await
+            .map_err(|_| EngineError::Closed)?;
+        done_rx.await.map_err(|_| EngineError::Closed)?
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&S::Snap<'_>) -> Result<T> + Send + 'static,
+    ) -> Result<T> {
+        let storage = self.storage.clone();
+        tokio::task::spawn_blocking(move || f(&storage.read()?))
+            .await
+            .map_err(|e| EngineError::Storage(format!("read task failed: {e}")))?
+    }
+
+    fn overlay_acks(&self, listener: &mut Listener) {
+        if let Ok(acks) = self.acks.lock() {
+            if let Some(&(cursor, seen)) = acks.get(&listener.uid) {
+                listener.cursor = listener.cursor.max(cursor);
+                listener.last_seen_ms = listener.last_seen_ms.max(seen);
+            }
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl<S: Storage> Engine for LocalEngine<S> {
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
+        self.call(|done| Op::Append(updates, done)).await
+    }
+
+    async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
+        self.call(|done| Op::Connect(uid.to_owned(), tracks, done)).await
+    }
+
+    async fn disconnect(&self, uid: &str, track: Option<String>) -> Result<Option<Vec<String>>> {
+        self.call(|done| Op::Disconnect(uid.to_owned(), track, done))
+            .await
+    }
+
+    async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
+        let uid = uid.to_owned();
+        let mut found = self.read(move |snap| snap.listener(&uid)).await?;
+        if let Some(listener) = found.as_mut() {
+            self.overlay_acks(listener);
+        }
+        Ok(found)
+    }
+
+    async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>> {
+        let uid = uid.to_owned();
+        self.read(move |snap| read_replay(snap, &uid, after, limit))
+            .await
+    }
+
+    fn ack(&self, uid: &str, pos: Position) {
+        let now = now_ms();
+        if let Ok(mut acks) = self.acks.lock() {
+            let entry = acks.entry(uid.to_owned()).or_insert((pos, now));
+            entry.0 = entry.0.max(pos);
+            entry.1 = now;
+        }
+    }
+
+    async fn counts(&self) -> Result<StoreCounts> {
+        self.read(|snap| snap.counts()).await
+    }
+
+    async fn close(&self) {
+        let (done_tx, done_rx) = oneshot::channel();
+        if self.ops_tx.send(Op::Close(done_tx)).await.is_ok() {
+            let _ = done_rx.await;
+        }
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+}
+
+/// A listener's queue from one snapshot: each track read after the later of `after`
+/// and its subscription start, merged by position.
+fn read_replay(
+    snap: &impl Snapshot,
+    uid: &str,
+    after: Position,
+    limit: usize,
+) -> Result<Option<Replay>> {
+    let Some(listener) = snap.listener(uid)? else {
+        return Ok(None);
+    };
+    let bounds = snap.bounds()?;
+    let mut messages = Vec::new();
+    for sub in &listener.tracks {
+        messages.extend(snap.track_after(&sub.track, after.max(sub.since), limit)?);
+    }
+    if listener.tracks.len() > 1 {
+        messages.sort_unstable_by_key(|m| m.pos);
+    }
+    messages.truncate(limit);
+    Ok(Some(Replay {
+        messages,
+        tracks: listener.tracks,
+        head: bounds.head,
+        trimmed_through: bounds.trimmed_through,
+    }))
+}
+
+/// The writer thread's state.
+struct Writer<S: Storage> {
+    storage: Arc<S>,
+    acks: Acks,
+    limits: Limits,
+    tail: Arc<dyn Tail>,
+    last_maintenance: Instant,
+}
+
+/// What a commit owes its callers once it is done.
+enum Answer {
+    Append(Reply<Vec<Position>>, Vec<Position>),
+    Connect(Reply<Vec<String>>, Vec<String>),
+    Disconnect(Reply<Option<Vec<String>>>, Option<Vec<String>>),
+    Close(oneshot::Sender<()>),
+}
+
+impl Answer {
+    fn send(self, failure: Option<&EngineError>) {
+        let fail = || EngineError::Storage(failure.map(|e| e.to_string()).unwrap_or_default());
+        match (self, failure) {
+            (Answer::Append(tx, v), None) => drop(tx.send(Ok(v))),
+            (Answer::Append(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
+            (Answer::Connect(tx, v), None) => drop(tx.send(Ok(v))),
+            (Answer::Connect(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
+            (Answer::Disconnect(tx, v), None) => drop(tx.send(Ok(v))),
+            (Answer::Disconnect(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
+            (Answer::Close(tx), _) => drop(tx.send(())),
+        }
+    }
+}
+
+impl<S: Storage> Writer<S> {
+    fn run(mut self, mut ops_rx: mpsc::Receiver<Op>) {
+        let mut closing = false;
+        while !closing {
+            let Some(first) = ops_rx.blocking_recv() else { break };
+            let mut ops = vec![first];
+            while ops.len() < MAX_OPS_PER_COMMIT {
+                match ops_rx.try_recv() {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+            closing = ops.iter().any(|op| matches!(op, Op::Close(_)));
+            self.commit(ops);
+        }
+        // Whatever is still queued is refused: its callers see `Closed`.
+        ops_rx.close();
+    }
+
+    /// Applies a group of operations in one transaction and answers every caller.
+    fn commit(&mut self, ops: Vec<Op>) {
+        let started = Instant::now();
+        let mut answers = Vec::with_capacity(ops.len());
+        let mut changes = Vec::new();
+        let result = self.apply(ops, &mut answers, &mut changes);
+        if let Err(e) = &result {
+            tracing::error!("commit failed, {} operation(s) refused: {e}", answers.len());
+            changes.clear();
+        }
+        if !changes.is_empty() {
+            self.tail.apply(&changes, started.elapsed());
+        }
+        let failure = result.err();
+        for answer in answers {
+            answer.send(failure.as_ref());
+        }
+    }
+
+    fn apply(
+        &mut self,
+        ops: Vec<Op>,
+        answers: &mut Vec<Answer>,
+        changes: &mut Vec<Change>,
+    ) -> Result<()> {
+        let mut txn = self.storage.write()?;
+        let mut bounds = txn.bounds()?;
+        let now = now_ms();
+        let mut maintain = false;
+        for op in ops {
+            match op {
+                Op::Append(updates, done) => {
+                    let mut positions = Vec::with_capacity(updates.len());
+                    for update in updates {
+                        bounds.head += 1;
+                        let message = Arc::new(Message::new(
+                            bounds.head,
+                            update.track.into(),
+                            update.json.into(),
+                            now,
+                        ));
+                        txn.append(&message)?;
+                        positions.push(bounds.head);
+                        changes.push(Change::Appended(message));
+                    }
+                    answers.push(Answer::Append(done, positions));
+                }
+                Op::Connect(uid, tracks, done) => {
+                    let mut listener = txn.listener(&uid)?.unwrap_or_else(|| Listener {
+                        uid: uid.clone(),
+                        tracks: Vec::new(),
+                        cursor: bounds.head,
+                        last_seen_ms: now,
+                    });
+                    let uid: Arc<str> = uid.into();
+                    for track in tracks {
+                        if listener.tracks.iter().any(|s| s.track == track) {
+                            continue;
+                        }
+                        txn.add_subscribers(&track, 1)?;
+                        changes.push(Change::Connected {
+                            uid: uid.clone(),
+                            track: track.as_str().into(),
+                        });
+                        listener.tracks.push(Subscription {
+                            track,
+                            since: bounds.head,
+                        });
+                    }
+                    listener.last_seen_ms = now;
+                    txn.put_listener(&listener)?;
+                    answers.push(Answer::Connect(done, listener.track_names()));
+                }
+                Op::Disconnect(uid, track, done) => {
+                    let left = disconnect(&mut txn, &uid, track, changes)?;
+                    answers.push(Answer::Disconnect(done, left));
+                }
+                Op::Tick => maintain = true,
+                Op::Close(done) => {
+                    answers.push(Answer::Close(done));
+                }
+            }
+        }
+        self.flush_acks(&mut txn)?;
+        let mut deleted = 0;
+        while bounds.head - bounds.trimmed_through > self.limits.max_stored_messages
+            && deleted < MAX_DELETES_PER_COMMIT
+        {
+            bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
+            deleted += 1;
+        }
+        if maintain && self.last_maintenance.elapsed() >= self.maintenance_every() {
+            self.last_maintenance = Instant::now();
+            let keep_after = now.saturating_sub(self.limits.retention.as_millis() as u64);
+            while deleted < MAX_DELETES_PER_COMMIT {
+                match txn.oldest()? {
+                    Some((_, time)) if time < keep_after => {
+                        bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
+                        deleted += 1;
+                    }
+                    _ => break,
+                }
+            }
+            let seen_before = now.saturating_sub(self.limits.listener_ttl.as_millis() as u64);
+            for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
+                disconnect(&mut txn, &uid, None, changes)?;
+            }
+        }
+        txn.set_bounds(bounds)?;
+        txn.commit()
+    }
+
+    /// Deletes the oldest message; returns its position (now trimmed).
+    fn delete_oldest(&self, txn: &mut S::Txn<'_>, bounds: Bounds) -> Result<Position> {
+        let oldest = txn.oldest()?;
+        txn.delete_oldest()?;
+        Ok(oldest.map_or(bounds.head, |(pos, _)| pos))
+    }
+
+    /// Retention and expiry run this often: often enough to keep within a tenth of the
+    /// shortest limit, rarely enough that a scan of all listeners costs nothing.
+    fn maintenance_every(&self) -> Duration {
+        (self.limits.retention.min(self.limits.listener_ttl) / 10)
+            .clamp(Duration::from_millis(500), Duration::from_secs(60))
+    }
+
+    fn flush_acks(&self, txn: &mut S::Txn<'_>) -> Result<()> {
+        let acks = match self.acks.lock() {
+            Ok(mut acks) if !acks.is_empty() => std::mem::take(&mut *acks),
+            _ => return Ok(()),
+        };
+        for (uid, (cursor, seen)) in acks {
+            if let Some(mut listener) = txn.listener(&uid)? {
+                listener.cursor = listener.cursor.max(cursor);
+                listener.last_seen_ms = listener.last_seen_ms.max(seen);
+                txn.put_listener(&listener)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Takes `uid` off `track`, or forgets it; returns the tracks left (`None`: unknown).
+fn disconnect(
+    txn: &mut impl StorageTxn,
+    uid: &str,
+    track: Option<String>,
+    changes: &mut Vec<Change>,
+) -> Result<Option<Vec<String>>> {
+    let Some(mut listener) = txn.listener(uid)? else {
+        return Ok(None);
+    };
+    let gone: Vec<String> = match &track {
+        Some(track) => listener
+            .tracks
+            .iter()
+            .filter(|s| &s.track == track)
+            .map(|s| s.track.clone())
+            .collect(),
+        None => listener.track_names(),
+    };
+    for name in &gone {
+        txn.add_subscribers(name, -1)?;
+    }
+    listener.tracks.retain(|s| !gone.contains(&s.track));
+    match track {
+        Some(track) => {
+            if !gone.is_empty() {
+                changes.push(Change::Disconnected {
+                    uid: uid.into(),
+                    track: Some(track.into()),
+                });
+            }
+            listener.last_seen_ms = now_ms();
+            txn.put_listener(&listener)?;
+            Ok(Some(listener.track_names()))
+        }
+        None => {
+            txn.remove_listener(uid)?;
+            changes.push(Change::Disconnected {
+                uid: uid.into(),
+                track: None,
+            });
+            Ok(Some(Vec::new()))
+        }
+    }
+}

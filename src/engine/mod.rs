@@ -1,0 +1,261 @@
+//! The store: one ordered log of messages, and the listeners with their subscriptions
+//! and delivery cursors.
+//!
+//! [`Engine`] is the seam. It knows nothing of HTTP, transports or open streams; it
+//! stores, answers reads, and reports every change it commits, in commit order, to a
+//! [`Tail`] (the hub of this node). Implementations:
+//!
+//! - `memory` — nothing on disk (`--memory`);
+//! - `embedded` — the durable default, a redb file in the data dir;
+//!
+//! both driven by the one writer in `local`, which does group commit. A Redis engine
+//! for several nodes will sit beside them. `tests` is the shared suite every engine
+//! passes.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use bytes::Bytes;
+
+mod embedded;
+mod local;
+mod memory;
+#[cfg(test)]
+mod tests;
+
+use local::LocalEngine;
+
+/// A position in the log. Positions start at 1 and grow by one per message; 0 means
+/// "before everything". The event id a client sees is this number in decimal.
+pub type Position = u64;
+
+/// One stored message, shared by every stream that delivers it.
+#[derive(Debug)]
+pub struct Message {
+    /// Where it stands in the log; its event id.
+    pub pos: Position,
+    /// The track it was published to.
+    pub track: Arc<str>,
+    /// The message as compact JSON text (no newline, so it fits one SSE `data:` line).
+    pub json: Box<str>,
+    /// When it was stored, in milliseconds since the Unix epoch (for retention).
+    pub time_ms: u64,
+    sse: OnceLock<Bytes>,
+}
+
+impl Message {
+    /// Makes a message; `json` must be compact JSON.
+    pub fn new(pos: Position, track: Arc<str>, json: Box<str>, time_ms: u64) -> Self {
+        Self {
+            pos,
+            track,
+            json,
+            time_ms,
+            sse: OnceLock::new(),
+        }
+    }
+
+    /// The message's Server-Sent Events frame, built once and shared by every stream.
+    pub fn sse_frame(&self) -> Bytes {
+        self.sse
+            .get_or_init(|| {
+                let track = serde_json::to_string(&*self.track).unwrap_or_default();
+                Bytes::from(format!(
+                    "id: {}\ndata: {{\"track\":{},\"message\":{}}}\n\n",
+                    self.pos, track, self.json
+                ))
+            })
+            .clone()
+    }
+}
+
+/// What a caller asks to publish: a checked track and a compact JSON message.
+#[derive(Debug, Clone)]
+pub struct Update {
+    /// The track, already checked by `names::check_track`.
+    pub track: String,
+    /// The message as compact JSON text.
+    pub json: String,
+}
+
+/// A listener's subscription to one track.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Subscription {
+    /// The track.
+    pub track: String,
+    /// The log position when the subscription began: later messages are the listener's.
+    pub since: Position,
+}
+
+/// A listener as the store knows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Listener {
+    /// Its uid.
+    pub uid: String,
+    /// Its subscriptions, in the order they were made.
+    pub tracks: Vec<Subscription>,
+    /// How far the server has delivered to it.
+    pub cursor: Position,
+    /// When it was last connected, delivered to or seen with an open stream (ms since epoch).
+    pub last_seen_ms: u64,
+}
+
+impl Listener {
+    /// The names of its tracks.
+    pub fn track_names(&self) -> Vec<String> {
+        self.tracks.iter().map(|s| s.track.clone()).collect()
+    }
+}
+
+/// A page of a listener's queue, read from one consistent snapshot.
+#[derive(Debug, Default)]
+pub struct Replay {
+    /// The listener's messages after the asked position, in log order, at most the limit.
+    pub messages: Vec<Arc<Message>>,
+    /// The listener's subscriptions in that snapshot.
+    pub tracks: Vec<Subscription>,
+    /// The last position in the log in that snapshot.
+    pub head: Position,
+    /// Every position up to this one has been deleted by retention.
+    pub trimmed_through: Position,
+}
+
+impl Replay {
+    /// Whether a client at `cursor` has lost something it can never get: a message of
+    /// its tracks was deleted, or its cursor is from a log this store no longer has.
+    pub fn is_reset(&self, cursor: Position) -> bool {
+        cursor > self.head
+            || self
+                .tracks
+                .iter()
+                .any(|s| cursor.max(s.since) < self.trimmed_through)
+    }
+}
+
+/// A change the engine committed, reported to the [`Tail`] in commit order.
+#[derive(Debug, Clone)]
+pub enum Change {
+    /// A message was stored.
+    Appended(Arc<Message>),
+    /// A listener was subscribed to a track.
+    Connected {
+        /// The listener.
+        uid: Arc<str>,
+        /// The track.
+        track: Arc<str>,
+    },
+    /// A listener left a track, or (`track: None`) was forgotten.
+    Disconnected {
+        /// The listener.
+        uid: Arc<str>,
+        /// The track, or none when the whole listener is gone.
+        track: Option<Arc<str>>,
+    },
+}
+
+/// Receives every committed change, in commit order. The hub implements it.
+pub trait Tail: Send + Sync + 'static {
+    /// Called once per commit with its changes and how long the commit took; must not
+    /// block.
+    fn apply(&self, changes: &[Change], commit_took: Duration);
+}
+
+/// Counts for `/api/v1/stats` and `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct StoreCounts {
+    /// Listeners known to the store.
+    pub listeners: u64,
+    /// Tracks with at least one subscriber.
+    pub tracks: u64,
+    /// Messages kept in the log.
+    pub messages: u64,
+}
+
+/// Limits the engine enforces by itself.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Messages older than this are deleted.
+    pub retention: Duration,
+    /// At most this many messages are kept; the oldest go first.
+    pub max_stored_messages: u64,
+    /// A listener not seen for this long is forgotten.
+    pub listener_ttl: Duration,
+}
+
+/// What can go wrong in an engine. None of it is the caller's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The storage failed (disk full, corrupt file, lost connection…).
+    #[error("storage failed: {0}")]
+    Storage(String),
+    /// The engine is shutting down and takes no more work.
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+/// Shortens `Result<T, EngineError>`.
+pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+
+/// The store behind every node. See the module docs.
+#[async_trait::async_trait]
+pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
+    /// A short name for status pages: `memory`, `embedded`, `redis`.
+    fn kind(&self) -> &'static str;
+
+    /// Appends messages in one all-or-nothing step; returns their positions. When this
+    /// returns, the messages are stored as durably as the engine promises.
+    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>>;
+
+    /// Subscribes `uid` to `tracks` (creating the listener if new); returns its tracks.
+    /// Subscribing again to a track it has is a no-op.
+    async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>>;
+
+    /// Unsubscribes `uid` from `track`, or forgets it when `track` is `None`. Returns
+    /// the tracks left, or `None` when the listener is unknown.
+    async fn disconnect(&self, uid: &str, track: Option<String>) -> Result<Option<Vec<String>>>;
+
+    /// The listener, if known.
+    async fn listener(&self, uid: &str) -> Result<Option<Listener>>;
+
+    /// Up to `limit` of the listener's messages after `after`, with the log bounds.
+    /// `None` when the listener is unknown.
+    async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>>;
+
+    /// Records that `uid` was delivered everything up to `pos` (or was merely seen, with
+    /// a lower `pos`). Cheap: written to the store lazily, in the next group commit.
+    fn ack(&self, uid: &str, pos: Position);
+
+    /// Counts of what is stored.
+    async fn counts(&self) -> Result<StoreCounts>;
+
+    /// Writes everything pending and stops taking work.
+    async fn close(&self);
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens the in-memory engine.
+pub fn open_memory(limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine> {
+    Arc::new(LocalEngine::start(
+        memory::MemoryStorage::default(),
+        "memory",
+        limits,
+        tail,
+    ))
+}
+
+/// Opens (or creates) the durable embedded engine in `dir`.
+pub fn open_embedded(
+    dir: &std::path::Path,
+    limits: Limits,
+    tail: Arc<dyn Tail>,
+) -> Result<Arc<dyn Engine>> {
+    let storage = embedded::RedbStorage::open(dir)?;
+    Ok(Arc::new(LocalEngine::start(storage, "embedded", limits, tail)))
+}

@@ -1,0 +1,91 @@
+//! The one error type of the HTTP edge: a status, a stable snake_case `code`, and a
+//! message for humans, answered as `{"error": {"code", "message"}}`.
+//!
+//! Internals never leak: a store failure answers 503 `store_unavailable` and is logged.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::engine::EngineError;
+
+/// An error answered to an HTTP client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// The HTTP status.
+    pub status: StatusCode,
+    /// A stable code a program can match on.
+    pub code: &'static str,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+impl ApiError {
+    /// Any error.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// 400 for a field that is missing, of the wrong type or out of range.
+    pub fn bad_field(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, code, message)
+    }
+
+    /// 401.
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, code, message)
+    }
+
+    /// 401: a listener endpoint without `?token=` on a server that requires one.
+    pub fn token_required() -> Self {
+        Self::unauthorized(
+            "token_required",
+            "this server requires a listener token: add ?token=…",
+        )
+    }
+
+    /// 404: the listener was never connected (or was forgotten).
+    pub fn unknown_listener() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "unknown_listener",
+            "no such listener: connect it to a track first",
+        )
+    }
+
+    /// 413.
+    pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Closed => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the server is shutting down; retry on another node or in a moment",
+            ),
+            EngineError::Storage(detail) => {
+                tracing::error!("store failure: {detail}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the store is unavailable; retry in a moment",
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! This node's live fan-out: which open streams want which track, and a bounded queue
+//! per stream.
+//!
+//! The hub hears every committed change from the engine, in commit order (it is the
+//! engine's [`Tail`]), and pushes each stored message into the queue of every stream
+//! subscribed to its track. It never blocks and never waits for a stream: a queue that
+//! is full is emptied and marked *lagged*, and its stream catches up from the store by
+//! its cursor — nothing is skipped, and a reader that does not read costs at most one
+//! full queue. It knows nothing of storage or HTTP.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+
+use crate::engine::{Change, Message, Tail};
+
+/// Most messages waiting for one stream. Past this the stream is behind by more than a
+/// burst and reads from the store instead; the queue holds pointers to shared
+/// messages, so a full one costs 8 bytes a message.
+pub const QUEUE_CAPACITY: usize = 4096;
+
+/// The live fan-out. Share it as `Arc<Hub>`.
+#[derive(Debug, Default)]
+pub struct Hub {
+    state: Mutex<HubState>,
+}
+
+#[derive(Debug, Default)]
+struct HubState {
+    /// Track → its open streams. Copied on change, so a fan-out takes the list and
+    /// releases the lock before it pushes to thousands of streams.
+    tracks: HashMap<Arc<str>, Arc<[Arc<Slot>]>>,
+    /// Uid → its open streams (a listener may have several).
+    uids: HashMap<Arc<str>, Vec<Arc<Slot>>>,
+}
+
+/// One open stream's place in the hub.
+#[derive(Debug)]
+struct Slot {
+    uid: Arc<str>,
+    queue: Mutex<Queue>,
+    notify: Notify,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    items: VecDeque<Arc<Message>>,
+    tracks: Vec<Arc<str>>,
+    lagged: bool,
+    forgotten: bool,
+}
+
+/// What a stream gets from its queue.
+#[derive(Debug)]
+pub enum Received {
+    /// Messages, in log order (some may be at or below the stream's cursor: skip those).
+    Messages(VecDeque<Arc<Message>>),
+    /// The queue overflowed and was emptied: read from the store after your cursor.
+    Lagged,
+    /// The listener was forgotten (`disconnect` without a track, or expiry).
+    Forgotten,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere cannot leave these maps half-changed in a way that matters
+    // more than stopping delivery would.
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Slot {
+    fn push(&self, message: &Arc<Message>) {
+        {
+            let mut queue = lock(&self.queue);
+            if queue.lagged || queue.forgotten {
+                return;
+            }
+            if queue.items.len() >= QUEUE_CAPACITY {
+                queue.items = VecDeque::new();
+                queue.lagged = true;
+            } else {
+                queue.items.push_back(message.clone());
+            }
+        }
+        self.notify.notify_one();
+    }
+}
+
+/// An open stream's registration; dropping it unregisters the stream.
+#[derive(Debug)]
+pub struct Subscription {
+    hub: Arc<Hub>,
+    slot: Arc<Slot>,
+}
+
+impl Subscription {
+    /// Adds tracks to what this stream receives (already present ones are ignored).
+    pub fn add_tracks<'a>(&self, tracks: impl IntoIterator<Item = &'a str>) {
+        let mut state = lock(&self.hub.state);
+        for track in tracks {
+            state.add(&self.slot, track.into());
+        }
+    }
+
+    /// Waits for the next messages, or news that the stream must read from the store.
+    /// Cancel-safe: nothing is taken from the queue unless this returns.
+    pub async fn recv(&self) -> Received {
+        loop {
+            {
+                let mut queue = lock(&self.slot.queue);
+                if queue.forgotten {
+                    return Received::Forgotten;
+                }
+                if queue.lagged {
+                    // From now on new messages queue again; the caller reads the store
+                    // after this point, so nothing falls between.
+                    queue.lagged = false;
+                    return Received::Lagged;
+                }
+                if !queue.items.is_empty() {
+                    return Received::Messages(std::mem::take(&mut queue.items));
+                }
+            }
+            self.slot.notify.notified().await;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut state = lock(&self.hub.state);
+        state.remove(&self.slot);
+    }
+}
+
+impl HubState {
+    fn add(&mut self, slot: &Arc<Slot>, track: Arc<str>) {
+        {
+            let mut queue = lock(&slot.queue);
+            if queue.tracks.contains(&track) {
+                return;
+            }
+            queue.tracks.push(track.clone());
+        }
+        let list = self.tracks.entry(track).or_insert_with(|| Arc::new([]));
+        let mut slots = list.to_vec();
+        slots.push(slot.clone());
+        *list = slots.into();
+    }
+
+    fn remove_from_track(&mut self, slot: &Arc<Slot>, track: &str) {
+        let Some(list) = self.tracks.get_mut(track) else {
+            return;
+        };
+        let slots: Vec<_> = list
+            .iter()
+            .filter(|s| !Arc::ptr_eq(s, slot))
+            .cloned()
+            .collect();
+        if slots.is_empty() {
+            self.tracks.remove(track);
+        } else {
+            *list = slots.into();
+        }
+    }
+
+    fn remove(&mut self, slot: &Arc<Slot>) {
+        let tracks = std::mem::take(&mut lock(&slot.queue).tracks);
+        for track in &tracks {
+            self.remove_from_track(slot, track);
+        }
+        if let Some(slots) = self.uids.get_mut(&slot.uid) {
+            slots.retain(|s| !Arc::ptr_eq(s, slot));
+            if slots.is_empty() {
+                self.uids.remove(&slot.uid);
+            }
+        }
+    }
+}
+
+impl Hub {
+    /// Registers a stream for `uid` with no tracks yet. Register *before* reading the
+    /// listener from the store: changes committed after that reach the stream here.
+    pub fn subscribe(self: &Arc<Self>, uid: &str) -> Subscription {
+        let slot = Arc::new(Slot {
+            uid: uid.into(),
+            queue: Mutex::default(),
+            notify: Notify::new(),
+        });
+        let mut state = lock(&self.state);
+        state
+            .uids
+            .entry(slot.uid.clone())
+            .or_default()
+            .push(slot.clone());
+        Subscription {
+            hub: self.clone(),
+            slot,
+        }
+    }
+
+    /// How many streams `uid` has open on this node.
+    pub fn online(&self, uid: &str) -> usize {
+        lock(&self.state).uids.get(uid).map_or(0, Vec::len)
+    }
+}
+
+impl Tail for Hub {
+    fn apply(&self, changes: &[Change], _commit_took: Duration) {
+        // Decide who gets what under the lock; push after releasing it.
+        let mut deliveries = Vec::new();
+        {
+            let mut state = lock(&self.state);
+            for change in changes {
+                match change {
+                    Change::Appended(message) => {
+                        if let Some(slots) = state.tracks.get(&message.track) {
+                            deliveries.push((message, slots.clone()));
+                        }
+                    }
+                    Change::Connected { uid, track } => {
+                        let slots = state.uids.get(uid).cloned().unwrap_or_default();
+                        for slot in &slots {
+                            state.add(slot, track.clone());
+                        }
+                    }
+                    Change::Disconnected { uid, track } => {
+                        let slots = state.uids.get(uid).cloned().unwrap_or_default();
+                        for slot in &slots {
+                            match track {
+                                Some(track) => {
+                                    lock(&slot.queue).tracks.retain(|t| t != track);
+                                    state.remove_from_track(slot, track);
+                                }
+                                None => {
+                                    lock(&slot.queue).forgotten = true;
+                                    slot.notify.notify_one();
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for (message, slots) in deliveries {
+            for slot in slots.iter() {
+                slot.push(message);
+            }
+        }
+    }
+}

@@ -1,0 +1,31 @@
+//! Dolores, a small realtime push server.
+//!
+//! # Layout
+//!
+//! Follow a message from `update` to a browser by following the modules:
+//!
+//! - [`api`] — the backend's HTTP API (`/api/v1/…`): checks input, calls the engine.
+//! - [`engine`] — the store: one ordered log, listeners and their cursors; group commit.
+//!   `engine::memory` and `engine::embedded` are the storages; the trait is the seam.
+//! - [`hub`] — this node's live fan-out: track → open streams, bounded queues.
+//! - [`transport`] — the listener side: replay-then-live delivery shared by every
+//!   transport, and `transport::sse` turning it into Server-Sent Events.
+//! - [`auth`] — api keys and listener tokens.
+//! - [`server`] — wires state and routes, runs and shuts down.
+//! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
+//! - [`error`] — the one error type of the HTTP edge.
+//! - [`config`] — settings from flags, `DOLORES_*` variables and `dolores.toml`.
+//! - [`names`] — what a track and a uid may be.
+//! - [`cli`] — the command line: `serve` and the client subcommands.
+
+pub mod api;
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod hub;
+pub mod metrics;
+pub mod names;
+pub mod server;
+pub mod transport;

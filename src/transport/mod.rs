@@ -1,0 +1,199 @@
+//! The listener side: opening a listener's stream and the one delivery path behind
+//! every transport.
+//!
+//! [`open`] checks the uid and token, registers with the hub, finds the listener and
+//! its cursor. [`Deliveries`] then yields the listener's queue — replayed from the
+//! store after the cursor, then live from the hub — with no gap and no duplicate: the
+//! stream registers with the hub *before* it reads the store, and never delivers a
+//! position at or below its cursor. A transport (`sse`, later `ws` and `poll`) only
+//! turns deliveries into its wire format.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+use axum::http::HeaderMap;
+use serde::Deserialize;
+
+use crate::engine::{Message, Position};
+use crate::error::ApiError;
+use crate::hub::{Received, Subscription};
+use crate::names;
+use crate::server::AppState;
+
+pub mod sse;
+
+/// Messages read from the store per page of replay: bounds the memory a stream
+/// catching up holds at once.
+const REPLAY_PAGE: usize = 512;
+
+/// The query string every listener endpoint accepts.
+#[derive(Debug, Default, Deserialize)]
+pub struct ListenQuery {
+    /// The listener token, when the server requires one.
+    pub token: Option<String>,
+    /// Resume after this event id (the `Last-Event-ID` header wins over it).
+    pub last_event_id: Option<String>,
+}
+
+/// What a transport sends next.
+#[derive(Debug)]
+pub enum Delivery {
+    /// A message of the listener's tracks.
+    Message(Arc<Message>),
+    /// The cursor was older than what is kept (or unknown to this store): the client
+    /// must reload its state; only messages after `head` follow.
+    Reset {
+        /// The position the stream continues from (an id the client may resume with).
+        head: Position,
+    },
+}
+
+/// Why a stream ends by itself.
+#[derive(Debug)]
+pub enum End {
+    /// The listener was forgotten while the stream was open.
+    Forgotten,
+    /// The store failed; the client should retry later.
+    Store,
+}
+
+/// A listener's stream of deliveries. See the module docs.
+#[derive(Debug)]
+pub struct Deliveries {
+    state: AppState,
+    uid: Arc<str>,
+    subscription: Subscription,
+    cursor: Position,
+    pending: VecDeque<Arc<Message>>,
+    replaying: bool,
+    checked_reset: bool,
+}
+
+/// Opens the stream of `uid`: checks it and its token, connects the token's tracks,
+/// and finds where to start. Errors are ready to answer (400, 401, 404, 503).
+pub async fn open(
+    state: &AppState,
+    uid: &str,
+    query: &ListenQuery,
+    headers: &HeaderMap,
+) -> Result<Deliveries, ApiError> {
+    names::check_uid(uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
+    if let Some(auth) = state.tokens() {
+        let token = query.token.as_deref().ok_or_else(ApiError::token_required)?;
+        let claims = auth.verify(token, uid)?;
+        if let Some(tracks) = claims.tracks.filter(|t| !t.is_empty()) {
+            for track in &tracks {
+                names::check_track(track)
+                    .map_err(|e| ApiError::unauthorized("bad_token", format!("token track: {}", e.0)))?;
+            }
+            state.engine.connect(uid, tracks).await?;
+        }
+    }
+    let cursor = resume_cursor(query, headers)?;
+    // Register first: whatever commits from here on reaches the queue.
+    let subscription = state.hub.subscribe(uid);
+    let listener = state
+        .engine
+        .listener(uid)
+        .await?
+        .ok_or_else(ApiError::unknown_listener)?;
+    subscription.add_tracks(listener.tracks.iter().map(|s| s.track.as_str()));
+    let cursor = cursor.unwrap_or(listener.cursor);
+    state.engine.ack(uid, 0);
+    Ok(Deliveries {
+        state: state.clone(),
+        uid: uid.into(),
+        subscription,
+        cursor,
+        pending: VecDeque::new(),
+        replaying: true,
+        checked_reset: false,
+    })
+}
+
+/// The client's own cursor: `Last-Event-ID` if sent, else `last_event_id`.
+fn resume_cursor(query: &ListenQuery, headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
+    let header = headers
+        .get("last-event-id")
+        .map(|v| v.to_str().unwrap_or("?").trim().to_owned());
+    let Some(id) = header.or_else(|| query.last_event_id.clone()) else {
+        return Ok(None);
+    };
+    if id.is_empty() {
+        return Ok(None);
+    }
+    id.parse().map(Some).map_err(|_| {
+        ApiError::bad_field(
+            "bad_event_id",
+            format!("{id:?} is not an event id this server gave out"),
+        )
+    })
+}
+
+impl Deliveries {
+    /// The listener's uid.
+    pub fn uid(&self) -> &str {
+        &self.uid
+    }
+
+    /// The last position delivered.
+    pub fn cursor(&self) -> Position {
+        self.cursor
+    }
+
+    /// The next delivery, waiting for one if need be. Cancel-safe.
+    pub async fn next(&mut self) -> Result<Delivery, End> {
+        loop {
+            if let Some(message) = self.take_ready() {
+                return Ok(Delivery::Message(message));
+            }
+            if self.replaying {
+                let page = self
+                    .state
+                    .engine
+                    .replay(&self.uid, self.cursor, REPLAY_PAGE)
+                    .await
+                    .map_err(|e| {
+                        tracing::warn!("replay for {} failed: {e}", self.uid);
+                        End::Store
+                    })?
+                    .ok_or(End::Forgotten)?;
+                if !self.checked_reset {
+                    self.checked_reset = true;
+                    if page.is_reset(self.cursor) {
+                        self.cursor = page.head;
+                        self.replaying = false;
+                        return Ok(Delivery::Reset { head: page.head });
+                    }
+                }
+                if page.messages.len() < REPLAY_PAGE {
+                    self.replaying = false;
+                }
+                self.pending.extend(page.messages);
+                continue;
+            }
+            match self.subscription.recv().await {
+                Received::Messages(messages) => self.pending.extend(messages),
+                Received::Lagged => self.replaying = true,
+                Received::Forgotten => return Err(End::Forgotten),
+            }
+        }
+    }
+
+    /// A delivery that is ready now without waiting, if any: lets a transport write
+    /// everything queued in one go.
+    pub fn take_ready(&mut self) -> Option<Arc<Message>> {
+        while let Some(message) = self.pending.pop_front() {
+            if message.pos > self.cursor {
+                self.cursor = message.pos;
+                return Some(message);
+            }
+        }
+        None
+    }
+
+    /// Records how far this stream has delivered (and that the listener is alive).
+    pub fn ack(&self) {
+        self.state.engine.ack(&self.uid, self.cursor);
+    }
+}

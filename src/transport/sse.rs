@@ -1,0 +1,123 @@
+//! `GET /listen/{uid}`: the listener's deliveries as Server-Sent Events.
+//!
+//! The body starts with a `retry:` line, then every delivery as `id:` + `data:`, a
+//! `reset` event when the cursor was too old, and a comment every heartbeat so proxies
+//! and browsers see the connection alive. Everything ready at once is written as one
+//! chunk. The stream ends on shutdown (with a last comment telling the client to come
+//! back), when the listener is forgotten, or when the client goes away.
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::{Deliveries, Delivery, End, ListenQuery};
+use crate::error::ApiError;
+use crate::metrics::Transport;
+use crate::server::AppState;
+
+/// How long a browser waits before reconnecting after the stream drops, in ms. Short,
+/// because a reconnect costs little and resumes exactly.
+const RETRY_MS: u32 = 2000;
+/// Most bytes written as one chunk: coalescing stops here so one write stays small.
+const MAX_CHUNK_BYTES: usize = 64 * 1024;
+
+/// The handler.
+pub async fn listen(
+    State(state): State<AppState>,
+    Path(uid): Path<String>,
+    Query(query): Query<ListenQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let deliveries = super::open(&state, &uid, &query, &headers).await?;
+    let stream = SseStream::new(state, deliveries);
+    let body = Body::from_stream(futures_util::stream::unfold(stream, |mut s| async move {
+        s.next_chunk().await.map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), s))
+    }));
+    let mut response = body.into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// The state of one open SSE response.
+struct SseStream {
+    state: AppState,
+    deliveries: Deliveries,
+    heartbeat: tokio::time::Interval,
+    _open: crate::metrics::OpenStream,
+    started: bool,
+    done: bool,
+}
+
+impl SseStream {
+    fn new(state: AppState, deliveries: Deliveries) -> Self {
+        let every = state.settings.heartbeat.max(Duration::from_millis(100));
+        let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let open = state.metrics.open_stream(Transport::Sse);
+        Self {
+            state,
+            deliveries,
+            heartbeat,
+            _open: open,
+            started: false,
+            done: false,
+        }
+    }
+
+    /// The next bytes to write, or `None` to end the response.
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if self.done {
+            return None;
+        }
+        if !self.started {
+            self.started = true;
+            return Some(Bytes::from(format!("retry: {RETRY_MS}\n: welcome\n\n")));
+        }
+        let shutdown = self.state.shutdown.clone();
+        let delivery = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => {
+                self.done = true;
+                return Some(Bytes::from_static(b": server shutting down, reconnect\n\n"));
+            }
+            d = self.deliveries.next() => d,
+            _ = self.heartbeat.tick() => {
+                self.deliveries.ack();
+                return Some(Bytes::from_static(b": heartbeat\n\n"));
+            }
+        };
+        match delivery {
+            Ok(Delivery::Message(first)) => {
+                let mut chunk = BytesMut::new();
+                let mut count = 1;
+                chunk.put(first.sse_frame());
+                while chunk.len() < MAX_CHUNK_BYTES {
+                    let Some(next) = self.deliveries.take_ready() else { break };
+                    chunk.put(next.sse_frame());
+                    count += 1;
+                }
+                self.deliveries.ack();
+                self.state.metrics.delivered(count);
+                Some(chunk.freeze())
+            }
+            Ok(Delivery::Reset { head }) => {
+                self.deliveries.ack();
+                Some(Bytes::from(format!(
+                    "id: {head}\nevent: reset\ndata: {{\"reset\":true}}\n\n"
+                )))
+            }
+            Err(End::Forgotten) => {
+                self.done = true;
+                Some(Bytes::from_static(b": listener forgotten\n\n"))
+            }
+            Err(End::Store) => None,
+        }
+    }
+}
