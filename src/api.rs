@@ -32,12 +32,17 @@ pub async fn update(State(state): State<AppState>, headers: HeaderMap, body: Bod
     if let Some(batch) = fields.0.remove("updates") {
         fields.allow(&[])?;
         let Value::Array(items) = batch else {
-            return Err(bad_request("\"updates\" must be an array of {\"track\", \"message\"}"));
+            return Err(bad_request(
+                "\"updates\" must be an array of {\"track\", \"message\"}",
+            ));
         };
         if items.is_empty() || items.len() > MAX_BATCH {
             return Err(ApiError::bad_field(
                 "bad_batch",
-                format!("a batch has 1 to {MAX_BATCH} updates, this one has {}", items.len()),
+                format!(
+                    "a batch has 1 to {MAX_BATCH} updates, this one has {}",
+                    items.len()
+                ),
             ));
         }
         let mut updates = Vec::with_capacity(items.len());
@@ -45,8 +50,10 @@ pub async fn update(State(state): State<AppState>, headers: HeaderMap, body: Bod
             let Value::Object(item) = item else {
                 return Err(bad_request(format!("updates[{i}] must be an object")));
             };
-            let update = parse_update(&state, Fields(item))
-                .map_err(|e| ApiError { message: format!("updates[{i}]: {}", e.message), ..e })?;
+            let update = parse_update(&state, Fields(item)).map_err(|e| ApiError {
+                message: format!("updates[{i}]: {}", e.message),
+                ..e
+            })?;
             updates.push(update);
         }
         let ids = state.engine.append(updates).await?;
@@ -71,7 +78,10 @@ fn parse_update(state: &AppState, mut fields: Fields) -> Result<Update, ApiError
     if json.len() > limit {
         return Err(ApiError::too_large(
             "message_too_large",
-            format!("the message is {} bytes as JSON; the limit is {limit}", json.len()),
+            format!(
+                "the message is {} bytes as JSON; the limit is {limit}",
+                json.len()
+            ),
         ));
     }
     Ok(Update { track, json })
@@ -88,7 +98,11 @@ pub async fn connect(State(state): State<AppState>, headers: HeaderMap, body: Bo
 }
 
 /// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener.
-pub async fn disconnect(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+pub async fn disconnect(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     let mut fields = read_object(&state, &headers, body).await?;
     let uid = fields.uid()?;
     let track = if fields.0.contains_key("track") {
@@ -153,7 +167,12 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
                     format!("\"ttl_seconds\" is a whole number from 1 to {MAX_TOKEN_TTL_SECONDS}"),
                 )
             })?,
-        Some(_) => return Err(ApiError::bad_field("bad_ttl", "\"ttl_seconds\" must be a number")),
+        Some(_) => {
+            return Err(ApiError::bad_field(
+                "bad_ttl",
+                "\"ttl_seconds\" must be a number",
+            ));
+        }
     };
     fields.allow(&[])?;
     let Some(tokens) = state.tokens() else {
@@ -164,7 +183,11 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
     };
     let token = tokens.mint(&uid, tracks, ttl).map_err(|e| {
         tracing::error!("cannot sign a token: {e}");
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", "cannot sign a token")
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "cannot sign a token",
+        )
     })?;
     Ok(Json(json!({ "token": token })))
 }
@@ -197,7 +220,11 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 
 /// Reads a JSON object body: 415 if it says it is not JSON, 413 past the limit, 400
 /// when it does not parse or is not an object.
-async fn read_object(state: &AppState, headers: &HeaderMap, body: Body) -> Result<Fields, ApiError> {
+async fn read_object(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Fields, ApiError> {
     if let Some(kind) = headers.get(header::CONTENT_TYPE) {
         let kind = kind.to_str().unwrap_or("").to_ascii_lowercase();
         let essence = kind.split(';').next().unwrap_or("").trim();
@@ -214,7 +241,10 @@ async fn read_object(state: &AppState, headers: &HeaderMap, body: Body) -> Resul
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
-            ApiError::too_large("body_too_large", format!("the request body is over {limit} bytes"))
+            ApiError::too_large(
+                "body_too_large",
+                format!("the request body is over {limit} bytes"),
+            )
         } else {
             bad_request(format!("the request body could not be read: {e}"))
         }
@@ -222,7 +252,10 @@ async fn read_object(state: &AppState, headers: &HeaderMap, body: Body) -> Resul
     match serde_json::from_slice::<Value>(&bytes) {
         Ok(Value::Object(map)) => Ok(Fields(map)),
         Ok(_) => Err(bad_request("the body must be a JSON object")),
-        Err(e) => Err(ApiError::bad_field("bad_json", format!("the body is not valid JSON: {e}"))),
+        Err(e) => Err(ApiError::bad_field(
+            "bad_json",
+            format!("the body is not valid JSON: {e}"),
+        )),
     }
 }
 

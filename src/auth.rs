@@ -32,13 +32,19 @@ pub fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let given = value
         .to_str()
         .ok()
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .unwrap_or("")
         .trim();
     if bool::from(given.as_bytes().ct_eq(key.as_bytes())) {
         Ok(())
     } else {
-        Err(ApiError::unauthorized("wrong_api_key", "the api key is wrong"))
+        Err(ApiError::unauthorized(
+            "wrong_api_key",
+            "the api key is wrong",
+        ))
     }
 }
 
@@ -136,18 +142,30 @@ mod tests {
             "token_wrong_listener"
         );
         assert_eq!(
-            Tokens::new("other").verify(&token, "listener-1").unwrap_err().code,
+            Tokens::new("other")
+                .verify(&token, "listener-1")
+                .unwrap_err()
+                .code,
             "bad_token"
         );
-        assert_eq!(tokens.verify("garbage", "listener-1").unwrap_err().code, "bad_token");
+        assert_eq!(
+            tokens.verify("garbage", "listener-1").unwrap_err().code,
+            "bad_token"
+        );
     }
 
     #[test]
     fn api_keys_must_match_exactly() {
         let mut headers = HeaderMap::new();
-        assert_eq!(check_api_key("k", &headers).unwrap_err().code, "missing_api_key");
+        assert_eq!(
+            check_api_key("k", &headers).unwrap_err().code,
+            "missing_api_key"
+        );
         headers.insert("authorization", "Bearer kk".parse().expect("header"));
-        assert_eq!(check_api_key("k", &headers).unwrap_err().code, "wrong_api_key");
+        assert_eq!(
+            check_api_key("k", &headers).unwrap_err().code,
+            "wrong_api_key"
+        );
         headers.insert("authorization", "Bearer k".parse().expect("header"));
         assert!(check_api_key("k", &headers).is_ok());
     }

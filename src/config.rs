@@ -153,7 +153,11 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-fn duration(path: &Path, key: &str, value: Option<String>) -> Result<Option<Duration>, ConfigError> {
+fn duration(
+    path: &Path,
+    key: &str,
+    value: Option<String>,
+) -> Result<Option<Duration>, ConfigError> {
     value
         .map(|v| {
             humantime::parse_duration(&v).map_err(|e| ConfigError::File {
@@ -188,7 +192,10 @@ impl Settings {
             memory: o.memory.or(file.memory).unwrap_or(d.memory),
             redis: o.redis.or(file.redis).filter(|r| !r.is_empty()),
             api_key: o.api_key.or(file.api_key).filter(|k| !k.is_empty()),
-            token_secret: o.token_secret.or(file.token_secret).filter(|s| !s.is_empty()),
+            token_secret: o
+                .token_secret
+                .or(file.token_secret)
+                .filter(|s| !s.is_empty()),
             heartbeat: o
                 .heartbeat
                 .or(duration(&path, "heartbeat", file.heartbeat)?)
@@ -209,7 +216,10 @@ impl Settings {
                 .max_message_bytes
                 .or(file.max_message_bytes)
                 .unwrap_or(d.max_message_bytes),
-            cors_origins: o.cors_origins.or(file.cors_origins).unwrap_or(d.cors_origins),
+            cors_origins: o
+                .cors_origins
+                .or(file.cors_origins)
+                .unwrap_or(d.cors_origins),
         };
         settings.check()?;
         Ok(settings)

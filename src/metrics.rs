@@ -80,12 +80,36 @@ impl Default for Metrics {
         // 100 µs to ~3 s: an fsync on a good disk to a very bad day.
         let store_latency = Histogram::new(exponential_buckets(0.0001, 2.0, 16));
         let (listeners, tracks, stored) = (Gauge::default(), Gauge::default(), Gauge::default());
-        registry.register("connections", "Open listener streams by transport", streams.clone());
-        registry.register("listeners", "Listeners known to the store", listeners.clone());
-        registry.register("tracks", "Tracks with at least one subscriber", tracks.clone());
-        registry.register("messages_stored", "Messages kept in the log", stored.clone());
-        registry.register("messages_published", "Messages stored by update", published.clone());
-        registry.register("messages_delivered", "Messages written to listener streams", delivered.clone());
+        registry.register(
+            "connections",
+            "Open listener streams by transport",
+            streams.clone(),
+        );
+        registry.register(
+            "listeners",
+            "Listeners known to the store",
+            listeners.clone(),
+        );
+        registry.register(
+            "tracks",
+            "Tracks with at least one subscriber",
+            tracks.clone(),
+        );
+        registry.register(
+            "messages_stored",
+            "Messages kept in the log",
+            stored.clone(),
+        );
+        registry.register(
+            "messages_published",
+            "Messages stored by update",
+            published.clone(),
+        );
+        registry.register(
+            "messages_delivered",
+            "Messages written to listener streams",
+            delivered.clone(),
+        );
         registry.register(
             "store_commit_seconds",
             "Time to commit a group of writes to the store",

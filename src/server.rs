@@ -128,7 +128,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v1/listeners/{uid}", get(api::listener))
         .route("/api/v1/tokens", post(api::tokens))
         .route("/api/v1/stats", get(api::stats))
-        .route_layer(middleware::from_fn_with_state(state.clone(), require_api_key));
+        .route_layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_api_key,
+        ));
     Router::new()
         .merge(backend)
         .route("/healthz", get(healthz))
@@ -156,8 +159,12 @@ async fn require_api_key(State(state): State<AppState>, request: Request, next: 
 
 async fn healthz(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
-        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "shutting down")
-            .into_response();
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "shutting down",
+        )
+        .into_response();
     }
     axum::Json(serde_json::json!({"status": "ok", "engine": state.engine.kind()})).into_response()
 }

@@ -68,7 +68,12 @@ pub(crate) async fn update(
     } else {
         serde_json::from_str(&message).unwrap_or(Value::String(message))
     };
-    let answer = call(&settings, "update", json!({"track": track, "message": message})).await?;
+    let answer = call(
+        &settings,
+        "update",
+        json!({"track": track, "message": message}),
+    )
+    .await?;
     println!("{answer}");
     Ok(())
 }
@@ -170,7 +175,10 @@ pub(crate) async fn listen(
                 }
                 eprintln!("dolores: {}; retrying", describe_error(status, &body));
             }
-            Err(e) => eprintln!("dolores: cannot reach {}: {e}; retrying", settings.server_url()),
+            Err(e) => eprintln!(
+                "dolores: cannot reach {}: {e}; retrying",
+                settings.server_url()
+            ),
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(MAX_BACKOFF);

@@ -31,7 +31,11 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let state = AppState::open(settings, api_key.clone())?;
     let url = format!("http://{addr}");
     let mut out = std::io::stdout().lock();
-    writeln!(out, "dolores {} listening on {url} ({where_stored})", env!("CARGO_PKG_VERSION"))?;
+    writeln!(
+        out,
+        "dolores {} listening on {url} ({where_stored})",
+        env!("CARGO_PKG_VERSION")
+    )?;
     if generated {
         let kept = if memory {
             "for this run only".to_owned()
@@ -83,7 +87,9 @@ fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    options.open(path)?.write_all(format!("{text}\n").as_bytes())
+    options
+        .open(path)?
+        .write_all(format!("{text}\n").as_bytes())
 }
 
 fn hex(bytes: &[u8]) -> String {

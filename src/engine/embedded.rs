@@ -78,14 +78,14 @@ trait OpenTable {
     fn table<K: Key + 'static, V: Value + 'static>(
         &self,
         def: TableDefinition<K, V>,
-    ) -> Result<impl ReadableTable<K, V> + ReadableTableMetadata + '_>;
+    ) -> Result<impl ReadableTable<K, V> + '_>;
 }
 
 impl OpenTable for ReadTransaction {
     fn table<K: Key + 'static, V: Value + 'static>(
         &self,
         def: TableDefinition<K, V>,
-    ) -> Result<impl ReadableTable<K, V> + ReadableTableMetadata + '_> {
+    ) -> Result<impl ReadableTable<K, V> + '_> {
         self.open_table(def).map_err(storage_error)
     }
 }
@@ -94,7 +94,7 @@ impl OpenTable for RedbTxn {
     fn table<K: Key + 'static, V: Value + 'static>(
         &self,
         def: TableDefinition<K, V>,
-    ) -> Result<impl ReadableTable<K, V> + ReadableTableMetadata + '_> {
+    ) -> Result<impl ReadableTable<K, V> + '_> {
         self.0.open_table(def).map_err(storage_error)
     }
 }

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result,
-    StoreCounts, Subscription, Tail, Update, now_ms,
+    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
+    Subscription, Tail, Update, now_ms,
 };
 
 /// How many operations the writer takes into one commit. Bounds a commit's size (and
@@ -48,8 +48,7 @@ pub(crate) trait Snapshot {
     /// A listener as stored.
     fn listener(&self, uid: &str) -> Result<Option<Listener>>;
     /// Up to `limit` messages of `track` after `after`, in order.
-    fn track_after(&self, track: &str, after: Position, limit: usize)
-    -> Result<Vec<Arc<Message>>>;
+    fn track_after(&self, track: &str, after: Position, limit: usize) -> Result<Vec<Arc<Message>>>;
     /// Counts of what is stored.
     fn counts(&self) -> Result<StoreCounts>;
     /// Up to `limit` uids of listeners last seen before `seen_before_ms`.
@@ -116,14 +115,21 @@ pub(crate) struct LocalEngine<S: Storage> {
 
 impl<S: Storage> std::fmt::Debug for LocalEngine<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("LocalEngine").field("kind", &self.kind).finish()
+        f.debug_struct("LocalEngine")
+            .field("kind", &self.kind)
+            .finish()
     }
 }
 
 impl<S: Storage> LocalEngine<S> {
     /// Starts the writer thread and the tick that drives flushes and clean-up. Must be
     /// called inside a Tokio runtime.
-    pub(crate) fn start(storage: S, kind: &'static str, limits: Limits, tail: Arc<dyn Tail>) -> Self {
+    pub(crate) fn start(
+        storage: S,
+        kind: &'static str,
+        limits: Limits,
+        tail: Arc<dyn Tail>,
+    ) -> Self {
         let storage = Arc::new(storage);
         let acks = Acks::default();
         let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE);
@@ -180,11 +186,11 @@ impl<S: Storage> LocalEngine<S> {
     }
 
     fn overlay_acks(&self, listener: &mut Listener) {
-        if let Ok(acks) = self.acks.lock() {
-            if let Some(&(cursor, seen)) = acks.get(&listener.uid) {
-                listener.cursor = listener.cursor.max(cursor);
-                listener.last_seen_ms = listener.last_seen_ms.max(seen);
-            }
+        if let Ok(acks) = self.acks.lock()
+            && let Some(&(cursor, seen)) = acks.get(&listener.uid)
+        {
+            listener.cursor = listener.cursor.max(cursor);
+            listener.last_seen_ms = listener.last_seen_ms.max(seen);
         }
     }
 }
@@ -200,7 +206,8 @@ impl<S: Storage> Engine for LocalEngine<S> {
     }
 
     async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
-        self.call(|done| Op::Connect(uid.to_owned(), tracks, done)).await
+        self.call(|done| Op::Connect(uid.to_owned(), tracks, done))
+            .await
     }
 
     async fn disconnect(&self, uid: &str, track: Option<String>) -> Result<Option<Vec<String>>> {
@@ -312,7 +319,9 @@ impl<S: Storage> Writer<S> {
     fn run(mut self, mut ops_rx: mpsc::Receiver<Op>) {
         let mut closing = false;
         while !closing {
-            let Some(first) = ops_rx.blocking_recv() else { break };
+            let Some(first) = ops_rx.blocking_recv() else {
+                break;
+            };
             let mut ops = vec![first];
             while ops.len() < MAX_OPS_PER_COMMIT {
                 match ops_rx.try_recv() {

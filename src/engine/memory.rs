@@ -59,12 +59,7 @@ impl Snapshot for MemView<'_> {
         Ok(self.0.listeners.get(uid).cloned())
     }
 
-    fn track_after(
-        &self,
-        track: &str,
-        after: Position,
-        limit: usize,
-    ) -> Result<Vec<Arc<Message>>> {
+    fn track_after(&self, track: &str, after: Position, limit: usize) -> Result<Vec<Arc<Message>>> {
         let Some(positions) = self.0.by_track.get(track) else {
             return Ok(Vec::new());
         };
@@ -115,12 +110,12 @@ impl StorageTxn for MemView<'_> {
 
     fn delete_oldest(&mut self) -> Result<()> {
         let state = &mut *self.0;
-        if let Some(message) = state.log.pop_front() {
-            if let Some(positions) = state.by_track.get_mut(&message.track) {
-                positions.pop_front();
-                if positions.is_empty() {
-                    state.by_track.remove(&message.track);
-                }
+        if let Some(message) = state.log.pop_front()
+            && let Some(positions) = state.by_track.get_mut(&message.track)
+        {
+            positions.pop_front();
+            if positions.is_empty() {
+                state.by_track.remove(&message.track);
             }
         }
         Ok(())

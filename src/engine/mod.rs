@@ -257,5 +257,7 @@ pub fn open_embedded(
     tail: Arc<dyn Tail>,
 ) -> Result<Arc<dyn Engine>> {
     let storage = embedded::RedbStorage::open(dir)?;
-    Ok(Arc::new(LocalEngine::start(storage, "embedded", limits, tail)))
+    Ok(Arc::new(LocalEngine::start(
+        storage, "embedded", limits, tail,
+    )))
 }

@@ -79,12 +79,16 @@ pub async fn open(
 ) -> Result<Deliveries, ApiError> {
     names::check_uid(uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
     if let Some(auth) = state.tokens() {
-        let token = query.token.as_deref().ok_or_else(ApiError::token_required)?;
+        let token = query
+            .token
+            .as_deref()
+            .ok_or_else(ApiError::token_required)?;
         let claims = auth.verify(token, uid)?;
         if let Some(tracks) = claims.tracks.filter(|t| !t.is_empty()) {
             for track in &tracks {
-                names::check_track(track)
-                    .map_err(|e| ApiError::unauthorized("bad_token", format!("token track: {}", e.0)))?;
+                names::check_track(track).map_err(|e| {
+                    ApiError::unauthorized("bad_token", format!("token track: {}", e.0))
+                })?;
             }
             state.engine.connect(uid, tracks).await?;
         }

@@ -35,11 +35,16 @@ pub async fn listen(
     let deliveries = super::open(&state, &uid, &query, &headers).await?;
     let stream = SseStream::new(state, deliveries);
     let body = Body::from_stream(futures_util::stream::unfold(stream, |mut s| async move {
-        s.next_chunk().await.map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), s))
+        s.next_chunk()
+            .await
+            .map(|chunk| (Ok::<_, std::convert::Infallible>(chunk), s))
     }));
     let mut response = body.into_response();
     let headers = response.headers_mut();
-    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     headers.insert("x-accel-buffering", HeaderValue::from_static("no"));
     Ok(response)
@@ -99,7 +104,9 @@ impl SseStream {
                 let mut count = 1;
                 chunk.put(first.sse_frame());
                 while chunk.len() < MAX_CHUNK_BYTES {
-                    let Some(next) = self.deliveries.take_ready() else { break };
+                    let Some(next) = self.deliveries.take_ready() else {
+                        break;
+                    };
                     chunk.put(next.sse_frame());
                     count += 1;
                 }

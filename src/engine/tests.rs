@@ -1,0 +1,428 @@
+//! The shared engine suite: every engine must pass every test here. Each test is a
+//! function over an engine factory; the macro at the bottom runs it on each engine.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::*;
+
+/// Records what the engine reports to its tail.
+#[derive(Default)]
+struct RecordingTail(Mutex<Vec<Change>>);
+
+impl Tail for RecordingTail {
+    fn apply(&self, changes: &[Change], _took: Duration) {
+        self.0.lock().expect("lock").extend(changes.iter().cloned());
+    }
+}
+
+impl RecordingTail {
+    fn appended(&self) -> Vec<Position> {
+        self.0
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter_map(|c| match c {
+                Change::Appended(m) => Some(m.pos),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+/// Makes engines of one kind; `reopen` opens the same store again, when it persists.
+trait Factory {
+    fn open(&self, limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine>;
+    fn persists(&self) -> bool;
+}
+
+struct Memory;
+impl Factory for Memory {
+    fn open(&self, limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine> {
+        open_memory(limits, tail)
+    }
+    fn persists(&self) -> bool {
+        false
+    }
+}
+
+struct Embedded(tempfile::TempDir);
+impl Factory for Embedded {
+    fn open(&self, limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine> {
+        open_embedded(self.0.path(), limits, tail).expect("open embedded")
+    }
+    fn persists(&self) -> bool {
+        true
+    }
+}
+
+fn limits() -> Limits {
+    Limits {
+        retention: Duration::from_secs(3600),
+        max_stored_messages: 1_000_000,
+        listener_ttl: Duration::from_secs(3600),
+    }
+}
+
+fn update(track: &str, message: &str) -> Update {
+    Update {
+        track: track.into(),
+        json: serde_json::to_string(message).expect("json"),
+    }
+}
+
+async fn queue(engine: &Arc<dyn Engine>, uid: &str, after: Position) -> Vec<(Position, String)> {
+    engine
+        .replay(uid, after, 10_000)
+        .await
+        .expect("replay")
+        .expect("known listener")
+        .messages
+        .iter()
+        .map(|m| (m.pos, m.json.to_string()))
+        .collect()
+}
+
+async fn positions_grow_and_the_tail_hears_them_in_order(f: impl Factory) {
+    let tail = Arc::new(RecordingTail::default());
+    let engine = f.open(limits(), tail.clone());
+    let a = engine
+        .append(vec![update(":a", "1")])
+        .await
+        .expect("append");
+    let b = engine
+        .append(vec![update(":a", "2"), update(":b", "3")])
+        .await
+        .expect("append");
+    assert_eq!(a, vec![1]);
+    assert_eq!(b, vec![2, 3]);
+    assert_eq!(tail.appended(), vec![1, 2, 3]);
+    engine.close().await;
+}
+
+async fn a_subscription_starts_at_connect(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .append(vec![update(":a", "before")])
+        .await
+        .expect("append");
+    let tracks = engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    assert_eq!(tracks, vec![":a"]);
+    engine
+        .append(vec![update(":a", "after")])
+        .await
+        .expect("append");
+    let listener = engine
+        .listener("listener-1")
+        .await
+        .expect("read")
+        .expect("known");
+    assert_eq!(
+        listener.cursor, 1,
+        "a new listener's cursor is the head at connect"
+    );
+    assert_eq!(
+        queue(&engine, "listener-1", listener.cursor).await,
+        vec![(2, "\"after\"".into())]
+    );
+    // Connecting again is a no-op and does not move the subscription start.
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    assert_eq!(queue(&engine, "listener-1", 0).await.len(), 1);
+    engine.close().await;
+}
+
+async fn a_queue_merges_tracks_in_log_order(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .connect("listener-1", vec![":a".into(), ":b".into()])
+        .await
+        .expect("connect");
+    let mut all = Vec::new();
+    for i in 0..30 {
+        let track = [":a", ":b", ":c"][i % 3];
+        let pos = engine
+            .append(vec![update(track, &i.to_string())])
+            .await
+            .expect("append")[0];
+        if track != ":c" {
+            all.push(pos);
+        }
+    }
+    let got: Vec<Position> = queue(&engine, "listener-1", 0)
+        .await
+        .iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(got, all);
+    let page = engine
+        .replay("listener-1", 0, 5)
+        .await
+        .expect("replay")
+        .expect("known");
+    assert_eq!(
+        page.messages.iter().map(|m| m.pos).collect::<Vec<_>>(),
+        all[..5]
+    );
+    let after: Vec<Position> = queue(&engine, "listener-1", all[9])
+        .await
+        .iter()
+        .map(|m| m.0)
+        .collect();
+    assert_eq!(after, all[10..]);
+    engine.close().await;
+}
+
+async fn disconnect_leaves_a_track_or_forgets_the_listener(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .connect("listener-1", vec![":a".into(), ":b".into()])
+        .await
+        .expect("connect");
+    let left = engine
+        .disconnect("listener-1", Some(":a".into()))
+        .await
+        .expect("disconnect");
+    assert_eq!(left, Some(vec![":b".to_owned()]));
+    assert_eq!(engine.counts().await.expect("counts").tracks, 1);
+    assert_eq!(
+        engine.disconnect("listener-1", None).await.expect("forget"),
+        Some(vec![])
+    );
+    assert!(engine.listener("listener-1").await.expect("read").is_none());
+    assert!(
+        engine
+            .replay("listener-1", 0, 10)
+            .await
+            .expect("replay")
+            .is_none()
+    );
+    assert_eq!(
+        engine.disconnect("listener-1", None).await.expect("again"),
+        None
+    );
+    assert_eq!(engine.counts().await.expect("counts").listeners, 0);
+    engine.close().await;
+}
+
+async fn acks_move_the_cursor_and_are_written(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    engine
+        .append(vec![update(":a", "1"), update(":a", "2")])
+        .await
+        .expect("append");
+    engine.ack("listener-1", 2);
+    engine.ack("listener-1", 1); // never backwards
+    assert_eq!(
+        engine
+            .listener("listener-1")
+            .await
+            .expect("read")
+            .expect("known")
+            .cursor,
+        2
+    );
+    engine.close().await;
+    drop(engine);
+    if f.persists() {
+        let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+        let listener = engine
+            .listener("listener-1")
+            .await
+            .expect("read")
+            .expect("known");
+        assert_eq!(listener.cursor, 2, "close flushes acks");
+        engine.close().await;
+    }
+}
+
+async fn the_store_keeps_at_most_max_stored_messages(f: impl Factory) {
+    let engine = f.open(
+        Limits {
+            max_stored_messages: 5,
+            ..limits()
+        },
+        Arc::new(RecordingTail::default()),
+    );
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    for i in 0..12 {
+        engine
+            .append(vec![update(":a", &i.to_string())])
+            .await
+            .expect("append");
+    }
+    assert_eq!(engine.counts().await.expect("counts").messages, 5);
+    let page = engine
+        .replay("listener-1", 0, 100)
+        .await
+        .expect("replay")
+        .expect("known");
+    assert_eq!(
+        page.messages.iter().map(|m| m.pos).collect::<Vec<_>>(),
+        vec![8, 9, 10, 11, 12]
+    );
+    assert_eq!(page.trimmed_through, 7);
+    assert!(page.is_reset(0), "a cursor before the trim lost messages");
+    assert!(!page.is_reset(7), "a cursor at the trim lost nothing");
+    assert!(
+        page.is_reset(13),
+        "a cursor past the head is from another log"
+    );
+    engine.close().await;
+}
+
+async fn retention_and_listener_ttl_clean_up(f: impl Factory) {
+    let engine = f.open(
+        Limits {
+            retention: Duration::from_millis(300),
+            listener_ttl: Duration::from_millis(300),
+            ..limits()
+        },
+        Arc::new(RecordingTail::default()),
+    );
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    engine
+        .append(vec![update(":a", "old")])
+        .await
+        .expect("append");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let counts = engine.counts().await.expect("counts");
+        if counts.messages == 0 && counts.listeners == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not cleaned up: {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Positions never go back after a clean-up.
+    let next = engine
+        .append(vec![update(":a", "new")])
+        .await
+        .expect("append");
+    assert_eq!(next, vec![2]);
+    engine.close().await;
+}
+
+async fn concurrent_appends_are_each_stored_once(f: impl Factory) {
+    let tail = Arc::new(RecordingTail::default());
+    let engine = f.open(limits(), tail.clone());
+    let mut tasks = Vec::new();
+    for p in 0..8 {
+        let engine = engine.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            for i in 0..50 {
+                ids.extend(
+                    engine
+                        .append(vec![update(":a", &format!("{p}-{i}"))])
+                        .await
+                        .expect("append"),
+                );
+            }
+            ids
+        }));
+    }
+    let mut ids = Vec::new();
+    for task in tasks {
+        let mine = task.await.expect("task");
+        assert!(
+            mine.windows(2).all(|w| w[0] < w[1]),
+            "one publisher's ids grow"
+        );
+        ids.extend(mine);
+    }
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=400).collect::<Vec<_>>());
+    assert_eq!(tail.appended(), (1..=400).collect::<Vec<_>>());
+    engine.close().await;
+}
+
+async fn a_closed_engine_refuses_work(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine.close().await;
+    assert!(matches!(
+        engine.append(vec![update(":a", "x")]).await,
+        Err(EngineError::Closed)
+    ));
+}
+
+async fn everything_acknowledged_survives_a_reopen(f: impl Factory) {
+    if !f.persists() {
+        return;
+    }
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    engine
+        .append(vec![update(":a", "1"), update(":a", "2")])
+        .await
+        .expect("append");
+    // No close: as if killed. Commits are durable when they answer.
+    drop(engine);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    assert_eq!(queue(&engine, "listener-1", 0).await.len(), 2);
+    assert_eq!(
+        engine
+            .append(vec![update(":a", "3")])
+            .await
+            .expect("append"),
+        vec![3]
+    );
+    engine.close().await;
+}
+
+macro_rules! engine_suite {
+    ($($name:ident),* $(,)?) => {
+        mod memory_engine {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    super::$name(super::Memory).await;
+                }
+            )*
+        }
+        mod embedded_engine {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    super::$name(super::Embedded(dir)).await;
+                }
+            )*
+        }
+    };
+}
+
+engine_suite!(
+    positions_grow_and_the_tail_hears_them_in_order,
+    a_subscription_starts_at_connect,
+    a_queue_merges_tracks_in_log_order,
+    disconnect_leaves_a_track_or_forgets_the_listener,
+    acks_move_the_cursor_and_are_written,
+    the_store_keeps_at_most_max_stored_messages,
+    retention_and_listener_ttl_clean_up,
+    concurrent_appends_are_each_stored_once,
+    a_closed_engine_refuses_work,
+    everything_acknowledged_survives_a_reopen,
+);
