@@ -4,6 +4,7 @@
 //! Internals never leak: a store failure answers 503 `store_unavailable` and is logged.
 
 use axum::Json;
+use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
@@ -57,6 +58,18 @@ impl ApiError {
         )
     }
 
+    /// 400 for a `{uid}` path segment that does not even decode (not UTF-8): axum's own
+    /// rejection is plain text, and every error here is JSON.
+    pub fn from_uid_path(rejection: PathRejection) -> Self {
+        Self::bad_field("bad_uid", rejection.body_text())
+    }
+
+    /// 400 for a query string that does not parse (a field given twice, say): axum's
+    /// own rejection is plain text, and every error here is JSON.
+    pub fn from_query(rejection: QueryRejection) -> Self {
+        Self::bad_field("bad_request", rejection.body_text())
+    }
+
     /// 413.
     pub fn too_large(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
@@ -66,7 +79,16 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        (self.status, Json(body)).into_response()
+        let mut response = (self.status, Json(body)).into_response();
+        if self.status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of a too-large body is never read, so this connection cannot
+            // carry another request: say so, and the client will not reuse it.
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        response
     }
 }
 

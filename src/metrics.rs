@@ -115,6 +115,10 @@ impl Default for Metrics {
             "Time to commit a group of writes to the store",
             store_latency.clone(),
         );
+        // Every transport shows, at zero, before its first stream.
+        for transport in [Transport::Sse, Transport::Ws, Transport::Poll] {
+            drop(streams.get_or_create(&TransportLabel { transport }));
+        }
         Self {
             registry,
             streams,

@@ -23,6 +23,10 @@ const LISTENERS: TableDefinition<&str, &[u8]> = TableDefinition::new("listeners"
 const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscribers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 
+/// redb's page cache. Its default (1 GiB) would let memory grow with the store; the
+/// hot data — recent messages and the listeners being served — fits in much less.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
+
 /// The file's name inside the data dir.
 pub(crate) const FILE_NAME: &str = "dolores.redb";
 
@@ -42,7 +46,9 @@ impl RedbStorage {
         std::fs::create_dir_all(dir)
             .map_err(|e| EngineError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
-        let db = Database::create(&path)
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(&path)
             .map_err(|e| EngineError::Storage(format!("cannot open {}: {e}", path.display())))?;
         let txn = db.begin_write().map_err(storage_error)?;
         {

@@ -101,7 +101,9 @@ enum Op {
     Close(oneshot::Sender<()>),
 }
 
-/// Deliveries recorded since the last commit: uid → (cursor, last seen).
+/// Deliveries recorded but not yet committed: uid → (cursor, last seen). An entry leaves
+/// the map only after the commit that wrote it, so a reader that looks at the map before
+/// and after it reads its snapshot never misses an ack (see `LocalEngine::listener`).
 type Acks = Arc<Mutex<HashMap<String, (Position, u64)>>>;
 
 /// An engine over a local storage. See the module docs.
@@ -185,13 +187,11 @@ impl<S: Storage> LocalEngine<S> {
             .map_err(|e| EngineError::Storage(format!("read task failed: {e}")))?
     }
 
-    fn overlay_acks(&self, listener: &mut Listener) {
-        if let Ok(acks) = self.acks.lock()
-            && let Some(&(cursor, seen)) = acks.get(&listener.uid)
-        {
-            listener.cursor = listener.cursor.max(cursor);
-            listener.last_seen_ms = listener.last_seen_ms.max(seen);
-        }
+    fn pending_ack(&self, uid: &str) -> Option<(Position, u64)> {
+        self.acks
+            .lock()
+            .ok()
+            .and_then(|acks| acks.get(uid).copied())
     }
 }
 
@@ -216,10 +216,16 @@ impl<S: Storage> Engine for LocalEngine<S> {
     }
 
     async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
-        let uid = uid.to_owned();
-        let mut found = self.read(move |snap| snap.listener(&uid)).await?;
+        // The pending ack is read before the snapshot as well as after: the writer may
+        // commit it (and drop it from the map) while the snapshot is being read.
+        let before = self.pending_ack(uid);
+        let owned = uid.to_owned();
+        let mut found = self.read(move |snap| snap.listener(&owned)).await?;
         if let Some(listener) = found.as_mut() {
-            self.overlay_acks(listener);
+            for (cursor, seen) in [before, self.pending_ack(uid)].into_iter().flatten() {
+                listener.cursor = listener.cursor.max(cursor);
+                listener.last_seen_ms = listener.last_seen_ms.max(seen);
+            }
         }
         Ok(found)
     }
@@ -342,9 +348,12 @@ impl<S: Storage> Writer<S> {
         let mut answers = Vec::with_capacity(ops.len());
         let mut changes = Vec::new();
         let result = self.apply(ops, &mut answers, &mut changes);
-        if let Err(e) = &result {
-            tracing::error!("commit failed, {} operation(s) refused: {e}", answers.len());
-            changes.clear();
+        match &result {
+            Ok(flushed) => self.forget_flushed_acks(flushed),
+            Err(e) => {
+                tracing::error!("commit failed, {} operation(s) refused: {e}", answers.len());
+                changes.clear();
+            }
         }
         if !changes.is_empty() {
             self.tail.apply(&changes, started.elapsed());
@@ -360,7 +369,7 @@ impl<S: Storage> Writer<S> {
         ops: Vec<Op>,
         answers: &mut Vec<Answer>,
         changes: &mut Vec<Change>,
-    ) -> Result<()> {
+    ) -> Result<HashMap<String, (Position, u64)>> {
         let mut txn = self.storage.write()?;
         let mut bounds = txn.bounds()?;
         let now = now_ms();
@@ -419,7 +428,7 @@ impl<S: Storage> Writer<S> {
                 }
             }
         }
-        self.flush_acks(&mut txn)?;
+        let flushed = self.flush_acks(&mut txn)?;
         let mut deleted = 0;
         while bounds.head - bounds.trimmed_through > self.limits.max_stored_messages
             && deleted < MAX_DELETES_PER_COMMIT
@@ -445,7 +454,8 @@ impl<S: Storage> Writer<S> {
             }
         }
         txn.set_bounds(bounds)?;
-        txn.commit()
+        txn.commit()?;
+        Ok(flushed)
     }
 
     /// Deletes the oldest message; returns its position (now trimmed).
@@ -462,19 +472,35 @@ impl<S: Storage> Writer<S> {
             .clamp(Duration::from_millis(500), Duration::from_secs(60))
     }
 
-    fn flush_acks(&self, txn: &mut S::Txn<'_>) -> Result<()> {
+    /// Writes the pending acks into `txn`; returns what it wrote. The acks stay in the
+    /// map until the commit is done (see [`Acks`]).
+    fn flush_acks(&self, txn: &mut S::Txn<'_>) -> Result<HashMap<String, (Position, u64)>> {
         let acks = match self.acks.lock() {
-            Ok(mut acks) if !acks.is_empty() => std::mem::take(&mut *acks),
-            _ => return Ok(()),
+            Ok(acks) if !acks.is_empty() => acks.clone(),
+            _ => return Ok(HashMap::new()),
         };
-        for (uid, (cursor, seen)) in acks {
-            if let Some(mut listener) = txn.listener(&uid)? {
+        for (uid, &(cursor, seen)) in &acks {
+            if let Some(mut listener) = txn.listener(uid)? {
                 listener.cursor = listener.cursor.max(cursor);
                 listener.last_seen_ms = listener.last_seen_ms.max(seen);
                 txn.put_listener(&listener)?;
             }
         }
-        Ok(())
+        Ok(acks)
+    }
+
+    /// After a commit: drops the acks it wrote, unless a newer one came meanwhile.
+    fn forget_flushed_acks(&self, flushed: &HashMap<String, (Position, u64)>) {
+        if flushed.is_empty() {
+            return;
+        }
+        if let Ok(mut acks) = self.acks.lock() {
+            for (uid, written) in flushed {
+                if acks.get(uid) == Some(written) {
+                    acks.remove(uid);
+                }
+            }
+        }
     }
 }
 

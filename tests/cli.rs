@@ -1,0 +1,315 @@
+//! The binary as a client of a running server (`connect`, `update`, `listen`,
+//! `disconnect`, `token`), its one-line errors, and what `serve` says at start.
+
+mod common;
+
+use std::process::{Output, Stdio};
+
+use common::{Server, WAIT, uid, within};
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+
+/// Runs `dolores ARGS…` to the end (at most [`WAIT`]).
+async fn run(args: &[&str]) -> Output {
+    within(
+        &format!("dolores {args:?}"),
+        WAIT,
+        common::command().args(args).output(),
+    )
+    .await
+    .expect("run dolores")
+}
+
+/// Runs a client command against `server`, finding the api key in its data dir.
+async fn run_with_data(server: &Server, args: &[&str]) -> Output {
+    let data = server.store_dir();
+    let data = data.to_str().expect("utf-8 path");
+    let mut all = args.to_vec();
+    all.extend(["--listen", server.addr(), "--data", data]);
+    run(&all).await
+}
+
+/// Checks a successful run and parses its stdout as one JSON value.
+#[track_caller]
+fn json_out(output: &Output) -> Value {
+    assert!(output.status.success(), "{output:?}");
+    serde_json::from_slice(&output.stdout)
+        .unwrap_or_else(|e| panic!("JSON on stdout ({e}): {output:?}"))
+}
+
+/// Checks a failed run: exit code 1 and one line on stderr, `dolores: …`, containing
+/// `needle`.
+#[track_caller]
+fn one_line_error(output: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "exit code 1: {output:?}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.starts_with("dolores: "), "{stderr:?}");
+    assert!(stderr.contains(needle), "{needle:?} in {stderr:?}");
+}
+
+/// A port nothing listens on.
+fn closed_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_update_listen_and_disconnect_end_to_end() {
+    // No --api-key: the server makes one and keeps it in the data dir, where the client
+    // subcommands find it.
+    let server = Server::config().no_api_key().start().await;
+    let u = uid("cli");
+    let answer = json_out(&run_with_data(&server, &["connect", &u, ":cli"]).await);
+    assert_eq!(answer, json!({"uid": u, "tracks": [":cli"]}));
+
+    let data = server.store_dir();
+    let mut listen = common::command()
+        .args(["listen", &u, "--listen", server.addr(), "--data"])
+        .arg(&data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dolores listen");
+    let mut lines = BufReader::new(listen.stdout.take().expect("stdout")).lines();
+
+    let mut ids = Vec::new();
+    for args in [
+        &["update", ":cli", r#"{"a":1}"#][..],
+        &["update", ":cli", "hello world"],
+        &["update", ":cli", r#"{"a":1}"#, "--string"],
+        &["update", ":cli", "42"],
+    ] {
+        let answer = json_out(&run_with_data(&server, args).await);
+        ids.push(answer["id"].as_str().expect("an id").to_owned());
+    }
+    let expected = [
+        json!({"a": 1}),
+        json!("hello world"),
+        json!(r#"{"a":1}"#),
+        json!(42),
+    ];
+    for (id, message) in ids.iter().zip(expected) {
+        let line = within("a line from dolores listen", WAIT, lines.next_line())
+            .await
+            .expect("read")
+            .expect("a line");
+        let event: Value = serde_json::from_str(&line).expect("one JSON line per event");
+        assert_eq!(
+            event,
+            json!({"id": id, "track": ":cli", "message": message})
+        );
+    }
+
+    let answer = json_out(&run_with_data(&server, &["disconnect", &u, ":cli"]).await);
+    assert_eq!(answer, json!({"uid": u, "tracks": []}));
+    // Forgetting the listener ends its stream; `listen` then finds it unknown and stops
+    // with an error.
+    let answer = json_out(&run_with_data(&server, &["disconnect", &u]).await);
+    assert_eq!(answer, json!({"uid": u, "tracks": []}));
+    let status = within("dolores listen to stop", WAIT, listen.wait())
+        .await
+        .expect("wait");
+    assert_eq!(status.code(), Some(1));
+    let mut stderr = String::new();
+    tokio::io::AsyncReadExt::read_to_string(
+        &mut listen.stderr.take().expect("stderr"),
+        &mut stderr,
+    )
+    .await
+    .expect("stderr");
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(
+        last.starts_with("dolores: ") && last.contains("unknown_listener"),
+        "{stderr:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_prints_a_reset_and_resumes_from_last_event_id() {
+    let server = Server::start_args(&["--max-stored-messages", "2"]).await;
+    let u = uid("clireset");
+    server.connect(&u, ":r").await;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        ids.push(server.publish(":r", json!(i)).await);
+    }
+    let key = server.api_key().to_owned();
+    let spawn = |extra: Vec<String>| {
+        common::command()
+            .args(["listen", &u, "--listen", server.addr(), "--api-key", &key])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn")
+    };
+    let mut reset = spawn(vec![]);
+    let mut lines = BufReader::new(reset.stdout.take().expect("stdout")).lines();
+    let line = within("a reset line", WAIT, lines.next_line())
+        .await
+        .expect("read")
+        .expect("line");
+    let event: Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(event, json!({"id": ids[3].to_string(), "reset": true}));
+    reset.kill().await.expect("kill");
+
+    let mut resumed = spawn(vec!["--last-event-id".into(), ids[2].to_string()]);
+    let mut lines = BufReader::new(resumed.stdout.take().expect("stdout")).lines();
+    let line = within("an event line", WAIT, lines.next_line())
+        .await
+        .expect("read")
+        .expect("line");
+    let event: Value = serde_json::from_str(&line).expect("JSON");
+    assert_eq!(
+        event,
+        json!({"id": ids[3].to_string(), "track": ":r", "message": 3})
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_settings_come_from_dolores_environment_variables() {
+    let server = Server::start().await;
+    let u = uid("env");
+    let output = within(
+        "dolores connect",
+        WAIT,
+        common::command()
+            .args(["connect", &u, ":env"])
+            .env("DOLORES_LISTEN", server.addr())
+            .env("DOLORES_API_KEY", server.api_key())
+            .output(),
+    )
+    .await
+    .expect("run");
+    assert_eq!(json_out(&output)["tracks"], json!([":env"]));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_errors_are_one_line_and_exit_1() {
+    let server = Server::start().await;
+    let (addr, key) = (server.addr(), server.api_key());
+    let with = |args: &[&'static str]| {
+        let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        all.extend([
+            "--listen".into(),
+            addr.to_owned(),
+            "--api-key".into(),
+            key.to_owned(),
+        ]);
+        all
+    };
+    let run_owned = |args: Vec<String>| async move {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        run(&args).await
+    };
+    one_line_error(&run_owned(with(&["connect", "bad", ":t"])).await, "bad_uid");
+    one_line_error(
+        &run_owned(with(&["connect", "abcdefgh", "bad track"])).await,
+        "bad_track",
+    );
+    one_line_error(&run_owned(with(&["update", "", "m"])).await, "bad_track");
+    one_line_error(
+        &run_owned(with(&["disconnect", "nobody-here"])).await,
+        "unknown_listener",
+    );
+    one_line_error(
+        &run_owned(with(&["listen", "nobody-here"])).await,
+        "unknown_listener",
+    );
+    one_line_error(
+        &run_owned(with(&["token", "abcdefgh"])).await,
+        "no_token_secret",
+    );
+    one_line_error(&run(&["token", "bad", "--token-secret", "s"]).await, "uid");
+    one_line_error(
+        &run(&["update", ":t", "m", "--listen", addr, "--api-key", "wrong"]).await,
+        "wrong_api_key",
+    );
+
+    // Unreachable server.
+    let nowhere = format!("127.0.0.1:{}", closed_port());
+    let output = run(&["update", ":t", "m", "--listen", &nowhere, "--api-key", "k"]).await;
+    one_line_error(&output, "cannot reach");
+    let output = run(&[
+        "connect",
+        "abcdefgh",
+        ":t",
+        "--listen",
+        &nowhere,
+        "--api-key",
+        "k",
+    ])
+    .await;
+    one_line_error(&output, "cannot reach");
+
+    // No key given and none in the data dir.
+    let empty = tempfile::tempdir().expect("temp dir");
+    let data = empty.path().to_str().expect("utf-8");
+    let output = run(&["update", ":t", "m", "--listen", addr, "--data", data]).await;
+    one_line_error(&output, "no api key");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_non_loopback_address_without_an_api_key() {
+    let output = run(&["serve", "--listen", "0.0.0.0:0", "--memory"]).await;
+    assert!(!output.status.success(), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let last = stderr.lines().last().unwrap_or("");
+    assert!(last.starts_with("dolores: "), "{stderr:?}");
+    assert!(
+        last.contains("api key") || last.contains("api-key"),
+        "{stderr:?}"
+    );
+    assert!(
+        output.stdout.is_empty(),
+        "it never said it was listening: {output:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_fails_in_one_line_when_the_port_is_taken() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = taken.local_addr().expect("addr").to_string();
+    let output = run(&["serve", "--listen", &addr, "--memory", "--api-key", "k"]).await;
+    one_line_error(&output, "cannot listen on");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_makes_an_api_key_on_loopback_keeps_it_private_and_reuses_it() {
+    let mut server = Server::config().no_api_key().start().await;
+    let key = server.api_key().to_owned();
+    assert!(key.len() >= 32, "a long random key: {key:?}");
+    let file = server.store_dir().join("api-key");
+    let stored = std::fs::read_to_string(&file).expect("the key file");
+    assert_eq!(stored.trim(), key);
+    assert!(
+        server.stdout_lines()[1].contains(file.to_str().expect("utf-8")),
+        "{:?}",
+        server.stdout_lines()
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file)
+            .expect("metadata")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o077, 0, "only the owner may read the key: {mode:o}");
+    }
+    server.publish(":k", json!(1)).await;
+    assert!(server.terminate().await.success());
+    server.restart().await;
+    assert_eq!(server.api_key(), key, "the same key after a restart");
+    server.publish(":k", json!(2)).await;
+
+    // In memory the key is only printed.
+    let memory = Server::config().memory().no_api_key().start().await;
+    assert!(
+        memory.stdout_lines()[1].starts_with("api key: "),
+        "{:?}",
+        memory.stdout_lines()
+    );
+    assert_ne!(memory.api_key(), key);
+    memory.publish(":k", json!(3)).await;
+}

@@ -1,0 +1,244 @@
+//! Settings from a `dolores.toml` (`--config`) and from `DOLORES_*` variables: honoured,
+//! in the order flag > environment > file > default, and refused clearly when wrong.
+
+mod common;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::{Server, WAIT, assert_error, uid, within};
+use reqwest::StatusCode;
+use serde_json::json;
+
+/// Writes `text` as a dolores.toml in a fresh temp dir.
+fn config_file(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("dolores.toml");
+    std::fs::write(&path, text).expect("write config");
+    (dir, path)
+}
+
+/// A JSON string message whose serialized form is exactly `bytes` long.
+fn message_of(bytes: usize) -> serde_json::Value {
+    json!("m".repeat(bytes - 2))
+}
+
+async fn publish_status(server: &Server, bytes: usize) -> StatusCode {
+    server
+        .api(
+            "update",
+            json!({"track": ":t", "message": message_of(bytes)}),
+        )
+        .await
+        .0
+}
+
+/// Counts heartbeat comments on an idle stream for `window`.
+async fn heartbeats_within(server: &Server, window: Duration) -> usize {
+    let u = uid("beat");
+    server.connect(&u, ":beat").await;
+    let mut sse = server.listen(&u).await;
+    let deadline = tokio::time::Instant::now() + window;
+    let mut beats = 0;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match sse.try_next_block(left).await {
+            Some(Some(block)) => {
+                beats += block.comments.iter().filter(|c| *c == "heartbeat").count()
+            }
+            Some(None) => panic!("the stream ended"),
+            None => return beats,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_is_honoured() {
+    let (_dir, path) = config_file(
+        r#"
+listen = "127.0.0.1:0"
+memory = true
+api_key = "key-from-file"
+token_secret = "secret-from-file"
+heartbeat = "200ms"
+retention = "1h"
+max_stored_messages = 3
+listener_ttl = "2h"
+max_message_bytes = 100
+cors_origins = ["https://app.example"]
+"#,
+    );
+    let server = Server::config()
+        .bare(Some("key-from-file"))
+        .args(["--config".to_owned(), path.display().to_string()])
+        .start()
+        .await;
+    let stats = server.stats().await;
+    assert_eq!(stats["engine"], "memory", "{stats}");
+    assert!(
+        server.stdout_lines()[0].contains("127.0.0.1:"),
+        "{:?}",
+        server.stdout_lines()
+    );
+
+    // max_message_bytes
+    assert_eq!(publish_status(&server, 100).await, StatusCode::OK);
+    assert_eq!(
+        publish_status(&server, 101).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+    // max_stored_messages
+    for i in 0..5 {
+        server.publish(":t", json!(i)).await;
+    }
+    assert_eq!(server.stats().await["messages_stored"], 3);
+    // token_secret: listeners need a token.
+    let u = uid("conf");
+    server.connect(&u, ":t").await;
+    let refused = common::Sse::open(&server.listen_url(&u, ""), None)
+        .await
+        .expect_err("a token is required");
+    assert_error(&refused.answer(), 401, "token_required");
+    let (status, body) = server.api("tokens", json!({"uid": u})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_file_heartbeat_and_data_dir_are_honoured() {
+    let (_dir, path) = config_file("heartbeat = \"200ms\"\ndata = \"from-file-data\"\n");
+    let server = Server::config()
+        .bare(Some("k"))
+        .args(["--listen", "127.0.0.1:0", "--api-key", "k", "--config"])
+        .args([path.display().to_string()])
+        .start()
+        .await;
+    assert!(heartbeats_within(&server, Duration::from_millis(1500)).await >= 3);
+    // A relative data dir is relative to the working directory.
+    assert!(
+        server
+            .work_dir()
+            .join("from-file-data")
+            .join("dolores.redb")
+            .exists()
+    );
+    assert_eq!(server.stats().await["engine"], "embedded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dolores_max_message_bytes_from_the_environment_is_honoured() {
+    let server = Server::config()
+        .env("DOLORES_MAX_MESSAGE_BYTES", "50")
+        .start()
+        .await;
+    assert_eq!(publish_status(&server, 50).await, StatusCode::OK);
+    let answer = server
+        .api("update", json!({"track": ":t", "message": message_of(51)}))
+        .await;
+    assert_error(&answer, 413, "message_too_large");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_beats_the_environment_which_beats_the_file() {
+    let (_dir, path) = config_file("max_message_bytes = 100\n");
+    let config = path.display().to_string();
+    let file_only = Server::config().args(["--config", &config]).start().await;
+    assert_eq!(
+        publish_status(&file_only, 150).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+
+    let env_over_file = Server::config()
+        .args(["--config", &config])
+        .env("DOLORES_MAX_MESSAGE_BYTES", "200")
+        .start()
+        .await;
+    assert_eq!(publish_status(&env_over_file, 150).await, StatusCode::OK);
+    assert_eq!(
+        publish_status(&env_over_file, 250).await,
+        StatusCode::PAYLOAD_TOO_LARGE
+    );
+
+    let flag_over_env = Server::config()
+        .args(["--config", &config, "--max-message-bytes", "300"])
+        .env("DOLORES_MAX_MESSAGE_BYTES", "200")
+        .start()
+        .await;
+    assert_eq!(publish_status(&flag_over_env, 250).await, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_setting_can_come_from_the_environment() {
+    let server = Server::config()
+        .bare(Some("key-from-env"))
+        .env("DOLORES_LISTEN", "127.0.0.1:0")
+        .env("DOLORES_MEMORY", "true")
+        .env("DOLORES_API_KEY", "key-from-env")
+        .env("DOLORES_HEARTBEAT", "200ms")
+        .env("DOLORES_MAX_STORED_MESSAGES", "2")
+        .env("DOLORES_RETENTION", "1h")
+        .env("DOLORES_LISTENER_TTL", "1h")
+        .env(
+            "DOLORES_CORS_ORIGINS",
+            "https://a.example,https://b.example",
+        )
+        .start()
+        .await;
+    assert_eq!(server.stats().await["engine"], "memory");
+    for i in 0..4 {
+        server.publish(":t", json!(i)).await;
+    }
+    assert_eq!(server.stats().await["messages_stored"], 2);
+    assert!(heartbeats_within(&server, Duration::from_millis(1500)).await >= 3);
+
+    let with_secret = Server::config()
+        .env("DOLORES_TOKEN_SECRET", "env-secret")
+        .start()
+        .await;
+    let (status, body) = with_secret.api("tokens", json!({"uid": "abcdefgh"})).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+}
+
+/// Runs `dolores serve` with `args` and expects it to refuse to start.
+async fn refused(args: &[&str]) -> String {
+    let output = within(
+        "serve to refuse",
+        WAIT,
+        common::command()
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--memory", "--api-key", "k"])
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("run");
+    assert!(!output.status.success(), "{output:?}");
+    assert!(output.stdout.is_empty(), "it did not start: {output:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_settings_are_refused_with_a_clear_message() {
+    let (_dir, unknown) = config_file("hartbeat = \"5s\"\n");
+    let stderr = refused(&["--config", unknown.to_str().expect("utf-8")]).await;
+    assert!(stderr.contains("hartbeat"), "{stderr}");
+
+    let (_dir, bad_duration) = config_file("retention = \"a while\"\n");
+    let stderr = refused(&["--config", bad_duration.to_str().expect("utf-8")]).await;
+    assert!(stderr.contains("retention"), "{stderr}");
+
+    let (_dir, bad_type) = config_file("max_stored_messages = \"many\"\n");
+    let stderr = refused(&["--config", bad_type.to_str().expect("utf-8")]).await;
+    assert!(stderr.contains("max_stored_messages"), "{stderr}");
+
+    let stderr = refused(&["--config", "/nonexistent/dolores.toml"]).await;
+    assert!(stderr.contains("/nonexistent/dolores.toml"), "{stderr}");
+
+    let stderr = refused(&["--max-message-bytes", "1"]).await;
+    assert!(stderr.contains("max_message_bytes"), "{stderr}");
+    let stderr = refused(&["--heartbeat", "1ms"]).await;
+    assert!(stderr.contains("heartbeat"), "{stderr}");
+    let stderr = refused(&["--max-stored-messages", "0"]).await;
+    assert!(stderr.contains("max_stored_messages"), "{stderr}");
+    let stderr = refused(&["--retention", "soon"]).await;
+    assert!(stderr.contains("retention"), "{stderr}");
+}
