@@ -7,6 +7,7 @@
 
 use axum::Json;
 use axum::body::{Body, to_bytes};
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use serde_json::{Map, Value, json};
@@ -120,7 +121,11 @@ pub async fn disconnect(
 }
 
 /// `GET /api/v1/listeners/{uid}`.
-pub async fn listener(State(state): State<AppState>, Path(uid): Path<String>) -> ApiResult {
+pub async fn listener(
+    State(state): State<AppState>,
+    uid: Result<Path<String>, PathRejection>,
+) -> ApiResult {
+    let Path(uid) = uid.map_err(ApiError::from_uid_path)?;
     names::check_uid(&uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
     let listener = state
         .engine
@@ -194,9 +199,14 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
 
 /// `GET /api/v1/stats`.
 pub async fn stats(State(state): State<AppState>) -> ApiResult {
+    Ok(Json(stats_json(&state).await?))
+}
+
+/// The node's counts, for `/api/v1/stats` and the status page.
+pub async fn stats_json(state: &AppState) -> Result<Value, ApiError> {
     let counts = state.engine.counts().await?;
     let m = &state.metrics;
-    Ok(Json(json!({
+    Ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "engine": state.engine.kind(),
         "uptime_seconds": state.started.elapsed().as_secs(),
@@ -211,7 +221,7 @@ pub async fn stats(State(state): State<AppState>) -> ApiResult {
             "poll": m.open_streams(Transport::Poll),
         },
         "time_ms": now_ms(),
-    })))
+    }))
 }
 
 fn bad_request(message: impl Into<String>) -> ApiError {

@@ -9,8 +9,9 @@
 //!   `engine::memory` and `engine::embedded` are the storages; the trait is the seam.
 //! - [`hub`] — this node's live fan-out: track → open streams, bounded queues.
 //! - [`transport`] — the listener side: replay-then-live delivery shared by every
-//!   transport, and `transport::sse` turning it into Server-Sent Events.
+//!   transport; `sse`, `ws` and `poll` each turn it into their wire format.
 //! - [`auth`] — api keys and listener tokens.
+//! - [`page`] — the status page at `/`, `/status`, and the JS client at `/dolores.js`.
 //! - [`server`] — wires state and routes, runs and shuts down.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
 //! - [`error`] — the one error type of the HTTP edge.
@@ -27,5 +28,6 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod names;
+pub mod page;
 pub mod server;
 pub mod transport;

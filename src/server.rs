@@ -8,21 +8,22 @@ use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::{Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::api;
 use crate::auth::{self, Tokens};
 use crate::config::Settings;
 use crate::engine::{self, Change, Engine, Limits, Tail};
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::transport::sse;
+use crate::transport::{poll, sse, ws};
+use crate::{api, page};
 
 /// Longest the server waits for open requests after a shutdown signal before it
 /// flushes the store and exits anyway.
@@ -132,11 +133,19 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             require_api_key,
         ));
+    let listeners = Router::new()
+        .route("/listen/{uid}", get(sse::listen).options(preflight))
+        .route("/ws/{uid}", get(ws::listen).options(preflight))
+        .route("/poll/{uid}", get(poll::listen).options(preflight))
+        .route("/dolores.js", get(page::client_js).options(preflight))
+        .layer(cors(&state.settings.cors_origins));
     Router::new()
         .merge(backend)
+        .merge(listeners)
+        .route("/", get(page::index))
+        .route("/status", get(page::status))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
-        .route("/listen/{uid}", get(sse::listen))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -148,6 +157,30 @@ pub fn app(state: AppState) -> Router {
             )
         })
         .with_state(state)
+}
+
+/// CORS for what browsers call: the configured origins, preflight included. Same-origin
+/// pages need none of it.
+fn cors(origins: &[String]) -> CorsLayer {
+    let allow = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(
+            origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o.trim_end_matches('/')).ok()),
+        )
+    };
+    CorsLayer::new()
+        .allow_origin(allow)
+        .allow_methods([Method::GET, Method::OPTIONS])
+        .allow_headers([HeaderName::from_static("last-event-id")])
+        .max_age(Duration::from_secs(3600))
+}
+
+/// Answers a preflight the CORS layer let through (an origin it does not allow).
+async fn preflight() -> StatusCode {
+    StatusCode::NO_CONTENT
 }
 
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {

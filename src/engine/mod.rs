@@ -41,6 +41,7 @@ pub struct Message {
     /// When it was stored, in milliseconds since the Unix epoch (for retention).
     pub time_ms: u64,
     sse: OnceLock<Bytes>,
+    json_event: OnceLock<Bytes>,
 }
 
 impl Message {
@@ -52,7 +53,22 @@ impl Message {
             json,
             time_ms,
             sse: OnceLock::new(),
+            json_event: OnceLock::new(),
         }
+    }
+
+    /// The message as one JSON event, `{"id", "track", "message"}`: a WebSocket text
+    /// frame, and an item of a long-poll answer. Built once and shared.
+    pub fn json_event(&self) -> Bytes {
+        self.json_event
+            .get_or_init(|| {
+                let track = serde_json::to_string(&*self.track).unwrap_or_default();
+                Bytes::from(format!(
+                    "{{\"id\":\"{}\",\"track\":{},\"message\":{}}}",
+                    self.pos, track, self.json
+                ))
+            })
+            .clone()
     }
 
     /// The message's Server-Sent Events frame, built once and shared by every stream.

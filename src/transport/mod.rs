@@ -11,6 +11,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use axum::extract::{FromRequestParts, Path, Query};
 use axum::http::HeaderMap;
 use serde::Deserialize;
 
@@ -20,7 +21,9 @@ use crate::hub::{Received, Subscription};
 use crate::names;
 use crate::server::AppState;
 
+pub mod poll;
 pub mod sse;
+pub mod ws;
 
 /// Messages read from the store per page of replay: bounds the memory a stream
 /// catching up holds at once.
@@ -33,6 +36,63 @@ pub struct ListenQuery {
     pub token: Option<String>,
     /// Resume after this event id (the `Last-Event-ID` header wins over it).
     pub last_event_id: Option<String>,
+    /// Long-poll only: seconds to wait for an event.
+    pub timeout: Option<String>,
+}
+
+/// Whether a browser page at the request's `Origin` may use the listener endpoints:
+/// no `Origin` (not a browser), the same origin as the server, or one of
+/// `cors_origins` (`*` allows any).
+pub fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get("origin").and_then(|o| o.to_str().ok()) else {
+        return true;
+    };
+    let host = headers
+        .get("host")
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("");
+    let same_origin = origin
+        .split_once("://")
+        .is_some_and(|(_, rest)| !host.is_empty() && rest == host);
+    same_origin
+        || state
+            .settings
+            .cors_origins
+            .iter()
+            .any(|allowed| allowed == "*" || allowed.trim_end_matches('/') == origin)
+}
+
+/// What every listener endpoint reads from a request: the uid from the path, the
+/// query, and the headers. Its rejections are JSON errors like everything else.
+#[derive(Debug)]
+pub struct ListenRequest {
+    /// The `{uid}` path segment (not yet checked).
+    pub uid: String,
+    /// The query string.
+    pub query: ListenQuery,
+    /// The request headers (`Last-Event-ID`, `Origin`, `Host`).
+    pub headers: HeaderMap,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ListenRequest {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let Path(uid) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(ApiError::from_uid_path)?;
+        let Query(query) = Query::<ListenQuery>::from_request_parts(parts, state)
+            .await
+            .map_err(ApiError::from_query)?;
+        Ok(Self {
+            uid,
+            query,
+            headers: parts.headers.clone(),
+        })
+    }
 }
 
 /// What a transport sends next.
@@ -66,17 +126,12 @@ pub struct Deliveries {
     cursor: Position,
     pending: VecDeque<Arc<Message>>,
     replaying: bool,
-    checked_reset: bool,
 }
 
 /// Opens the stream of `uid`: checks it and its token, connects the token's tracks,
 /// and finds where to start. Errors are ready to answer (400, 401, 404, 503).
-pub async fn open(
-    state: &AppState,
-    uid: &str,
-    query: &ListenQuery,
-    headers: &HeaderMap,
-) -> Result<Deliveries, ApiError> {
+pub async fn open(state: &AppState, request: &ListenRequest) -> Result<Deliveries, ApiError> {
+    let (uid, query, headers) = (request.uid.as_str(), &request.query, &request.headers);
     names::check_uid(uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
     if let Some(auth) = state.tokens() {
         let token = query
@@ -111,7 +166,6 @@ pub async fn open(
         cursor,
         pending: VecDeque::new(),
         replaying: true,
-        checked_reset: false,
     })
 }
 
@@ -162,13 +216,13 @@ impl Deliveries {
                         End::Store
                     })?
                     .ok_or(End::Forgotten)?;
-                if !self.checked_reset {
-                    self.checked_reset = true;
-                    if page.is_reset(self.cursor) {
-                        self.cursor = page.head;
-                        self.replaying = false;
-                        return Ok(Delivery::Reset { head: page.head });
-                    }
+                // Checked on every page, not only the first: a stream that lagged
+                // (or replays a long queue) while retention or max_stored_messages
+                // trimmed past its cursor has lost messages, and must say so.
+                if page.is_reset(self.cursor) {
+                    self.cursor = page.head;
+                    self.replaying = false;
+                    return Ok(Delivery::Reset { head: page.head });
                 }
                 if page.messages.len() < REPLAY_PAGE {
                     self.replaying = false;

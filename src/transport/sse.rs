@@ -9,12 +9,12 @@
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, header};
+use axum::extract::State;
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{Deliveries, Delivery, End, ListenQuery};
+use super::{Deliveries, Delivery, End, ListenRequest};
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::server::AppState;
@@ -28,11 +28,9 @@ const MAX_CHUNK_BYTES: usize = 64 * 1024;
 /// The handler.
 pub async fn listen(
     State(state): State<AppState>,
-    Path(uid): Path<String>,
-    Query(query): Query<ListenQuery>,
-    headers: HeaderMap,
+    request: ListenRequest,
 ) -> Result<Response, ApiError> {
-    let deliveries = super::open(&state, &uid, &query, &headers).await?;
+    let deliveries = super::open(&state, &request).await?;
     let stream = SseStream::new(state, deliveries);
     let body = Body::from_stream(futures_util::stream::unfold(stream, |mut s| async move {
         s.next_chunk()

@@ -1,0 +1,858 @@
+// Dolores — the browser client. One ES module, no dependencies.
+//
+//   import { Dolores } from "http://127.0.0.1:8007/dolores.js";
+//   const dolores = new Dolores({ server: "http://127.0.0.1:8007", connectUrl: "/:connect/" });
+//   await dolores.connect(":data", (track, message) => { … });
+//
+// How it works, in short (README.md has the long version):
+// - The listener's uid is random (crypto.getRandomValues) and kept in sessionStorage with
+//   the id of the last event delivered, so a reload resumes the same queue exactly.
+// - One stream carries every track. After any drop the client reconnects and names its
+//   last event id (`?last_event_id=`): the server sends what follows, no gap, no duplicate.
+// - "sse" reads Server-Sent Events through fetch() and a stream reader, not EventSource:
+//   fetch shows the HTTP status and the error body (EventSource hides both, so it cannot
+//   tell an expired token from a dead server) and sees every byte, comments included —
+//   which is how "auto" notices a buffering proxy (headers come, bytes do not) and falls
+//   back to long-polling.
+// - Failures back off exponentially with jitter; 401/404 stop the client and say why,
+//   except an expired token, which is fetched again from the `token(uid)` option.
+
+const UID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+/** 32 characters of a 64-letter alphabet: 192 random bits, unguessable. */
+const UID_LENGTH = 32;
+const UID_PATTERN = /^[A-Za-z0-9._-]{8,128}$/;
+
+/** An SSE response's headers must come within this long, or SSE is taken as blocked. */
+const SSE_HEADERS_TIMEOUT_MS = 8000;
+/** After the headers, the first bytes must follow within this long. The server writes
+ * `retry:` and a `: welcome` comment at once, so only something in between that holds
+ * the body back (a buffering proxy, an antivirus) makes them late. */
+const SSE_FIRST_BYTES_TIMEOUT_MS = 3000;
+/** An open stream silent this long is taken as dead (a half-open connection after a
+ * sleep or a network change) and reopened. 2.5 × the server's default 20 s heartbeat. */
+const SSE_IDLE_TIMEOUT_MS = 50000;
+/** How long the server holds a long-poll request open without news, in seconds. Under
+ * the 30 s after which many proxies and load balancers cut idle requests. */
+const POLL_TIMEOUT_S = 25;
+/** Extra time a poll answer may take past its timeout before it is given up. */
+const POLL_GRACE_MS = 10000;
+/** An empty poll answer that comes back faster than this (something cut the request
+ * short) waits for the rest of it before the next request, so the client never spins. */
+const POLL_MIN_INTERVAL_MS = 1000;
+/** A WebSocket counts as open once it has lived this long (or brought a frame): the
+ * server refuses a bad token or an unknown listener by closing right after the upgrade. */
+const WS_OPEN_GRACE_MS = 300;
+/** Reconnect delays grow from the first to the most, doubling, each with jitter. */
+const BACKOFF_FIRST_MS = 500;
+const BACKOFF_MAX_MS = 30000;
+/** The server's `retry:` default: the pause before coming back after it ended a stream. */
+const DEFAULT_RETRY_MS = 2000;
+/** Token refreshes in a row that still end in `token_expired` before giving up. */
+const MAX_TOKEN_REFRESHES = 3;
+/** Failed connection attempts in a row before an `unreachable` error is reported (the
+ * client keeps trying; a wrong `server` or a missing CORS origin looks like this). */
+const UNREACHABLE_AFTER = 3;
+/** Messages kept for tracks that have no callback yet (after a reload, the queue may
+ * bring messages of a track before the app has called connect() for it again). */
+const MAX_HELD_MESSAGES = 1000;
+
+const STATUSES = new Set(["connecting", "open", "closed"]);
+const EVENTS = ["reset", "status", "error"];
+const TRANSPORTS = new Set(["auto", "sse", "ws", "poll"]);
+
+/** Errors the client reports: `code` is the server's (or the app's) error code. */
+function doloresError(code, message, extra = {}) {
+  const error = new Error(message || code);
+  error.name = "DoloresError";
+  return Object.assign(error, { code }, extra);
+}
+
+/** Browsers with `reportError` log an exception without stopping the caller's loop. */
+function report(error) {
+  if (typeof globalThis.reportError === "function") globalThis.reportError(error);
+  else setTimeout(() => { throw error; });
+}
+
+function makeUid() {
+  const bytes = new Uint8Array(UID_LENGTH);
+  globalThis.crypto.getRandomValues(bytes);
+  // 256 is a multiple of 64, so `b & 63` is uniform.
+  return Array.from(bytes, (b) => UID_ALPHABET[b & 63]).join("");
+}
+
+function checkTrack(track) {
+  if (typeof track !== "string" || track.length === 0 || /[\s\u0000-\u001f\u007f]/u.test(track)
+      || new TextEncoder().encode(track).length > 256) {
+    throw new TypeError(`not a track name: ${JSON.stringify(track)}`);
+  }
+}
+
+/** The track as URL path segments: slashes stay slashes, `:` and friends stay readable,
+ * `?`, `#`, `%` and non-ASCII are escaped. */
+function trackPath(track) {
+  return track.split("/").map((part) => encodeURIComponent(part)
+    .replace(/%(3A|40|3B|2C|3D|2B|24|26)/gi, (s) => decodeURIComponent(s))).join("/");
+}
+
+/** True when `id` is not after `last`. Ids are opaque, but the server's grow in publish
+ * order; when both are decimal numbers this guards against a duplicate. */
+function notAfter(id, last) {
+  if (last == null || !/^\d+$/.test(id) || !/^\d+$/.test(last)) return false;
+  const a = id.replace(/^0+(?=\d)/, "");
+  const b = last.replace(/^0+(?=\d)/, "");
+  return a.length < b.length || (a.length === b.length && a <= b);
+}
+
+function jitter(ms) {
+  return Math.round(ms * (0.5 + Math.random() / 2));
+}
+
+function readCookie(name) {
+  if (typeof document === "undefined" || !document.cookie) return null;
+  for (const part of document.cookie.split(";")) {
+    const eq = part.indexOf("=");
+    if (eq > 0 && part.slice(0, eq).trim() === name) {
+      return decodeURIComponent(part.slice(eq + 1).trim());
+    }
+  }
+  return null;
+}
+
+/** sessionStorage, or nothing where it is unavailable (sandboxed frames, some private modes). */
+function storage() {
+  try {
+    const s = globalThis.sessionStorage;
+    const probe = "dolores:probe";
+    s.setItem(probe, "1");
+    s.removeItem(probe);
+    return s;
+  } catch {
+    return null;
+  }
+}
+
+function moduleOrigin() {
+  try {
+    return new URL(import.meta.url).origin;
+  } catch {
+    return globalThis.location ? globalThis.location.origin : "";
+  }
+}
+
+async function errorCode(response) {
+  try {
+    const body = await response.json();
+    return body && body.error && typeof body.error.code === "string" ? body.error : null;
+  } catch {
+    return null;
+  }
+}
+
+/**
+ * A listener: one stream from a Dolores server for all the tracks it is connected to.
+ */
+export class Dolores {
+  #server;
+  #connectUrl;
+  #disconnectUrl;
+  #tokenOption;
+  #transportOption;
+  #mode;
+  #store;
+  #storeKey;
+  #uid;
+  #lastId = null;
+  #token = null;
+  #callbacks = new Map();
+  #held = new Map();
+  #heldCount = 0;
+  #dropped = new Set();
+  #handlers = { reset: new Set(), status: new Set(), error: new Set() };
+  #status = "closed";
+  #running = false;
+  #generation = 0;
+  #closed = false;
+  #controller = null;
+  #wake = null;
+  #failures = 0;
+  #tokenRefreshes = 0;
+  #retryMs = DEFAULT_RETRY_MS;
+  #onOnline = () => this.#wake && this.#wake();
+
+  /**
+   * @param {object} [options]
+   * @param {string} [options.server] where Dolores listens; defaults to where this module came from
+   * @param {string} [options.connectUrl] the app's connect view: POST {"uid"} to connectUrl + track
+   * @param {string} [options.disconnectUrl] the app's disconnect view, the same way
+   * @param {string | ((uid: string) => string | Promise<string>)} [options.token] listener token
+   * @param {"auto" | "sse" | "ws" | "poll"} [options.transport]
+   */
+  constructor(options = {}) {
+    const transport = options.transport || "auto";
+    if (!TRANSPORTS.has(transport)) {
+      throw new TypeError(`transport must be "auto", "sse", "ws" or "poll", not ${JSON.stringify(transport)}`);
+    }
+    this.#server = String(options.server || moduleOrigin()).replace(/\/+$/, "");
+    this.#connectUrl = options.connectUrl || null;
+    this.#disconnectUrl = options.disconnectUrl || null;
+    this.#tokenOption = options.token || null;
+    this.#transportOption = transport;
+
+    this.#store = storage();
+    this.#storeKey = `dolores:${this.#server}`;
+    let saved = null;
+    try {
+      saved = JSON.parse(this.#store && this.#store.getItem(this.#storeKey));
+    } catch {
+      saved = null;
+    }
+    if (saved && typeof saved.uid === "string" && UID_PATTERN.test(saved.uid)) {
+      this.#uid = saved.uid;
+      this.#lastId = typeof saved.last === "string" ? saved.last : null;
+    } else {
+      this.#uid = makeUid();
+    }
+    this.#mode = this.#firstMode(saved && saved.sseBlocked);
+    this.#save();
+  }
+
+  /** The listener's uid (kept in sessionStorage, so a reload resumes the same queue). */
+  get uid() {
+    return this.#uid;
+  }
+
+  /**
+   * Subscribes this listener to `track` through the app's connect view (when there is a
+   * `connectUrl`) and calls `callback(track, message)` for each of its messages. Opens
+   * the stream on the first call. Rejects with the app's error when the view says no.
+   */
+  async connect(track, callback) {
+    checkTrack(track);
+    if (typeof callback !== "function") throw new TypeError("connect(track, callback): callback must be a function");
+    if (this.#closed) throw doloresError("closed", "this Dolores was closed");
+    let callbacks = this.#callbacks.get(track);
+    if (!callbacks) this.#callbacks.set(track, (callbacks = new Set()));
+    callbacks.add(callback);
+    this.#dropped.delete(track);
+    if (this.#held.has(track)) queueMicrotask(() => this.#releaseHeld(track));
+    if (this.#connectUrl) {
+      try {
+        await this.#post(this.#connectUrl, track);
+      } catch (error) {
+        callbacks.delete(callback);
+        if (!callbacks.size) this.#callbacks.delete(track);
+        throw error;
+      }
+    }
+    if (!this.#closed) this.#start();
+  }
+
+  /** Stops the callbacks of `track` and unsubscribes it through the app's disconnect view. */
+  async disconnect(track) {
+    checkTrack(track);
+    this.#callbacks.delete(track);
+    this.#dropHeld(track);
+    this.#dropped.add(track);
+    if (this.#disconnectUrl) await this.#post(this.#disconnectUrl, track);
+  }
+
+  /**
+   * Listens to "reset" (reload your state: something was too old to replay), "status"
+   * ("connecting" | "open" | "closed") or "error" (an Error with `code`; `fatal` when the
+   * client stopped because of it). Returns a function that removes the listener.
+   */
+  on(event, fn) {
+    if (!EVENTS.includes(event)) throw new TypeError(`on(event): event is one of ${EVENTS.join(", ")}`);
+    if (typeof fn !== "function") throw new TypeError("on(event, fn): fn must be a function");
+    this.#handlers[event].add(fn);
+    return () => this.#handlers[event].delete(fn);
+  }
+
+  /** Closes the stream for good. The listener stays on the server: a new page with the
+   * same session resumes its queue. */
+  close() {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#stopRunning();
+    this.#setStatus("closed");
+  }
+
+  // ---- the connection loop -------------------------------------------------------
+
+  #firstMode(sseBlocked) {
+    const wanted = this.#transportOption;
+    if (wanted !== "auto") return wanted;
+    if (sseBlocked || !canStreamFetch()) return "poll";
+    return "sse";
+  }
+
+  #start() {
+    if (this.#running || this.#closed) return;
+    this.#running = true;
+    this.#generation += 1;
+    this.#failures = 0;
+    this.#tokenRefreshes = 0;
+    if (typeof globalThis.addEventListener === "function") {
+      globalThis.addEventListener("online", this.#onOnline);
+    }
+    this.#run().catch((error) => {
+      this.#stop(doloresError("internal", `the Dolores client failed: ${error && error.message}`, { cause: error }));
+    });
+  }
+
+  #stopRunning() {
+    this.#running = false;
+    if (this.#controller) this.#controller.abort();
+    if (this.#wake) this.#wake();
+    if (typeof globalThis.removeEventListener === "function") {
+      globalThis.removeEventListener("online", this.#onOnline);
+    }
+  }
+
+  /** Stops for a reason the client cannot fix by itself: says why, and stays closed
+   * until the app calls connect() again. */
+  #stop(error) {
+    this.#stopRunning();
+    this.#setStatus("closed");
+    error.fatal = true;
+    this.#emit("error", error);
+  }
+
+  async #run() {
+    // A loop belongs to one start(): after a stop and a new start, an old loop still
+    // waiting somewhere must not carry on beside the new one.
+    const generation = this.#generation;
+    const live = () => this.#running && this.#generation === generation;
+    let primed = false;
+    while (live()) {
+      this.#setStatus("connecting");
+      let token = null;
+      try {
+        token = await this.#getToken();
+      } catch (error) {
+        if (!live()) return;
+        if (error && error.fatal) return this.#stop(error);
+        this.#emit("error", doloresError("token_failed", `token(uid) failed: ${error && error.message}`, { cause: error, fatal: false }));
+        await this.#sleep(this.#backoff());
+        continue;
+      }
+      if (!live()) return;
+      const controller = new AbortController();
+      this.#controller = controller;
+      let outcome;
+      try {
+        if (this.#lastId == null && this.#mode !== "poll" && !primed) {
+          // A listener without a cursor of its own would resume from the server's
+          // cursor — which counts what the server wrote, not what reached this page
+          // (a stream held by a proxy, or cut before its first bytes, loses those).
+          // One immediate poll takes the queue so far and the cursor; every stream
+          // after it names the cursor.
+          outcome = await this.#runPoll(controller, token, { once: true });
+        } else if (this.#mode === "ws") outcome = await this.#runWs(controller, token);
+        else if (this.#mode === "poll") outcome = await this.#runPoll(controller, token);
+        else outcome = await this.#runSse(controller, token);
+      } catch (error) {
+        outcome = { kind: "retry", network: true, cause: error };
+      } finally {
+        controller.abort();
+        if (this.#controller === controller) this.#controller = null;
+      }
+      if (!live()) return;
+      if (outcome.kind === "fatal") return this.#stop(outcome.error);
+      this.#setStatus("connecting");
+      if (outcome.kind !== "token_expired") this.#tokenRefreshes = 0;
+      switch (outcome.kind) {
+        case "token_expired":
+          this.#token = null;
+          if (typeof this.#tokenOption !== "function") {
+            return this.#stop(doloresError("token_expired", "the listener token has expired and there is no token(uid) function to get another", { status: 401 }));
+          }
+          if (++this.#tokenRefreshes > MAX_TOKEN_REFRESHES) {
+            return this.#stop(doloresError("token_expired", "token(uid) keeps giving expired tokens", { status: 401 }));
+          }
+          if (this.#tokenRefreshes > 1) await this.#sleep(this.#backoff());
+          continue;
+        case "primed":
+          primed = true;
+          continue;
+        case "fallback":
+          this.#mode = "poll";
+          this.#save(true);
+          continue;
+        case "bad_cursor":
+          // The server cannot read our saved id (another server, another format):
+          // start from its cursor, and tell the app it may have missed something.
+          this.#lastId = null;
+          this.#save();
+          this.#emit("reset");
+          continue;
+        case "ended":
+          // The server ended the stream on purpose (shutdown, restart): come back after
+          // its retry time, spread out so a restart is not met by every client at once.
+          if (outcome.opened) this.#failures = 0;
+          await this.#sleep(Math.round(this.#retryMs * (0.5 + Math.random())));
+          continue;
+        default:
+          if (outcome.opened) this.#failures = 0;
+          if (outcome.network && !outcome.opened && this.#failures + 1 === UNREACHABLE_AFTER) {
+            this.#emit("error", doloresError("unreachable", `cannot reach ${this.#server} (down, offline, or this page's origin is not in its cors_origins); still trying`, { fatal: false }));
+          }
+          await this.#sleep(this.#backoff());
+      }
+    }
+  }
+
+  #backoff() {
+    const delay = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** Math.min(this.#failures, 16));
+    this.#failures += 1;
+    return jitter(delay);
+  }
+
+  /** Waits `ms`, or less when the browser comes back online or the client stops. */
+  #sleep(ms) {
+    return new Promise((resolve) => {
+      const done = () => {
+        clearTimeout(timer);
+        this.#wake = null;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      this.#wake = done;
+    });
+  }
+
+  async #getToken() {
+    const option = this.#tokenOption;
+    if (!option) return null;
+    if (typeof option === "string") return option;
+    if (this.#token) return this.#token;
+    const token = await option(this.#uid);
+    if (typeof token !== "string" || !token) {
+      throw new TypeError("token(uid) must return (or resolve to) a non-empty string");
+    }
+    this.#token = token;
+    return token;
+  }
+
+  /** A connection attempt got through: the backoff starts over. */
+  #opened() {
+    this.#failures = 0;
+    this.#tokenRefreshes = 0;
+    this.#setStatus("open");
+  }
+
+  #url(path, token, extra = {}) {
+    const params = new URLSearchParams();
+    if (token) params.set("token", token);
+    if (this.#lastId != null) params.set("last_event_id", this.#lastId);
+    for (const [key, value] of Object.entries(extra)) params.set(key, String(value));
+    const query = params.toString();
+    return `${this.#server}${path}${encodeURIComponent(this.#uid)}${query ? `?${query}` : ""}`;
+  }
+
+  /** What an HTTP error answer from a listener endpoint means for the loop. */
+  async #httpOutcome(response, { sseAuto = false } = {}) {
+    const status = response.status;
+    const error = await errorCode(response);
+    const code = error ? error.code : `http_${status}`;
+    const message = error ? error.message : `${response.url} answered ${status}`;
+    if (status === 401 && code === "token_expired") return { kind: "token_expired" };
+    if (status === 400 && code === "bad_event_id") return { kind: "bad_cursor" };
+    if (status === 429 || status >= 500) return { kind: "retry" };
+    // Something that is not Dolores answered the SSE request (a proxy, a filter): try
+    // long-polling, which such things let through more often.
+    if (sseAuto && !error) return { kind: "fallback" };
+    return { kind: "fatal", error: doloresError(code, message, { status }) };
+  }
+
+  // ---- transports ------------------------------------------------------------------
+
+  /** Server-Sent Events over fetch(): resolves with the outcome when the stream ends. */
+  async #runSse(controller, token) {
+    const auto = this.#transportOption === "auto";
+    const blocked = () => (auto ? { kind: "fallback" } : { kind: "retry" });
+    let stage = "headers";
+    let timedOut = false;
+    const expire = () => {
+      timedOut = true;
+      controller.abort();
+    };
+    let timer = setTimeout(expire, SSE_HEADERS_TIMEOUT_MS);
+    const arm = (ms) => {
+      clearTimeout(timer);
+      timer = setTimeout(expire, ms);
+    };
+    try {
+      let response;
+      try {
+        response = await fetch(this.#url("/listen/", token), {
+          signal: controller.signal,
+          cache: "no-store",
+          headers: { Accept: "text/event-stream" },
+        });
+      } catch (error) {
+        if (timedOut && this.#running) return blocked();
+        return { kind: "retry", network: true, cause: error };
+      }
+      if (!response.ok) return await this.#httpOutcome(response, { sseAuto: auto });
+      const type = (response.headers.get("content-type") || "").toLowerCase();
+      if (!type.startsWith("text/event-stream") || !response.body || !response.body.getReader) {
+        return blocked();
+      }
+      stage = "first bytes";
+      arm(SSE_FIRST_BYTES_TIMEOUT_MS);
+      const reader = response.body.getReader();
+      const parser = new SseParser({
+        event: (type, data, id) => this.#sseEvent(type, data, id),
+        retry: (ms) => { this.#retryMs = ms; },
+      });
+      const decoder = new TextDecoder();
+      for (;;) {
+        let chunk;
+        try {
+          chunk = await reader.read();
+        } catch (error) {
+          if (!this.#running) return { kind: "aborted" };
+          if (stage === "first bytes") return timedOut ? blocked() : { kind: "retry", network: true };
+          return { kind: "retry", opened: true, network: !timedOut };
+        }
+        if (chunk.done) {
+          return stage === "first bytes" ? { kind: "retry" } : { kind: "ended", opened: true };
+        }
+        if (stage === "first bytes") {
+          stage = "open";
+          this.#opened();
+        }
+        arm(SSE_IDLE_TIMEOUT_MS);
+        parser.push(decoder.decode(chunk.value, { stream: true }), () => controller.signal.aborted);
+        this.#save();
+        if (controller.signal.aborted) return { kind: "aborted" };
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  #sseEvent(type, data, id) {
+    let body;
+    try {
+      body = JSON.parse(data);
+    } catch {
+      return;
+    }
+    if (type === "reset") this.#reset(id);
+    else if (type === "message" && body && typeof body === "object") this.#deliver(id, body.track, body.message);
+  }
+
+  /** Long-polling: one request after another, each naming the last id received. */
+  async #runPoll(controller, token, { once = false } = {}) {
+    let first = true;
+    while (!controller.signal.aborted) {
+      // The first request of a connection asks for an answer at once, so the status
+      // says "open" as soon as the server has been reached.
+      const timeout = first ? 0 : POLL_TIMEOUT_S;
+      const started = Date.now();
+      let timedOut = false;
+      const timer = setTimeout(() => {
+        timedOut = true;
+        controller.abort();
+      }, timeout * 1000 + POLL_GRACE_MS);
+      let response;
+      let body;
+      try {
+        response = await fetch(this.#url("/poll/", token, { timeout }), {
+          signal: controller.signal,
+          cache: "no-store",
+        });
+        if (response.ok) body = await response.json();
+      } catch (error) {
+        if (!this.#running) return { kind: "aborted" };
+        return { kind: "retry", opened: !first, network: !timedOut, cause: error };
+      } finally {
+        clearTimeout(timer);
+      }
+      if (!response.ok) return await this.#httpOutcome(response);
+      if (!body || !Array.isArray(body.events)) return { kind: "retry", opened: !first };
+      if (first) {
+        first = false;
+        if (!once) this.#opened();
+      }
+      if (body.reset) {
+        this.#reset(body.last_event_id);
+      } else {
+        for (const event of body.events) {
+          if (controller.signal.aborted) return { kind: "aborted" };
+          this.#deliver(event.id, event.track, event.message);
+        }
+        if (controller.signal.aborted) return { kind: "aborted" };
+        if (typeof body.last_event_id === "string" && !notAfter(body.last_event_id, this.#lastId)) {
+          this.#lastId = body.last_event_id;
+        }
+      }
+      this.#save();
+      if (once) return { kind: "primed" };
+      if (timeout > 0 && body.events.length === 0 && !body.reset) {
+        const left = POLL_MIN_INTERVAL_MS - (Date.now() - started);
+        if (left > 0) await this.#sleep(left);
+      }
+    }
+    return { kind: "aborted" };
+  }
+
+  /** WebSocket: resolves with the outcome when the socket closes. */
+  #runWs(controller, token) {
+    if (typeof WebSocket !== "function") {
+      return Promise.resolve({ kind: "fatal", error: doloresError("no_websocket", "this browser has no WebSocket") });
+    }
+    return new Promise((resolve) => {
+      const url = this.#url("/ws/", token).replace(/^http/, "ws");
+      let socket;
+      try {
+        socket = new WebSocket(url);
+      } catch (error) {
+        resolve({ kind: "fatal", error: doloresError("bad_server", `cannot open ${url}: ${error.message}`) });
+        return;
+      }
+      let opened = false;
+      let grace = null;
+      const markOpen = () => {
+        if (opened) return;
+        opened = true;
+        clearTimeout(grace);
+        this.#opened();
+      };
+      const finish = (outcome) => {
+        clearTimeout(grace);
+        socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
+        controller.signal.removeEventListener("abort", onAbort);
+        if (socket.readyState === WebSocket.CONNECTING || socket.readyState === WebSocket.OPEN) {
+          try { socket.close(1000); } catch { /* already closing */ }
+        }
+        resolve(outcome);
+      };
+      const onAbort = () => finish({ kind: "aborted" });
+      controller.signal.addEventListener("abort", onAbort);
+      socket.onopen = () => {
+        grace = setTimeout(markOpen, WS_OPEN_GRACE_MS);
+      };
+      socket.onmessage = (event) => {
+        if (typeof event.data !== "string") return;
+        let frame;
+        try {
+          frame = JSON.parse(event.data);
+        } catch {
+          return;
+        }
+        if (!frame || typeof frame !== "object") return;
+        markOpen();
+        if (frame.reset) this.#reset(frame.id);
+        else if (frame.track !== undefined) this.#deliver(frame.id, frame.track, frame.message);
+        this.#save();
+      };
+      socket.onclose = (event) => finish(wsOutcome(event.code, event.reason, opened));
+    });
+  }
+
+  // ---- delivery --------------------------------------------------------------------
+
+  #deliver(id, track, message) {
+    if (id != null) {
+      id = String(id);
+      if (notAfter(id, this.#lastId)) return;
+      this.#lastId = id;
+    }
+    if (typeof track !== "string" || this.#dropped.has(track)) return;
+    const callbacks = this.#callbacks.get(track);
+    if (!callbacks || !callbacks.size) {
+      this.#hold(track, message);
+      return;
+    }
+    for (const callback of [...callbacks]) {
+      try {
+        callback(track, message);
+      } catch (error) {
+        report(error);
+      }
+    }
+  }
+
+  #reset(id) {
+    if (id != null) this.#lastId = String(id);
+    this.#save();
+    this.#emit("reset");
+  }
+
+  #hold(track, message) {
+    if (this.#heldCount >= MAX_HELD_MESSAGES) return;
+    if (!this.#held.has(track)) this.#held.set(track, []);
+    this.#held.get(track).push(message);
+    this.#heldCount += 1;
+  }
+
+  #dropHeld(track) {
+    const held = this.#held.get(track);
+    if (held) this.#heldCount -= held.length;
+    this.#held.delete(track);
+  }
+
+  #releaseHeld(track) {
+    const held = this.#held.get(track);
+    const callbacks = this.#callbacks.get(track);
+    if (!held || !callbacks || !callbacks.size) return;
+    this.#dropHeld(track);
+    for (const message of held) {
+      for (const callback of [...callbacks]) {
+        try {
+          callback(track, message);
+        } catch (error) {
+          report(error);
+        }
+      }
+    }
+  }
+
+  // ---- the app's views, storage, events ---------------------------------------------
+
+  async #post(base, track) {
+    const url = new URL(base + trackPath(track), globalThis.location ? globalThis.location.href : this.#server);
+    const sameOrigin = !globalThis.location || url.origin === globalThis.location.origin;
+    const headers = { "Content-Type": "application/json", Accept: "application/json" };
+    const csrf = readCookie("csrftoken");
+    if (csrf) headers["X-CSRFToken"] = csrf;
+    let response;
+    try {
+      response = await fetch(url.href, {
+        method: "POST",
+        headers,
+        body: JSON.stringify({ uid: this.#uid }),
+        credentials: sameOrigin ? "same-origin" : "include",
+      });
+    } catch (error) {
+      throw doloresError("network", `POST ${url.href} failed: ${error.message}`, { cause: error });
+    }
+    if (!response.ok) {
+      const error = await errorCode(response);
+      throw doloresError(error ? error.code : `http_${response.status}`,
+        error ? error.message : `POST ${url.href} answered ${response.status}`, { status: response.status });
+    }
+  }
+
+  #save(sseBlocked) {
+    if (!this.#store) return;
+    try {
+      const entry = { uid: this.#uid, last: this.#lastId };
+      if (sseBlocked || this.#mode === "poll" && this.#transportOption === "auto") entry.sseBlocked = true;
+      this.#store.setItem(this.#storeKey, JSON.stringify(entry));
+    } catch {
+      // Full or gone: a reload then starts from the server's cursor instead.
+    }
+  }
+
+  #setStatus(status) {
+    if (!STATUSES.has(status) || status === this.#status) return;
+    this.#status = status;
+    this.#emit("status", status);
+  }
+
+  #emit(event, value) {
+    for (const fn of [...this.#handlers[event]]) {
+      try {
+        if (value === undefined) fn();
+        else fn(value);
+      } catch (error) {
+        report(error);
+      }
+    }
+  }
+}
+
+function canStreamFetch() {
+  return typeof fetch === "function" && typeof ReadableStream === "function"
+    && typeof TextDecoder === "function" && typeof Response === "function" && "body" in Response.prototype;
+}
+
+/** What a WebSocket close code means for the loop. The server refuses with 44xx codes
+ * whose reason is the error code, since a browser cannot see a failed handshake's status. */
+function wsOutcome(code, reason, opened) {
+  switch (code) {
+    case 4401:
+      if (reason === "token_expired") return { kind: "token_expired" };
+      return { kind: "fatal", error: doloresError(reason || "unauthorized", `the server refused the listener: ${reason || code}`, { status: 401, closeCode: code }) };
+    case 4404:
+      return { kind: "fatal", error: doloresError(reason || "unknown_listener", "no such listener: the app must connect it to a track first", { status: 404, closeCode: code }) };
+    case 4400:
+      if (reason === "bad_event_id") return { kind: "bad_cursor" };
+      return { kind: "fatal", error: doloresError(reason || "bad_request", `the server refused the request: ${reason || code}`, { status: 400, closeCode: code }) };
+    case 1000:
+    case 1001:
+    case 4008:
+      // Going away (shutdown) or too slow a reader: come back and resume.
+      return { kind: "ended", opened: true };
+    default:
+      return { kind: "retry", opened, network: !opened };
+  }
+}
+
+/** The Server-Sent Events format, as the HTML standard parses it. */
+class SseParser {
+  #sink;
+  #buffer = "";
+  #data = [];
+  #type = "";
+  #id = null;
+  #start = true;
+
+  constructor(sink) {
+    this.#sink = sink;
+  }
+
+  /** Feeds decoded text; `stopped()` ends dispatching early (the client was closed). */
+  push(text, stopped) {
+    if (this.#start) {
+      if (!text) return;
+      this.#start = false;
+      if (text.charCodeAt(0) === 0xfeff) text = text.slice(1);
+    }
+    this.#buffer += text;
+    let from = 0;
+    for (;;) {
+      const cr = this.#buffer.indexOf("\r", from);
+      const lf = this.#buffer.indexOf("\n", from);
+      let end = cr < 0 ? lf : lf < 0 ? cr : Math.min(cr, lf);
+      if (end < 0) break;
+      let next = end + 1;
+      if (this.#buffer[end] === "\r") {
+        // A CR at the very end may be the first half of CRLF: wait for more.
+        if (end === this.#buffer.length - 1) break;
+        if (this.#buffer[end + 1] === "\n") next += 1;
+      }
+      this.#line(this.#buffer.slice(from, end));
+      from = next;
+      if (stopped()) break;
+    }
+    this.#buffer = this.#buffer.slice(from);
+  }
+
+  #line(line) {
+    if (line === "") {
+      if (this.#data.length) {
+        this.#sink.event(this.#type || "message", this.#data.join("\n"), this.#id);
+      }
+      this.#data = [];
+      this.#type = "";
+      // EventSource keeps the last id for events without one; a message without its
+      // own id must not look like a repeat of the one before, so it gets none.
+      this.#id = null;
+      return;
+    }
+    if (line[0] === ":") return;
+    const colon = line.indexOf(":");
+    const field = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? "" : line.slice(colon + 1);
+    if (value[0] === " ") value = value.slice(1);
+    if (field === "data") this.#data.push(value);
+    else if (field === "event") this.#type = value;
+    else if (field === "id" && !value.includes("\u0000")) this.#id = value;
+    else if (field === "retry" && /^\d+$/.test(value)) this.#sink.retry(Number(value));
+  }
+}

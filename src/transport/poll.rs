@@ -1,0 +1,98 @@
+//! `GET /poll/{uid}`: long-polling, for where neither SSE nor WebSocket gets through.
+//!
+//! A request answers `{"events": […], "last_event_id"}` as soon as at least one event
+//! is there (with everything else already waiting), or with no events after `timeout`
+//! seconds. Unlike the streams, a poll does not move the listener's delivered cursor
+//! when it answers: the *next* request's `last_event_id` acknowledges, so an answer
+//! lost on the way is sent again.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use bytes::{BufMut, BytesMut};
+
+use super::{Delivery, End, ListenRequest};
+use crate::error::ApiError;
+use crate::metrics::Transport;
+use crate::server::AppState;
+
+/// How long a poll waits by default: under the 30 s idle timeout of common proxies.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
+/// Longest wait a client may ask for.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most events in one answer, so an answer stays a reasonable size.
+const MAX_EVENTS: usize = 1000;
+
+/// The handler.
+pub async fn listen(
+    State(state): State<AppState>,
+    request: ListenRequest,
+) -> Result<Response, ApiError> {
+    let timeout = match request.query.timeout.as_deref() {
+        None | Some("") => DEFAULT_TIMEOUT,
+        Some(t) => t
+            .parse::<f64>()
+            .ok()
+            .filter(|t| (0.0..=MAX_TIMEOUT.as_secs_f64()).contains(t))
+            .map(Duration::from_secs_f64)
+            .ok_or_else(|| {
+                ApiError::bad_field(
+                    "bad_timeout",
+                    format!(
+                        "timeout is a number of seconds from 0 to {}",
+                        MAX_TIMEOUT.as_secs()
+                    ),
+                )
+            })?,
+    };
+    let mut deliveries = super::open(&state, &request).await?;
+    let _open = state.metrics.open_stream(Transport::Poll);
+    // The request's cursor acknowledges everything up to it.
+    deliveries.ack();
+    let first = tokio::select! {
+        biased;
+        () = state.shutdown.cancelled() => None,
+        delivery = deliveries.next() => Some(delivery),
+        () = tokio::time::sleep(timeout) => None,
+    };
+    let mut body = BytesMut::from(&b"{\"events\":["[..]);
+    let reset = matches!(first, Some(Ok(Delivery::Reset { .. })));
+    match first {
+        None => {}
+        Some(Ok(Delivery::Message(message))) => {
+            body.put(message.json_event());
+            let mut count = 1;
+            while count < MAX_EVENTS {
+                let Some(next) = deliveries.take_ready() else {
+                    break;
+                };
+                body.put_u8(b',');
+                body.put(next.json_event());
+                count += 1;
+            }
+            state.metrics.delivered(count);
+        }
+        Some(Ok(Delivery::Reset { .. })) => {}
+        Some(Err(End::Forgotten)) => return Err(ApiError::unknown_listener()),
+        Some(Err(End::Store)) => {
+            return Err(crate::engine::EngineError::Storage("replay failed".into()).into());
+        }
+    }
+    if reset {
+        body.put(&b"],\"reset\":true,\"last_event_id\":\""[..]);
+    } else {
+        body.put(&b"],\"last_event_id\":\""[..]);
+    }
+    body.put(deliveries.cursor().to_string().as_bytes());
+    body.put(&b"\"}"[..]);
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/json"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body.freeze(),
+    )
+        .into_response())
+}

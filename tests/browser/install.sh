@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Installs what the browser tests need, and nothing twice: Debian's Chromium (never a
+# browser build downloaded by a tool) and playwright-core from the lock file.
+# Usage: tests/browser/install.sh   (as root, or with sudo available)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+apt_updated=
+apt_install() {
+  if [ -z "$apt_updated" ]; then as_root apt-get update -qq; apt_updated=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@"
+}
+
+if [ ! -x "${CHROMIUM_BIN:-/usr/bin/chromium}" ]; then
+  echo "installing Debian's chromium"
+  apt_install chromium
+fi
+
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  echo "installing node and npm"
+  apt_install nodejs npm
+fi
+node_major=$(node -p 'process.versions.node.split(".")[0]')
+if [ "$node_major" -lt 20 ]; then
+  echo "the browser tests need Node.js 20 or newer (node:test with --test-concurrency); found $(node --version)" >&2
+  exit 1
+fi
+
+# playwright-core has no browser of its own to fetch; say so anyway, in case.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  npm ci --no-audit --no-fund
+fi

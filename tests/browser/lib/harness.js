@@ -1,0 +1,487 @@
+// The pieces every browser test uses: the real dolores binary, a page server on another
+// origin (the "app": test page, connect/disconnect views, token view), a buffering proxy,
+// and Debian's Chromium driven by playwright-core.
+
+import { spawn } from "node:child_process";
+import { createHmac } from "node:crypto";
+import { mkdtempSync, readFileSync, rmSync } from "node:fs";
+import http from "node:http";
+import { tmpdir } from "node:os";
+import path from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+
+import { chromium } from "playwright-core";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+export const repoRoot = path.resolve(here, "../../..");
+export const clientFile = path.join(repoRoot, "clients/js/dolores.js");
+const pageFile = path.join(here, "page.html");
+
+/** The binary under test: $DOLORES_BIN, else the debug build. */
+export const doloresBin = process.env.DOLORES_BIN
+  ? path.resolve(repoRoot, process.env.DOLORES_BIN)
+  : path.join(repoRoot, "target/debug/dolores");
+
+export const API_KEY = "browser-test-key";
+export const TOKEN_SECRET = "browser-test-secret";
+export const CSRF_TOKEN = "csrf-browser-test-0123456789";
+
+/** How long a test waits for something the page should see. Generous for a loaded CI
+ * machine; a passing test returns as soon as the condition holds. */
+export const WAIT_MS = 20000;
+
+const children = new Set();
+process.on("exit", () => {
+  for (const child of children) child.kill("SIGKILL");
+});
+
+/** A temporary directory, removed by the returned function. */
+export function tempDir() {
+  const dir = mkdtempSync(path.join(tmpdir(), "dolores-browser-"));
+  return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
+/** One dolores server process; `restart()` brings it back on the same port and data. */
+export class DoloresServer {
+  constructor(options) {
+    this.options = options;
+    this.child = null;
+    this.url = null;
+    this.port = options.port || 0;
+    this.log = [];
+  }
+
+  /**
+   * @param {{data?: string, corsOrigins?: string[], tokenSecret?: string, heartbeat?: string, args?: string[]}} options
+   *   without `data` the server keeps everything in memory
+   */
+  static async start(options = {}) {
+    const server = new DoloresServer(options);
+    await server.#spawn();
+    return server;
+  }
+
+  async #spawn() {
+    const o = this.options;
+    const args = ["serve", "--listen", `127.0.0.1:${this.port}`, "--api-key", API_KEY];
+    args.push(...(o.data ? ["--data", o.data] : ["--memory"]));
+    if (o.tokenSecret) args.push("--token-secret", o.tokenSecret);
+    if (o.corsOrigins && o.corsOrigins.length) args.push("--cors-origins", o.corsOrigins.join(","));
+    if (o.heartbeat) args.push("--heartbeat", o.heartbeat);
+    if (o.args) args.push(...o.args);
+    const env = { ...process.env, RUST_LOG: process.env.RUST_LOG || "warn" };
+    for (const key of Object.keys(env)) if (key.startsWith("DOLORES_") && key !== "DOLORES_BIN") delete env[key];
+    const child = spawn(doloresBin, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    children.add(child);
+    this.child = child;
+    child.on("exit", () => children.delete(child));
+    child.stderr.on("data", (d) => this.log.push(d.toString()));
+    const first = await new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`dolores did not start in 10 s: ${this.log.join("")}`)), 10000);
+      const lines = createInterface({ input: child.stdout });
+      lines.once("line", (line) => {
+        clearTimeout(timer);
+        resolve(line);
+      });
+      child.once("error", (e) => {
+        clearTimeout(timer);
+        reject(new Error(`cannot run ${doloresBin}: ${e.message} (build it with cargo build, or set DOLORES_BIN)`));
+      });
+      child.once("exit", (code) => {
+        clearTimeout(timer);
+        reject(new Error(`dolores exited with ${code} before listening: ${this.log.join("")}`));
+      });
+    });
+    const match = /listening on (http:\/\/[^\s]+)/.exec(first);
+    if (!match) throw new Error(`unexpected first line from dolores: ${first}`);
+    this.url = match[1].replace(/\/$/, "");
+    this.port = Number(new URL(this.url).port);
+  }
+
+  /** SIGKILL: no flush, no goodbye. */
+  async kill() {
+    await this.#signal("SIGKILL");
+  }
+
+  /** SIGTERM: a clean shutdown; resolves with the exit code. */
+  async stop() {
+    return this.#signal("SIGTERM");
+  }
+
+  async #signal(signal) {
+    const child = this.child;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return child && child.exitCode;
+    const exited = new Promise((resolve) => child.once("exit", (code) => resolve(code)));
+    child.kill(signal);
+    const timer = setTimeout(() => child.kill("SIGKILL"), 10000);
+    const code = await exited;
+    clearTimeout(timer);
+    return code;
+  }
+
+  /** Starts again on the same port with the same settings (and data dir). The port
+   * may take a moment to be free again after a kill. */
+  async restart() {
+    let lastError;
+    for (let i = 0; i < 50; i += 1) {
+      try {
+        await this.#spawn();
+        return;
+      } catch (error) {
+        lastError = error;
+        await sleep(100);
+      }
+    }
+    throw lastError;
+  }
+
+  async api(method, route, body) {
+    const response = await fetch(`${this.url}${route}`, {
+      method,
+      headers: { Authorization: `Bearer ${API_KEY}`, "Content-Type": "application/json" },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const text = await response.text();
+    let json;
+    try {
+      json = JSON.parse(text);
+    } catch {
+      json = text;
+    }
+    if (!response.ok) {
+      const error = new Error(`${method} ${route} answered ${response.status}: ${text}`);
+      error.status = response.status;
+      error.body = json;
+      throw error;
+    }
+    return json;
+  }
+
+  /** Publishes one message; resolves with its id once stored. */
+  async update(track, message) {
+    return (await this.api("POST", "/api/v1/update", { track, message })).id;
+  }
+
+  /** Publishes messages one after the other (so their order is the list's order). */
+  async publish(track, messages) {
+    const ids = [];
+    for (const message of messages) ids.push(await this.update(track, message));
+    return ids;
+  }
+
+  async connect(uid, track) {
+    return this.api("POST", "/api/v1/connect", { uid, track });
+  }
+
+  async close() {
+    await this.stop();
+  }
+}
+
+export function sleep(ms) {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+function base64url(data) {
+  return Buffer.from(data).toString("base64url");
+}
+
+/** An HS256 listener token signed here, so a test can make one that is already expired. */
+export function signToken({ uid, tracks, exp, secret = TOKEN_SECRET }) {
+  const header = base64url(JSON.stringify({ alg: "HS256", typ: "JWT" }));
+  const claims = { sub: uid, exp };
+  if (tracks) claims.tracks = tracks;
+  const payload = base64url(JSON.stringify(claims));
+  const signature = createHmac("sha256", secret).update(`${header}.${payload}`).digest("base64url");
+  return `${header}.${payload}.${signature}`;
+}
+
+export const nowSeconds = () => Math.floor(Date.now() / 1000);
+
+function readBody(request) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    request.on("data", (c) => chunks.push(c));
+    request.on("end", () => resolve(Buffer.concat(chunks).toString()));
+    request.on("error", reject);
+  });
+}
+
+function sendJson(response, status, body) {
+  response.writeHead(status, { "Content-Type": "application/json", "Cache-Control": "no-store" });
+  response.end(JSON.stringify(body));
+}
+
+function cookies(request) {
+  const out = {};
+  for (const part of (request.headers.cookie || "").split(";")) {
+    const eq = part.indexOf("=");
+    if (eq > 0) out[part.slice(0, eq).trim()] = decodeURIComponent(part.slice(eq + 1).trim());
+  }
+  return out;
+}
+
+/**
+ * The app, on its own origin: the test page, the client file, the connect and
+ * disconnect views (Django-like: they check X-CSRFToken against the csrftoken cookie and
+ * call the backend API), and a token view whose answers a test decides (`tokens`).
+ */
+export class PageServer {
+  constructor() {
+    this.dolores = null;
+    this.calls = [];
+    this.tokenCalls = [];
+    /** (uid, callNumber) => token string; set by token tests. */
+    this.tokens = null;
+    /** Extra handlers by path prefix, for tests that fake a server on this origin. */
+    this.routes = new Map();
+    this.server = http.createServer((req, res) => {
+      this.#handle(req, res).catch((error) => sendJson(res, 500, { error: { code: "test_server", message: String(error) } }));
+    });
+  }
+
+  static async start() {
+    const page = new PageServer();
+    await new Promise((resolve) => page.server.listen(0, "127.0.0.1", resolve));
+    page.origin = `http://127.0.0.1:${page.server.address().port}`;
+    return page;
+  }
+
+  async #handle(req, res) {
+    const url = new URL(req.url, this.origin);
+    for (const [prefix, handler] of this.routes) {
+      if (url.pathname.startsWith(prefix)) return handler(req, res, url);
+    }
+    if (req.method === "GET" && url.pathname === "/") {
+      res.writeHead(200, {
+        "Content-Type": "text/html; charset=utf-8",
+        "Cache-Control": "no-store",
+        "Set-Cookie": `csrftoken=${CSRF_TOKEN}; Path=/; SameSite=Lax`,
+      });
+      res.end(readFileSync(pageFile));
+      return;
+    }
+    if (req.method === "GET" && url.pathname === "/client/dolores.js") {
+      res.writeHead(200, { "Content-Type": "text/javascript; charset=utf-8", "Cache-Control": "no-store" });
+      res.end(readFileSync(clientFile));
+      return;
+    }
+    if (req.method === "GET" && url.pathname === "/favicon.ico") {
+      res.writeHead(204);
+      res.end();
+      return;
+    }
+    const view = /^\/:(connect|disconnect)\/(.+)$/.exec(url.pathname);
+    if (req.method === "POST" && view) {
+      const track = view[2].split("/").map(decodeURIComponent).join("/");
+      const body = JSON.parse((await readBody(req)) || "{}");
+      this.calls.push({ view: view[1], track, uid: body.uid, csrf: req.headers["x-csrftoken"] || null });
+      if (req.headers["x-csrftoken"] !== CSRF_TOKEN || cookies(req).csrftoken !== CSRF_TOKEN) {
+        sendJson(res, 403, { error: { code: "csrf_failed", message: "CSRF token missing or wrong" } });
+        return;
+      }
+      try {
+        const answer = await this.dolores.api("POST", `/api/v1/${view[1]}`, { uid: body.uid, track });
+        sendJson(res, 200, answer);
+      } catch (error) {
+        sendJson(res, error.status || 502, error.body || { error: { code: "backend", message: String(error) } });
+      }
+      return;
+    }
+    if (req.method === "GET" && url.pathname === "/token") {
+      const uid = url.searchParams.get("uid");
+      this.tokenCalls.push(uid);
+      if (!this.tokens) {
+        sendJson(res, 404, { error: { code: "no_tokens", message: "this test has no token view" } });
+        return;
+      }
+      sendJson(res, 200, { token: this.tokens(uid, this.tokenCalls.length) });
+      return;
+    }
+    sendJson(res, 404, { error: { code: "not_found", message: url.pathname } });
+  }
+
+  close() {
+    this.server.closeAllConnections();
+    return new Promise((resolve) => this.server.close(resolve));
+  }
+}
+
+/**
+ * A reverse proxy to dolores that holds back every Server-Sent Events response until it
+ * ends, like a proxy or antivirus that buffers whole responses. With `holdHeaders` it
+ * holds the status line and headers too; otherwise they go through at once and only the
+ * body is held. Everything else passes through untouched. `requests` lists the paths.
+ */
+export class BufferingProxy {
+  constructor(target, { holdHeaders = false } = {}) {
+    this.target = target;
+    this.holdHeaders = holdHeaders;
+    this.requests = [];
+    this.server = http.createServer((req, res) => this.#handle(req, res));
+  }
+
+  static async start(target, options) {
+    const proxy = new BufferingProxy(target, options);
+    await new Promise((resolve) => proxy.server.listen(0, "127.0.0.1", resolve));
+    proxy.url = `http://127.0.0.1:${proxy.server.address().port}`;
+    return proxy;
+  }
+
+  #handle(req, res) {
+    this.requests.push(req.url);
+    const target = new URL(this.target());
+    const upstream = http.request({
+      host: target.hostname,
+      port: target.port,
+      method: req.method,
+      path: req.url,
+      headers: { ...req.headers, host: target.host },
+    }, (answer) => {
+      const sse = (answer.headers["content-type"] || "").startsWith("text/event-stream");
+      if (!sse) {
+        res.writeHead(answer.statusCode, answer.headers);
+        answer.pipe(res);
+        return;
+      }
+      const held = [];
+      if (!this.holdHeaders) {
+        res.writeHead(answer.statusCode, answer.headers);
+        res.flushHeaders();
+      }
+      answer.on("data", (chunk) => held.push(chunk));
+      answer.on("end", () => {
+        if (this.holdHeaders) res.writeHead(answer.statusCode, answer.headers);
+        res.end(Buffer.concat(held));
+      });
+      answer.on("error", () => res.destroy());
+    });
+    upstream.on("error", () => res.destroy());
+    res.on("close", () => upstream.destroy());
+    req.pipe(upstream);
+  }
+
+  close() {
+    this.server.closeAllConnections();
+    return new Promise((resolve) => this.server.close(resolve));
+  }
+}
+
+/** Debian's Chromium, headless. Never a downloaded browser. */
+export async function launchBrowser() {
+  return chromium.launch({
+    executablePath: process.env.CHROMIUM_BIN || "/usr/bin/chromium",
+    args: [
+      "--headless",
+      "--no-sandbox",
+      "--disable-gpu",
+      "--disable-background-networking",
+      "--disable-component-update",
+      "--disable-sync",
+      "--no-first-run",
+      "--disable-quic",
+    ],
+  });
+}
+
+/**
+ * Where the page imports the client from: the dolores server's own /dolores.js when it
+ * serves one, else this repo's clients/js/dolores.js from the page server.
+ * DOLORES_CLIENT=server|local forces one.
+ */
+export async function clientUrl(dolores, page) {
+  const wanted = process.env.DOLORES_CLIENT;
+  if (wanted === "local") return `${page.origin}/client/dolores.js`;
+  const served = `${dolores.url}/dolores.js`;
+  if (wanted === "server") return served;
+  try {
+    const response = await fetch(served);
+    if (response.ok && /javascript/.test(response.headers.get("content-type") || "")) return served;
+  } catch {
+    // fall through
+  }
+  return `${page.origin}/client/dolores.js`;
+}
+
+/**
+ * A browser tab with the test page. `start(options, tracks)` makes a Dolores in the page
+ * and connects it to `tracks`; what it receives, its statuses, errors and resets are
+ * recorded in the page and read with `received()`, `state()`.
+ */
+export class TestPage {
+  constructor(page, url) {
+    this.page = page;
+    this.url = url;
+    this.consoleErrors = [];
+    page.on("pageerror", (error) => this.consoleErrors.push(String(error)));
+  }
+
+  static async open(context, pageServer, client) {
+    const page = await context.newPage();
+    const url = `${pageServer.origin}/?client=${encodeURIComponent(client)}`;
+    const testPage = new TestPage(page, url);
+    await testPage.load();
+    return testPage;
+  }
+
+  async load() {
+    await this.page.goto(this.url);
+    await this.page.waitForFunction(() => window.pageReady === true, null, { timeout: WAIT_MS });
+  }
+
+  async reload() {
+    await this.page.reload();
+    await this.page.waitForFunction(() => window.pageReady === true, null, { timeout: WAIT_MS });
+  }
+
+  /** Makes the Dolores and connects `tracks`; resolves with its uid. */
+  async start(options, tracks = [":data"]) {
+    return this.page.evaluate(([o, t]) => window.startDolores(o, t), [options, tracks]);
+  }
+
+  async received() {
+    return this.page.evaluate(() => window.received.map((r) => r.message));
+  }
+
+  async state() {
+    return this.page.evaluate(() => ({
+      statuses: window.statuses,
+      errors: window.errors,
+      resets: window.resets,
+      received: window.received,
+      uid: window.dolores ? window.dolores.uid : null,
+    }));
+  }
+
+  /** Waits until the page has received at least `n` messages; resolves with them all. */
+  async waitForCount(n, timeout = WAIT_MS) {
+    try {
+      await this.page.waitForFunction((count) => window.received.length >= count, n, { timeout, polling: 50 });
+    } catch (error) {
+      const state = await this.state().catch(() => null);
+      throw new Error(`page got ${state && state.received.length} of ${n} messages in ${timeout} ms: ${JSON.stringify(state)}`, { cause: error });
+    }
+    return this.received();
+  }
+
+  async waitForStatus(status, timeout = WAIT_MS) {
+    await this.page.waitForFunction((s) => window.statuses[window.statuses.length - 1] === s, status, { timeout, polling: 50 })
+      .catch(async (error) => {
+        throw new Error(`page status never became ${status}: ${JSON.stringify(await this.state().catch(() => null))}`, { cause: error });
+      });
+  }
+
+  async waitForError(timeout = WAIT_MS) {
+    await this.page.waitForFunction(() => window.errors.length > 0, null, { timeout, polling: 50 })
+      .catch(async (error) => {
+        throw new Error(`page saw no error: ${JSON.stringify(await this.state().catch(() => null))}`, { cause: error });
+      });
+    return (await this.state()).errors;
+  }
+}
+
+/** `count` distinct messages, tagged so two runs never mix. */
+export function messages(tag, count, from = 1) {
+  return Array.from({ length: count }, (_, i) => `${tag}-${from + i}`);
+}

@@ -1,0 +1,227 @@
+//! `GET /ws/{uid}` over a real WebSocket: the same queue, resume, reset and token
+//! semantics as SSE, close codes that say why, and a bound on inbound frames.
+
+mod common;
+
+use common::{Server, WAIT, uid, within};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(server: &Server, uid: &str, query: &str) -> Socket {
+    let url = format!("ws://{}/ws/{uid}{query}", server.addr());
+    let (socket, _) = within(
+        "the websocket handshake",
+        WAIT,
+        tokio_tungstenite::connect_async(url),
+    )
+    .await
+    .expect("handshake");
+    socket
+}
+
+/// The next JSON text frame (pings and pongs skipped).
+async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        let frame = within("a websocket frame", WAIT, socket.next())
+            .await
+            .expect("socket open")
+            .expect("frame");
+        match frame {
+            Message::Text(text) => return serde_json::from_str(&text).expect("json frame"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text frame, got {other:?}"),
+        }
+    }
+}
+
+/// Reads until the close frame; returns its code and reason.
+async fn close_of(socket: &mut Socket) -> (u16, String) {
+    loop {
+        match within("the close frame", WAIT, socket.next()).await {
+            Some(Ok(Message::Close(Some(frame)))) => {
+                return (u16::from(frame.code), frame.reason.to_string());
+            }
+            Some(Ok(Message::Close(None))) | None => panic!("closed without a code"),
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("socket error before close: {e}"),
+        }
+    }
+}
+
+fn ids(frames: &[Value]) -> Vec<u64> {
+    frames
+        .iter()
+        .map(|f| f["id"].as_str().expect("id").parse().expect("numeric id"))
+        .collect()
+}
+
+#[tokio::test]
+async fn websocket_delivers_the_queue_then_live_messages_in_order() {
+    let server = Server::start().await;
+    let uid = uid("ws-queue");
+    server.connect(&uid, ":data").await;
+    let queued: Vec<u64> = futures_util::future::join_all(
+        (0..3).map(|i| server.publish(":data", json!(format!("queued {i}")))),
+    )
+    .await;
+    let mut socket = open(&server, &uid, "").await;
+    let mut frames = Vec::new();
+    for _ in 0..3 {
+        frames.push(next_json(&mut socket).await);
+    }
+    let mut expected = queued.clone();
+    expected.sort_unstable();
+    assert_eq!(ids(&frames), expected);
+    assert_eq!(frames[0]["track"], ":data");
+    let live = server.publish(":data", json!({"live": true})).await;
+    let frame = next_json(&mut socket).await;
+    assert_eq!(ids(std::slice::from_ref(&frame)), vec![live]);
+    assert_eq!(frame["message"], json!({"live": true}));
+}
+
+#[tokio::test]
+async fn websocket_resumes_after_the_given_id_with_no_gap_and_no_duplicate() {
+    let server = Server::start().await;
+    let uid = uid("ws-resume");
+    server.connect(&uid, ":data").await;
+    let mut all = Vec::new();
+    for i in 0..10 {
+        all.push(server.publish(":data", json!(i)).await);
+    }
+    let mut socket = open(&server, &uid, &format!("?last_event_id={}", all[3])).await;
+    let mut got = Vec::new();
+    for _ in 4..10 {
+        got.push(next_json(&mut socket).await);
+    }
+    assert_eq!(ids(&got), all[4..].to_vec());
+}
+
+#[tokio::test]
+async fn websocket_sends_a_reset_frame_for_a_cursor_older_than_what_is_kept() {
+    let server = Server::start_args(&["--max-stored-messages", "3"]).await;
+    let uid = uid("ws-reset");
+    server.connect(&uid, ":data").await;
+    let mut last = 0;
+    for i in 0..10 {
+        last = server.publish(":data", json!(i)).await;
+    }
+    let mut socket = open(&server, &uid, "?last_event_id=0").await;
+    let reset = next_json(&mut socket).await;
+    assert_eq!(reset["reset"], true);
+    assert_eq!(reset["id"], last.to_string());
+    let live = server.publish(":data", json!("after")).await;
+    assert_eq!(ids(&[next_json(&mut socket).await]), vec![live]);
+}
+
+#[tokio::test]
+async fn websocket_closes_with_a_code_that_says_why_it_could_not_open() {
+    let server = Server::start().await;
+    let mut socket = open(&server, &uid("ws-unknown"), "").await;
+    assert_eq!(
+        close_of(&mut socket).await,
+        (4404, "unknown_listener".into())
+    );
+
+    let secured = Server::start_args(&["--token-secret", "s3cret"]).await;
+    let uid = uid("ws-token");
+    secured.connect(&uid, ":data").await;
+    let mut socket = open(&secured, &uid, "").await;
+    assert_eq!(close_of(&mut socket).await, (4401, "token_required".into()));
+    let mut socket = open(&secured, &uid, "?token=garbage").await;
+    assert_eq!(close_of(&mut socket).await, (4401, "bad_token".into()));
+    let (_, answer) = secured
+        .api("tokens", json!({"uid": uid, "ttl_seconds": 60}))
+        .await;
+    let token = answer["token"].as_str().expect("token");
+    let mut socket = open(&secured, &uid, &format!("?token={token}")).await;
+    let id = secured.publish(":data", json!("with token")).await;
+    assert_eq!(ids(&[next_json(&mut socket).await]), vec![id]);
+}
+
+#[tokio::test]
+async fn websocket_ignores_small_frames_and_closes_1009_on_an_oversized_one() {
+    let server = Server::start().await;
+    let uid = uid("ws-frames");
+    server.connect(&uid, ":data").await;
+    let mut socket = open(&server, &uid, "").await;
+    socket
+        .send(Message::text("hello?"))
+        .await
+        .expect("send text");
+    socket
+        .send(Message::binary(vec![0xff, 0x00, 0x13]))
+        .await
+        .expect("send binary");
+    socket
+        .send(Message::Ping(vec![1, 2].into()))
+        .await
+        .expect("ping");
+    let id = server.publish(":data", json!("still here")).await;
+    assert_eq!(ids(&[next_json(&mut socket).await]), vec![id]);
+
+    socket
+        .send(Message::binary(vec![7u8; 70 * 1024]))
+        .await
+        .expect("send big frame");
+    let (code, _) = close_of(&mut socket).await;
+    assert_eq!(code, u16::from(CloseCode::Size));
+    // The server carries on.
+    assert!(server.healthy().await);
+}
+
+#[tokio::test]
+async fn websocket_from_a_foreign_origin_is_refused_unless_allowed() {
+    let server = Server::start_args(&["--cors-origins", "http://allowed.test"]).await;
+    let uid = uid("ws-origin");
+    server.connect(&uid, ":data").await;
+    let url = format!("ws://{}/ws/{uid}", server.addr());
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            url.as_str(),
+        )
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("origin", "http://evil.test".parse().expect("header"));
+    let refused = tokio_tungstenite::connect_async(request).await;
+    assert!(refused.is_err(), "a foreign origin must not get a socket");
+    let mut request =
+        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+            url.as_str(),
+        )
+        .expect("request");
+    request
+        .headers_mut()
+        .insert("origin", "http://allowed.test".parse().expect("header"));
+    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+        .await
+        .expect("allowed");
+    let id = server.publish(":data", json!(1)).await;
+    assert_eq!(ids(&[next_json(&mut socket).await]), vec![id]);
+}
+
+#[tokio::test]
+async fn websocket_is_closed_1001_on_shutdown() {
+    let mut server = Server::start().await;
+    let uid = uid("ws-shutdown");
+    server.connect(&uid, ":data").await;
+    let mut socket = open(&server, &uid, "").await;
+    let id = server.publish(":data", json!(1)).await;
+    assert_eq!(ids(&[next_json(&mut socket).await]), vec![id]);
+    let (status, (code, _)) = tokio::join!(server.terminate(), close_of(&mut socket));
+    assert!(status.success(), "{status:?}");
+    assert_eq!(code, 1001);
+}
+
+#[tokio::test]
+async fn a_plain_get_on_the_websocket_endpoint_gets_a_json_error() {
+    let server = Server::start().await;
+    let (status, body) = server.get(&format!("/ws/{}", uid("ws-plain"))).await;
+    assert_eq!(status.as_u16(), 400, "{body}");
+    assert_eq!(body["error"]["code"], "not_websocket");
+}
