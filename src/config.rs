@@ -30,6 +30,9 @@ pub struct Options {
     /// Redis URL for several nodes (redis://127.0.0.1:6379/0)
     #[arg(long, env = "DOLORES_REDIS")]
     pub redis: Option<String>,
+    /// Prefix of every Redis key, so several deployments can share one Redis [default: dolores]
+    #[arg(long, env = "DOLORES_REDIS_PREFIX")]
+    pub redis_prefix: Option<String>,
     /// The backend's api key (generated on loopback when not given)
     #[arg(long, env = "DOLORES_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -67,6 +70,7 @@ struct FileSettings {
     data: Option<PathBuf>,
     memory: Option<bool>,
     redis: Option<String>,
+    redis_prefix: Option<String>,
     api_key: Option<String>,
     token_secret: Option<String>,
     heartbeat: Option<String>,
@@ -88,6 +92,8 @@ pub struct Settings {
     pub memory: bool,
     /// Redis URL, for several nodes.
     pub redis: Option<String>,
+    /// Prefix of the Redis keys.
+    pub redis_prefix: String,
     /// The api key, if given.
     pub api_key: Option<String>,
     /// The token secret, if any.
@@ -113,6 +119,7 @@ impl Default for Settings {
             data: DEFAULT_DATA.into(),
             memory: false,
             redis: None,
+            redis_prefix: "dolores".into(),
             api_key: None,
             token_secret: None,
             // Below the 30–60 s idle timeouts of common proxies and load balancers.
@@ -191,6 +198,10 @@ impl Settings {
             data: o.data.or(file.data).unwrap_or(d.data),
             memory: o.memory.or(file.memory).unwrap_or(d.memory),
             redis: o.redis.or(file.redis).filter(|r| !r.is_empty()),
+            redis_prefix: o
+                .redis_prefix
+                .or(file.redis_prefix)
+                .unwrap_or(d.redis_prefix),
             api_key: o.api_key.or(file.api_key).filter(|k| !k.is_empty()),
             token_secret: o
                 .token_secret

@@ -225,6 +225,15 @@ impl Tail for Hub {
                             state.add(slot, track.clone());
                         }
                     }
+                    Change::Lost => {
+                        for slot in state.uids.values().flatten() {
+                            let mut queue = lock(&slot.queue);
+                            queue.items = VecDeque::new();
+                            queue.lagged = true;
+                            drop(queue);
+                            slot.notify.notify_one();
+                        }
+                    }
                     Change::Disconnected { uid, track } => {
                         let slots = state.uids.get(uid).cloned().unwrap_or_default();
                         for slot in &slots {

@@ -21,14 +21,19 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let addr = listener.local_addr()?;
     let (api_key, generated) = api_key(&settings, addr)?;
-    let where_stored = if settings.memory {
+    let where_stored = if let Some(url) = &settings.redis {
+        format!(
+            "redis engine at {url}, keys under {}:",
+            settings.redis_prefix
+        )
+    } else if settings.memory {
         "in memory, nothing on disk".to_owned()
     } else {
         format!("embedded store in {}", settings.data.display())
     };
     let key_file = settings.api_key_file();
     let memory = settings.memory;
-    let state = AppState::open(settings, api_key.clone())?;
+    let state = AppState::open(settings, api_key.clone()).await?;
     let url = format!("http://{addr}");
     let mut out = std::io::stdout().lock();
     writeln!(

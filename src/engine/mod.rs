@@ -8,9 +8,11 @@
 //! - `memory` — nothing on disk (`--memory`);
 //! - `embedded` — the durable default, a redb file in the data dir;
 //!
-//! both driven by the one writer in `local`, which does group commit. A Redis engine
-//! for several nodes will sit beside them. `tests` is the shared suite every engine
-//! passes.
+//! both driven by the one writer in `local`, which does group commit; and
+//!
+//! - `redis` — several nodes on one Redis (`--redis URL`).
+//!
+//! `tests` is the shared suite every engine passes.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -20,6 +22,7 @@ use bytes::Bytes;
 mod embedded;
 mod local;
 mod memory;
+mod redis;
 #[cfg(test)]
 mod tests;
 
@@ -167,6 +170,10 @@ pub enum Change {
         /// The track, or none when the whole listener is gone.
         track: Option<Arc<str>>,
     },
+    /// Messages were committed that this node will never hear about (its reader fell
+    /// behind the retention of a shared log): every open stream must catch up from the
+    /// store by its cursor.
+    Lost,
 }
 
 /// Receives every committed change, in commit order. The hub implements it.
@@ -244,6 +251,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Counts of what is stored.
     async fn counts(&self) -> Result<StoreCounts>;
 
+    /// Whether the store answered its last calls (for `/healthz`).
+    fn healthy(&self) -> bool {
+        true
+    }
+
     /// Writes everything pending and stops taking work.
     async fn close(&self);
 }
@@ -263,6 +275,18 @@ pub fn open_memory(limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine> {
         "memory",
         limits,
         tail,
+    ))
+}
+
+/// Connects to the Redis engine at `url`, its keys under `prefix`.
+pub async fn open_redis(
+    url: &str,
+    prefix: &str,
+    limits: Limits,
+    tail: Arc<dyn Tail>,
+) -> Result<Arc<dyn Engine>> {
+    Ok(Arc::new(
+        redis::RedisEngine::open(url, prefix, limits, tail).await?,
     ))
 }
 

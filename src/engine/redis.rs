@@ -1,0 +1,769 @@
+//! The Redis engine (`--redis URL`): several nodes share one Redis, so any node can
+//! serve any listener.
+//!
+//! What Redis holds (every key starts with the prefix, `dolores:` by default):
+//!
+//! - `log` — a Stream, the one ordered log. A message at position N has the entry id
+//!   `N-0`; subscription changes are entries `N-1`, `N-2`… after message N, so one
+//!   stream orders messages *and* the connects and disconnects between them. `seq`
+//!   counts positions. Retention trims by count (`MAXLEN` on every append) and by age
+//!   (`XTRIM MINID`, from each entry's `ts`).
+//! - `l:{uid}` — a hash per listener: `cursor`, `seen`, and `s:{track}` = the position
+//!   its subscription began. `seen` (a sorted set of uids by last seen) drives expiry;
+//!   `subs` (track → subscriber count) the track count.
+//!
+//! Every write is one Lua script, so it is atomic and costs one round trip whatever the
+//! number of listeners or nodes. Each node tails `log` with one blocking reader on its
+//! own connection and hands every entry to its hub, in stream order: every node sees
+//! every message, and every subscription change before the messages that follow it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncConnectionConfig, Client, Script};
+use tokio_util::sync::CancellationToken;
+
+use super::{
+    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
+    Subscription, Tail, Update, now_ms,
+};
+
+/// Longest a command may take before the caller gets a 503: Redis answers in well
+/// under a millisecond, so two seconds means it is gone, paused or overloaded.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long the tail reader blocks in one `XREAD`.
+const TAIL_BLOCK_MS: u64 = 1000;
+/// Most entries the tail reader takes per read.
+const TAIL_BATCH: usize = 1000;
+/// Entries read per `XRANGE` while replaying a listener's queue.
+const REPLAY_SCAN: usize = 1000;
+/// How often acks are written, retention and expiry run, and health is checked.
+const TICK: Duration = Duration::from_secs(1);
+/// Most listeners expired in one tick.
+const MAX_EXPIRED_PER_TICK: usize = 1000;
+
+const APPEND: &str = r"
+local ids = {}
+for i = 3, #ARGV, 2 do
+  local n = redis.call('INCR', KEYS[2])
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], n .. '-0', 'k', 'm', 't', ARGV[i], 'j', ARGV[i + 1], 'ts', ARGV[2])
+  ids[#ids + 1] = n
+end
+return ids
+";
+
+const CONNECT: &str = r"
+local head = redis.call('GET', KEYS[2]) or '0'
+if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], 'cursor', head) end
+for i = 3, #ARGV do
+  if redis.call('HSETNX', KEYS[1], 's:' .. ARGV[i], head) == 1 then
+    redis.call('HINCRBY', KEYS[3], ARGV[i], 1)
+    redis.call('XADD', KEYS[5], head .. '-*', 'k', 'c', 'u', ARGV[2], 't', ARGV[i], 'ts', ARGV[1])
+  end
+end
+redis.call('HSET', KEYS[1], 'seen', ARGV[1])
+redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+return redis.call('HGETALL', KEYS[1])
+";
+
+/// ARGV[3] is the track, or '' to forget the listener; ARGV[4], when given, forgets
+/// only a listener still unseen since then (expiry racing a reconnect).
+const DISCONNECT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local head = redis.call('GET', KEYS[2]) or '0'
+if ARGV[3] ~= '' then
+  if redis.call('HDEL', KEYS[1], 's:' .. ARGV[3]) == 1 then
+    if redis.call('HINCRBY', KEYS[3], ARGV[3], -1) <= 0 then redis.call('HDEL', KEYS[3], ARGV[3]) end
+    redis.call('XADD', KEYS[5], head .. '-*', 'k', 'd', 'u', ARGV[2], 't', ARGV[3], 'ts', ARGV[1])
+  end
+  redis.call('HSET', KEYS[1], 'seen', ARGV[1])
+  redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
+  return redis.call('HGETALL', KEYS[1])
+end
+if ARGV[4] and tonumber(redis.call('HGET', KEYS[1], 'seen') or '0') >= tonumber(ARGV[4]) then
+  return redis.call('HGETALL', KEYS[1])
+end
+for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+  if string.sub(f, 1, 2) == 's:' then
+    local t = string.sub(f, 3)
+    if redis.call('HINCRBY', KEYS[3], t, -1) <= 0 then redis.call('HDEL', KEYS[3], t) end
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[4], ARGV[2])
+redis.call('XADD', KEYS[5], head .. '-*', 'k', 'f', 'u', ARGV[2], 'ts', ARGV[1])
+return {}
+";
+
+const ACK: &str = r"
+local c = redis.call('HGET', KEYS[1], 'cursor')
+if not c then return 0 end
+if tonumber(ARGV[1]) > tonumber(c) then redis.call('HSET', KEYS[1], 'cursor', ARGV[1]) end
+if tonumber(ARGV[2]) > tonumber(redis.call('HGET', KEYS[1], 'seen') or '0') then
+  redis.call('HSET', KEYS[1], 'seen', ARGV[2])
+  redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
+end
+return 1
+";
+
+/// The listener, the head and the first entry id, read atomically.
+const SNAPSHOT: &str = r"
+local l = redis.call('HGETALL', KEYS[1])
+if #l == 0 then return false end
+local head = redis.call('GET', KEYS[2]) or '0'
+local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
+local fid = ''
+if #first > 0 then fid = first[1][1] end
+return {head, fid, l}
+";
+
+fn redis_error(e: redis::RedisError) -> EngineError {
+    EngineError::Storage(format!("redis: {e}"))
+}
+
+struct Keys {
+    log: String,
+    seq: String,
+    subs: String,
+    seen: String,
+    prefix: String,
+}
+
+impl Keys {
+    fn listener(&self, uid: &str) -> String {
+        format!("{}l:{uid}", self.prefix)
+    }
+}
+
+struct Scripts {
+    append: Script,
+    connect: Script,
+    disconnect: Script,
+    ack: Script,
+    snapshot: Script,
+}
+
+/// What the engine's background tasks share with it.
+struct Shared {
+    conn: ConnectionManager,
+    keys: Keys,
+    scripts: Scripts,
+    limits: Limits,
+    acks: Mutex<HashMap<String, (Position, u64)>>,
+    healthy: AtomicBool,
+}
+
+/// The Redis engine. See the module docs.
+pub(crate) struct RedisEngine {
+    shared: Arc<Shared>,
+    closed: AtomicBool,
+    stop: CancellationToken,
+}
+
+impl std::fmt::Debug for RedisEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisEngine")
+            .field("prefix", &self.shared.keys.prefix)
+            .finish()
+    }
+}
+
+/// An entry of the log.
+struct Entry {
+    pos: Position,
+    seq: u64,
+    fields: HashMap<String, String>,
+}
+
+type RawEntry = (String, Vec<String>);
+/// An `XREAD` answer: per stream, its entries (none when the block timed out).
+type XreadReply = Option<Vec<(String, Vec<RawEntry>)>>;
+
+fn parse_id(id: &str) -> (u64, u64) {
+    let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+    (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+}
+
+fn parse_entry((id, flat): RawEntry) -> Entry {
+    let (pos, seq) = parse_id(&id);
+    let mut fields = HashMap::new();
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        fields.insert(k, v);
+    }
+    Entry { pos, seq, fields }
+}
+
+fn field(entry: &Entry, name: &str) -> String {
+    entry.fields.get(name).cloned().unwrap_or_default()
+}
+
+/// A listener from its hash (flat field/value list).
+fn parse_listener(uid: &str, flat: Vec<String>) -> Listener {
+    let mut listener = Listener {
+        uid: uid.to_owned(),
+        tracks: Vec::new(),
+        cursor: 0,
+        last_seen_ms: 0,
+    };
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        match k.as_str() {
+            "cursor" => listener.cursor = v.parse().unwrap_or(0),
+            "seen" => listener.last_seen_ms = v.parse().unwrap_or(0),
+            _ => {
+                if let Some(track) = k.strip_prefix("s:") {
+                    listener.tracks.push(Subscription {
+                        track: track.to_owned(),
+                        since: v.parse().unwrap_or(0),
+                    });
+                }
+            }
+        }
+    }
+    // A hash has no order; subscriptions read back oldest first.
+    listener
+        .tracks
+        .sort_by(|a, b| (a.since, &a.track).cmp(&(b.since, &b.track)));
+    listener
+}
+
+impl RedisEngine {
+    /// Connects to Redis at `url` and starts the tail reader and the maintenance tick.
+    pub(crate) async fn open(
+        url: &str,
+        prefix: &str,
+        limits: Limits,
+        tail: Arc<dyn Tail>,
+    ) -> Result<Self> {
+        let client =
+            Client::open(url).map_err(|e| EngineError::Storage(format!("bad redis url: {e}")))?;
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(500));
+        let conn = client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(|e| EngineError::Storage(format!("cannot reach redis at {url}: {e}")))?;
+        let prefix = if prefix.is_empty() || prefix.ends_with(':') {
+            prefix.to_owned()
+        } else {
+            format!("{prefix}:")
+        };
+        let keys = Keys {
+            log: format!("{prefix}log"),
+            seq: format!("{prefix}seq"),
+            subs: format!("{prefix}subs"),
+            seen: format!("{prefix}seen"),
+            prefix,
+        };
+        let shared = Arc::new(Shared {
+            conn,
+            keys,
+            scripts: Scripts {
+                append: Script::new(APPEND),
+                connect: Script::new(CONNECT),
+                disconnect: Script::new(DISCONNECT),
+                ack: Script::new(ACK),
+                snapshot: Script::new(SNAPSHOT),
+            },
+            limits,
+            acks: Mutex::default(),
+            healthy: AtomicBool::new(true),
+        });
+        let stop = CancellationToken::new();
+        let last_id = shared.last_id().await?;
+        tokio::spawn(tail_reader(
+            client,
+            shared.clone(),
+            tail,
+            last_id,
+            stop.clone(),
+        ));
+        tokio::spawn(maintenance(shared.clone(), stop.clone()));
+        Ok(Self {
+            shared,
+            closed: AtomicBool::new(false),
+            stop,
+        })
+    }
+
+    fn check_open(&self) -> Result<()> {
+        if self.closed.load(Ordering::Relaxed) {
+            Err(EngineError::Closed)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+impl Shared {
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    fn observe<T>(&self, result: redis::RedisResult<T>) -> Result<T> {
+        self.healthy.store(result.is_ok(), Ordering::Relaxed);
+        result.map_err(redis_error)
+    }
+
+    async fn last_id(&self) -> Result<String> {
+        let last: Vec<RawEntry> = self.observe(
+            redis::cmd("XREVRANGE")
+                .arg(&self.keys.log)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut self.conn())
+                .await,
+        )?;
+        Ok(last
+            .into_iter()
+            .next()
+            .map_or_else(|| "0-0".to_owned(), |(id, _)| id))
+    }
+
+    async fn disconnect(
+        &self,
+        uid: &str,
+        track: Option<&str>,
+        stale_before: Option<u64>,
+    ) -> Result<Option<Vec<String>>> {
+        let k = &self.keys;
+        let mut call = self.scripts.disconnect.prepare_invoke();
+        call.key(k.listener(uid))
+            .key(&k.seq)
+            .key(&k.subs)
+            .key(&k.seen)
+            .key(&k.log)
+            .arg(now_ms())
+            .arg(uid)
+            .arg(track.unwrap_or(""));
+        if let Some(before) = stale_before {
+            call.arg(before);
+        }
+        let left: Option<Vec<String>> = self.observe(call.invoke_async(&mut self.conn()).await)?;
+        Ok(left.map(|flat| parse_listener(uid, flat).track_names()))
+    }
+
+    async fn flush_acks(&self) {
+        let acks = match self.acks.lock() {
+            Ok(mut acks) if !acks.is_empty() => std::mem::take(&mut *acks),
+            _ => return,
+        };
+        let calls = acks.iter().map(|(uid, (cursor, seen))| async move {
+            let mut call = self.scripts.ack.prepare_invoke();
+            call.key(self.keys.listener(uid))
+                .key(&self.keys.seen)
+                .arg(*cursor)
+                .arg(*seen)
+                .arg(uid);
+            let done: redis::RedisResult<i64> = call.invoke_async(&mut self.conn()).await;
+            done.map(|_| ())
+                .map_err(|e| (uid.clone(), (*cursor, *seen), e))
+        });
+        let failed: Vec<_> = futures_util::future::join_all(calls)
+            .await
+            .into_iter()
+            .filter_map(std::result::Result::err)
+            .collect();
+        if let Some((_, _, e)) = failed.first() {
+            tracing::warn!("cannot write {} cursor(s) to redis: {e}", failed.len());
+            self.healthy.store(false, Ordering::Relaxed);
+            // Keep them for the next tick; newer acks win.
+            if let Ok(mut acks) = self.acks.lock() {
+                for (uid, (cursor, seen), _) in failed {
+                    let entry = acks.entry(uid).or_insert((cursor, seen));
+                    entry.0 = entry.0.max(cursor);
+                    entry.1 = entry.1.max(seen);
+                }
+            }
+        }
+    }
+
+    /// Deletes entries older than the retention, and forgets listeners unseen for the
+    /// listener ttl.
+    async fn clean_up(&self) -> Result<()> {
+        let cutoff = now_ms().saturating_sub(self.limits.retention.as_millis() as u64);
+        let oldest: Vec<RawEntry> = self.observe(
+            redis::cmd("XRANGE")
+                .arg(&self.keys.log)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(REPLAY_SCAN)
+                .query_async(&mut self.conn())
+                .await,
+        )?;
+        let mut keep_from = None;
+        for raw in oldest {
+            let entry = parse_entry(raw);
+            let ts: u64 = field(&entry, "ts").parse().unwrap_or(0);
+            if ts >= cutoff {
+                break;
+            }
+            keep_from = Some(format!("{}-{}", entry.pos, entry.seq + 1));
+        }
+        if let Some(min_id) = keep_from {
+            let _: i64 = self.observe(
+                redis::cmd("XTRIM")
+                    .arg(&self.keys.log)
+                    .arg("MINID")
+                    .arg(min_id)
+                    .query_async(&mut self.conn())
+                    .await,
+            )?;
+        }
+        let seen_before = now_ms().saturating_sub(self.limits.listener_ttl.as_millis() as u64);
+        let stale: Vec<String> = self.observe(
+            redis::cmd("ZRANGEBYSCORE")
+                .arg(&self.keys.seen)
+                .arg("-inf")
+                .arg(format!("({seen_before}"))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(MAX_EXPIRED_PER_TICK)
+                .query_async(&mut self.conn())
+                .await,
+        )?;
+        for uid in stale {
+            self.disconnect(&uid, None, Some(seen_before)).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Every tick: write cursors, clean up, check health.
+async fn maintenance(shared: Arc<Shared>, stop: CancellationToken) {
+    let every = (shared.limits.retention.min(shared.limits.listener_ttl) / 10)
+        .clamp(Duration::from_millis(200), Duration::from_secs(60));
+    let mut last_clean_up = Instant::now();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => break,
+            () = tokio::time::sleep(TICK.min(every)) => {}
+        }
+        shared.flush_acks().await;
+        if last_clean_up.elapsed() >= every {
+            last_clean_up = Instant::now();
+            if let Err(e) = shared.clean_up().await {
+                tracing::warn!("redis clean-up failed: {e}");
+            }
+        }
+        let mut conn = shared.conn();
+        let ping = redis::cmd("PING");
+        let pong: redis::RedisResult<String> =
+            match tokio::time::timeout(COMMAND_TIMEOUT, ping.query_async(&mut conn)).await {
+                Ok(pong) => pong,
+                Err(_) => Err(redis::RedisError::from((
+                    redis::ErrorKind::Io,
+                    "no answer to PING",
+                ))),
+            };
+        let _ = shared.observe(pong);
+    }
+}
+
+/// Tails the log on its own connection and hands every entry to the hub, in order.
+async fn tail_reader(
+    client: Client,
+    shared: Arc<Shared>,
+    tail: Arc<dyn Tail>,
+    mut last_id: String,
+    stop: CancellationToken,
+) {
+    let mut last_message = parse_id(&last_id).0;
+    let config = AsyncConnectionConfig::new()
+        .set_response_timeout(Some(Duration::from_millis(TAIL_BLOCK_MS) + COMMAND_TIMEOUT))
+        .set_connection_timeout(Some(COMMAND_TIMEOUT));
+    'connect: while !stop.is_cancelled() {
+        let mut conn = match client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+        {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!("redis tail reader cannot connect: {e}");
+                shared.healthy.store(false, Ordering::Relaxed);
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    () = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                }
+            }
+        };
+        // A Redis that came back without its data has a shorter log: follow it.
+        if let Ok(now_last) = shared.last_id().await
+            && parse_id(&now_last) < parse_id(&last_id)
+        {
+            tracing::warn!(
+                "the redis log is behind this node ({now_last} < {last_id}): it lost data"
+            );
+            last_id = now_last;
+            last_message = parse_id(&last_id).0;
+            tail.apply(&[Change::Lost], Duration::ZERO);
+        }
+        loop {
+            let mut xread = redis::cmd("XREAD");
+            xread
+                .arg("COUNT")
+                .arg(TAIL_BATCH)
+                .arg("BLOCK")
+                .arg(TAIL_BLOCK_MS)
+                .arg("STREAMS")
+                .arg(&shared.keys.log)
+                .arg(&last_id);
+            let read: redis::RedisResult<XreadReply> = tokio::select! {
+                () = stop.cancelled() => break 'connect,
+                read = xread.query_async(&mut conn) => read,
+            };
+            let streams = match read {
+                Ok(streams) => streams.unwrap_or_default(),
+                Err(e) => {
+                    tracing::warn!("redis tail reader: {e}; reconnecting");
+                    shared.healthy.store(false, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue 'connect;
+                }
+            };
+            let started = Instant::now();
+            let mut changes = Vec::new();
+            for (_, entries) in streams {
+                for raw in entries {
+                    last_id.clone_from(&raw.0);
+                    let entry = parse_entry(raw);
+                    if let Some(change) = to_change(&entry, &mut last_message) {
+                        changes.extend(change);
+                    }
+                }
+            }
+            if !changes.is_empty() {
+                tail.apply(&changes, started.elapsed());
+            }
+        }
+    }
+}
+
+/// The change an entry stands for; a gap in message positions (entries trimmed before
+/// this node read them) is reported as `Lost` first.
+fn to_change(entry: &Entry, last_message: &mut Position) -> Option<Vec<Change>> {
+    let uid = || -> Arc<str> { field(entry, "u").into() };
+    match field(entry, "k").as_str() {
+        "m" => {
+            let mut changes = Vec::with_capacity(1);
+            if *last_message != 0 && entry.pos > *last_message + 1 {
+                changes.push(Change::Lost);
+            }
+            *last_message = entry.pos;
+            changes.push(Change::Appended(Arc::new(Message::new(
+                entry.pos,
+                field(entry, "t").into(),
+                field(entry, "j").into(),
+                field(entry, "ts").parse().unwrap_or(0),
+            ))));
+            Some(changes)
+        }
+        "c" => Some(vec![Change::Connected {
+            uid: uid(),
+            track: field(entry, "t").into(),
+        }]),
+        "d" => Some(vec![Change::Disconnected {
+            uid: uid(),
+            track: Some(field(entry, "t").into()),
+        }]),
+        "f" => Some(vec![Change::Disconnected {
+            uid: uid(),
+            track: None,
+        }]),
+        _ => None,
+    }
+}
+
+#[async_trait::async_trait]
+impl Engine for RedisEngine {
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+
+    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
+        self.check_open()?;
+        let s = &self.shared;
+        let mut call = s.scripts.append.prepare_invoke();
+        call.key(&s.keys.log)
+            .key(&s.keys.seq)
+            .arg(s.limits.max_stored_messages)
+            .arg(now_ms());
+        for update in &updates {
+            call.arg(&update.track).arg(&update.json);
+        }
+        s.observe(call.invoke_async(&mut s.conn()).await)
+    }
+
+    async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
+        self.check_open()?;
+        let s = &self.shared;
+        let mut call = s.scripts.connect.prepare_invoke();
+        call.key(s.keys.listener(uid))
+            .key(&s.keys.seq)
+            .key(&s.keys.subs)
+            .key(&s.keys.seen)
+            .key(&s.keys.log)
+            .arg(now_ms())
+            .arg(uid);
+        for track in &tracks {
+            call.arg(track);
+        }
+        let flat: Vec<String> = s.observe(call.invoke_async(&mut s.conn()).await)?;
+        Ok(parse_listener(uid, flat).track_names())
+    }
+
+    async fn disconnect(&self, uid: &str, track: Option<String>) -> Result<Option<Vec<String>>> {
+        self.check_open()?;
+        self.shared.disconnect(uid, track.as_deref(), None).await
+    }
+
+    async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
+        let s = &self.shared;
+        let flat: Vec<String> = s.observe(
+            redis::cmd("HGETALL")
+                .arg(s.keys.listener(uid))
+                .query_async(&mut s.conn())
+                .await,
+        )?;
+        if flat.is_empty() {
+            return Ok(None);
+        }
+        let mut listener = parse_listener(uid, flat);
+        if let Ok(acks) = s.acks.lock()
+            && let Some(&(cursor, seen)) = acks.get(uid)
+        {
+            listener.cursor = listener.cursor.max(cursor);
+            listener.last_seen_ms = listener.last_seen_ms.max(seen);
+        }
+        Ok(Some(listener))
+    }
+
+    async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>> {
+        let s = &self.shared;
+        let mut call = s.scripts.snapshot.prepare_invoke();
+        call.key(s.keys.listener(uid))
+            .key(&s.keys.seq)
+            .key(&s.keys.log);
+        let snapshot: Option<(String, String, Vec<String>)> =
+            s.observe(call.invoke_async(&mut s.conn()).await)?;
+        let Some((head, first_id, flat)) = snapshot else {
+            return Ok(None);
+        };
+        let head: Position = head.parse().unwrap_or(0);
+        let trimmed_through = if first_id.is_empty() {
+            head
+        } else {
+            match parse_id(&first_id) {
+                (pos, 0) => pos.saturating_sub(1),
+                (pos, _) => pos,
+            }
+        };
+        let listener = parse_listener(uid, flat);
+        let since: HashMap<&str, Position> = listener
+            .tracks
+            .iter()
+            .map(|t| (t.track.as_str(), t.since))
+            .collect();
+        let mut messages = Vec::new();
+        let mut from = after;
+        // Read only up to the snapshot's head: a track connected after it can only have
+        // later messages, which the live path brings.
+        while from < head && messages.len() < limit {
+            let raw: Vec<RawEntry> = s.observe(
+                redis::cmd("XRANGE")
+                    .arg(&s.keys.log)
+                    .arg(format!("{}-0", from + 1))
+                    .arg(format!("{head}-0"))
+                    .arg("COUNT")
+                    .arg(REPLAY_SCAN)
+                    .query_async(&mut s.conn())
+                    .await,
+            )?;
+            let scanned = raw.len();
+            for raw in raw {
+                let entry = parse_entry(raw);
+                from = entry.pos;
+                if field(&entry, "k") != "m" {
+                    continue;
+                }
+                let track = field(&entry, "t");
+                if since
+                    .get(track.as_str())
+                    .is_some_and(|&since| entry.pos > since)
+                {
+                    messages.push(Arc::new(Message::new(
+                        entry.pos,
+                        track.into(),
+                        field(&entry, "j").into(),
+                        field(&entry, "ts").parse().unwrap_or(0),
+                    )));
+                }
+            }
+            if scanned < REPLAY_SCAN {
+                break;
+            }
+        }
+        messages.truncate(limit);
+        Ok(Some(Replay {
+            messages,
+            tracks: listener.tracks,
+            head,
+            trimmed_through,
+        }))
+    }
+
+    fn ack(&self, uid: &str, pos: Position) {
+        let now = now_ms();
+        if let Ok(mut acks) = self.shared.acks.lock() {
+            let entry = acks.entry(uid.to_owned()).or_insert((pos, now));
+            entry.0 = entry.0.max(pos);
+            entry.1 = now;
+        }
+    }
+
+    async fn counts(&self) -> Result<StoreCounts> {
+        let s = &self.shared;
+        let (listeners, tracks, messages): (u64, u64, u64) = s.observe(
+            redis::pipe()
+                .cmd("ZCARD")
+                .arg(&s.keys.seen)
+                .cmd("HLEN")
+                .arg(&s.keys.subs)
+                .cmd("XLEN")
+                .arg(&s.keys.log)
+                .query_async(&mut s.conn())
+                .await,
+        )?;
+        Ok(StoreCounts {
+            listeners,
+            tracks,
+            messages,
+        })
+    }
+
+    fn healthy(&self) -> bool {
+        self.shared.healthy.load(Ordering::Relaxed)
+    }
+
+    async fn close(&self) {
+        self.closed.store(true, Ordering::Relaxed);
+        self.shared.flush_acks().await;
+        self.stop.cancel();
+    }
+}
+
+impl Drop for RedisEngine {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
