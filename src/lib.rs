@@ -13,6 +13,8 @@
 //! - [`auth`] — api keys and listener tokens.
 //! - [`page`] — the status page at `/`, `/status`, and the JS client at `/dolores.js`.
 //! - [`server`] — wires state and routes, runs and shuts down.
+//! - [`connection`] — accepts connections: SSE streams served directly on the socket,
+//!   everything else through hyper and axum.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
 //! - [`error`] — the one error type of the HTTP edge.
 //! - [`config`] — settings from flags, `DOLORES_*` variables and `dolores.toml`.
@@ -23,6 +25,7 @@ pub mod api;
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod connection;
 pub mod engine;
 pub mod error;
 pub mod hub;

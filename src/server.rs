@@ -14,6 +14,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use crate::auth::{self, Tokens};
@@ -23,7 +24,7 @@ use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::transport::{poll, sse, ws};
-use crate::{api, page};
+use crate::{api, connection, page};
 
 /// Longest the server waits for open requests after a shutdown signal before it
 /// flushes the store and exits anyway.
@@ -228,20 +229,41 @@ pub async fn run(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let token = state.shutdown.clone();
-    let signal_token = token.clone();
-    let serve = axum::serve(listener, app(state.clone())).with_graceful_shutdown(async move {
-        shutdown.await;
-        tracing::info!("shutting down: closing open streams");
-        signal_token.cancel();
-    });
-    let overdue = async {
-        token.cancelled().await;
-        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    let router = app(state.clone());
+    let connections = TaskTracker::new();
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => {
+                    let _ = stream.set_nodelay(true);
+                    connections.spawn(connection::serve(
+                        stream,
+                        state.clone(),
+                        router.clone(),
+                        graceful.watcher(),
+                    ));
+                }
+                Err(e) => {
+                    // Out of file descriptors, say: wait a little rather than spin.
+                    tracing::warn!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    tracing::info!("shutting down: closing open streams");
+    drop(listener);
+    state.shutdown.cancel();
+    connections.close();
+    let drained = async {
+        graceful.shutdown().await;
+        connections.wait().await;
     };
-    tokio::select! {
-        served = serve => served?,
-        () = overdue => tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; closing anyway"),
+    if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
+        tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; closing anyway");
     }
     state.engine.close().await;
     tracing::info!("store flushed; bye");

@@ -14,7 +14,13 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 
-use super::{Deliveries, Delivery, End, ListenRequest};
+use axum::extract::Query;
+use axum::http::StatusCode;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use super::{Deliveries, Delivery, End, ListenQuery, ListenRequest};
+use crate::connection::Head;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::server::AppState;
@@ -124,5 +130,116 @@ impl SseStream {
             }
             Err(End::Store) => None,
         }
+    }
+}
+
+/// Serves `GET /listen/{uid}` as the first request of a connection, directly on the
+/// socket (see `connection`): the same stream as [`listen`], without an HTTP
+/// framework's buffers; chunked, and the connection closes after it.
+pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
+    let cors = cors_header(&state, &head.headers);
+    // HTTP/1.0 knows no chunked bodies: its response ends when the connection closes.
+    let chunked = head.http11;
+    let opened = match direct_request(head) {
+        Ok(request) => super::open(&state, &request).await,
+        Err(e) => Err(e),
+    };
+    let deliveries = match opened {
+        Ok(deliveries) => deliveries,
+        Err(e) => {
+            let body =
+                serde_json::json!({"error": {"code": e.code, "message": e.message}}).to_string();
+            let answer = format!(
+                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{cors}\r\n{body}",
+                e.status.as_u16(),
+                e.status.canonical_reason().unwrap_or(""),
+                body.len(),
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+            let _ = socket.shutdown().await;
+            return;
+        }
+    };
+    let framing = if chunked {
+        "transfer-encoding: chunked\r\n"
+    } else {
+        ""
+    };
+    let head = format!(
+        "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\nx-accel-buffering: no\r\n{framing}connection: close\r\n{cors}\r\n"
+    );
+    if socket.write_all(head.as_bytes()).await.is_err() {
+        return;
+    }
+    let mut stream = SseStream::new(state, deliveries);
+    let (mut reader, mut writer) = socket.split();
+    // A listener sends nothing after its request; reading tells when it goes away.
+    let mut probe = [0u8; 256];
+    loop {
+        tokio::select! {
+            chunk = stream.next_chunk() => match chunk {
+                Some(chunk) => {
+                    // Chunked framing, so a client can tell a clean end from a crash.
+                    let written = if chunked {
+                        let mut framed = BytesMut::with_capacity(chunk.len() + 12);
+                        framed.put(format!("{:x}\r\n", chunk.len()).as_bytes());
+                        framed.put(chunk);
+                        framed.put(&b"\r\n"[..]);
+                        writer.write_all(&framed).await
+                    } else {
+                        writer.write_all(&chunk).await
+                    };
+                    if written.is_err() {
+                        return;
+                    }
+                }
+                None => break,
+            },
+            read = reader.read(&mut probe) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            },
+        }
+    }
+    if chunked {
+        let _ = writer.write_all(b"0\r\n\r\n").await;
+    }
+    let _ = writer.shutdown().await;
+}
+
+/// The listener request of a direct stream: uid from the path, the query, the headers.
+fn direct_request(head: Head) -> Result<ListenRequest, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+    let uri: axum::http::Uri = head.target.parse().map_err(|_| not_found())?;
+    let raw = uri.path().strip_prefix("/listen/").ok_or_else(not_found)?;
+    if raw.is_empty() || raw.contains('/') {
+        return Err(not_found());
+    }
+    let uid = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_field("bad_uid", "the uid is not valid UTF-8"))?
+        .into_owned();
+    let Query(query) = Query::<ListenQuery>::try_from_uri(&uri).map_err(ApiError::from_query)?;
+    Ok(ListenRequest {
+        uid,
+        query,
+        headers: head.headers,
+    })
+}
+
+/// The CORS header lines for a page at the request's `Origin`, if it is allowed.
+fn cors_header(state: &AppState, headers: &axum::http::HeaderMap) -> String {
+    let Some(origin) = headers.get("origin").and_then(|o| o.to_str().ok()) else {
+        return String::new();
+    };
+    let allowed = state
+        .settings
+        .cors_origins
+        .iter()
+        .any(|a| a == "*" || a.trim_end_matches('/') == origin);
+    if allowed && !origin.contains(['\r', '\n']) {
+        format!("access-control-allow-origin: {origin}\r\nvary: origin\r\n")
+    } else {
+        String::new()
     }
 }
