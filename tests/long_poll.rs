@@ -184,3 +184,19 @@ async fn a_poll_answers_at_once_when_the_server_shuts_down() {
         .expect("task");
     assert_eq!(answered.expect("an answer, not a cut connection"), 200);
 }
+
+#[tokio::test]
+async fn a_zero_timeout_poll_still_answers_with_what_is_queued_after_a_restart() {
+    let mut server = Server::start().await;
+    let uid = uid("poll-zero");
+    server.connect(&uid, ":data").await;
+    let ids = server
+        .publish_batch(&[(":data", json!(1)), (":data", json!(2)), (":data", json!(3))])
+        .await;
+    for _ in 0..5 {
+        server.kill9().await;
+        server.restart().await;
+        let body = poll(&server, &uid, "?timeout=0&last_event_id=0").await.1;
+        assert_eq!(event_ids(&body), ids, "{body}");
+    }
+}

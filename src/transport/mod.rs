@@ -202,39 +202,50 @@ impl Deliveries {
     /// The next delivery, waiting for one if need be. Cancel-safe.
     pub async fn next(&mut self) -> Result<Delivery, End> {
         loop {
-            if let Some(message) = self.take_ready() {
-                return Ok(Delivery::Message(message));
-            }
-            if self.replaying {
-                let page = self
-                    .state
-                    .engine
-                    .replay(&self.uid, self.cursor, REPLAY_PAGE)
-                    .await
-                    .map_err(|e| {
-                        tracing::warn!("replay for {} failed: {e}", self.uid);
-                        End::Store
-                    })?
-                    .ok_or(End::Forgotten)?;
-                // Checked on every page, not only the first: a stream that lagged
-                // (or replays a long queue) while retention or max_stored_messages
-                // trimmed past its cursor has lost messages, and must say so.
-                if page.is_reset(self.cursor) {
-                    self.cursor = page.head;
-                    self.replaying = false;
-                    return Ok(Delivery::Reset { head: page.head });
-                }
-                if page.messages.len() < REPLAY_PAGE {
-                    self.replaying = false;
-                }
-                self.pending.extend(page.messages);
-                continue;
+            if let Some(delivery) = self.ready().await? {
+                return Ok(delivery);
             }
             match self.subscription.recv().await {
                 Received::Messages(messages) => self.pending.extend(messages),
                 Received::Lagged => self.replaying = true,
                 Received::Forgotten => return Err(End::Forgotten),
             }
+        }
+    }
+
+    /// The next delivery that needs no waiting for live messages: one already queued,
+    /// or one read from the store while the stream still replays. `None` when the
+    /// stream is caught up. Cancel-safe.
+    pub async fn ready(&mut self) -> Result<Option<Delivery>, End> {
+        loop {
+            if let Some(message) = self.take_ready() {
+                return Ok(Some(Delivery::Message(message)));
+            }
+            if !self.replaying {
+                return Ok(None);
+            }
+            let page = self
+                .state
+                .engine
+                .replay(&self.uid, self.cursor, REPLAY_PAGE)
+                .await
+                .map_err(|e| {
+                    tracing::warn!("replay for {} failed: {e}", self.uid);
+                    End::Store
+                })?
+                .ok_or(End::Forgotten)?;
+            // Checked on every page, not only the first: a stream that lagged (or
+            // replays a long queue) while retention or max_stored_messages trimmed
+            // past its cursor has lost messages, and must say so.
+            if page.is_reset(self.cursor) {
+                self.cursor = page.head;
+                self.replaying = false;
+                return Ok(Some(Delivery::Reset { head: page.head }));
+            }
+            if page.messages.len() < REPLAY_PAGE {
+                self.replaying = false;
+            }
+            self.pending.extend(page.messages);
         }
     }
 

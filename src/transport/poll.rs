@@ -51,11 +51,17 @@ pub async fn listen(
     let _open = state.metrics.open_stream(Transport::Poll);
     // The request's cursor acknowledges everything up to it.
     deliveries.ack();
-    let first = tokio::select! {
-        biased;
-        () = state.shutdown.cancelled() => None,
-        delivery = deliveries.next() => Some(delivery),
-        () = tokio::time::sleep(timeout) => None,
+    // What is already queued answers at once, whatever the timeout (even 0); only the
+    // wait for live messages is bounded by it.
+    let first = match deliveries.ready().await {
+        Ok(Some(delivery)) => Some(Ok(delivery)),
+        Err(end) => Some(Err(end)),
+        Ok(None) => tokio::select! {
+            biased;
+            () = state.shutdown.cancelled() => None,
+            delivery = deliveries.next() => Some(delivery),
+            () = tokio::time::sleep(timeout) => None,
+        },
     };
     let mut body = BytesMut::from(&b"{\"events\":["[..]);
     let reset = matches!(first, Some(Ok(Delivery::Reset { .. })));

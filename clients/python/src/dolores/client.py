@@ -1,0 +1,322 @@
+"""The blocking client: ``Client`` and the iterator ``listen()`` returns."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any, Dict, Generator, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import quote
+
+import httpx
+
+from ._core import (
+    DEFAULT_TOKEN_TTL,
+    Event,
+    ListenState,
+    SSEParser,
+    TokenSource,
+    backoff_delay,
+    base_headers,
+    encode_body,
+    error_from_exception,
+    error_from_response,
+    event_from_sse,
+    events_from_poll,
+    listen_params,
+    never_sent,
+    read_json,
+    resolve_settings,
+    retry_status,
+    sign_token,
+    timeout_of,
+    updates_body,
+)
+
+__all__ = ["Client", "Listener"]
+
+log = logging.getLogger("dolores")
+
+Update = Union[Tuple[str, Any], Sequence[Any], Mapping[str, Any]]
+
+
+class Client:
+    """A connection to a Dolores server's backend API. Thread-safe; keeps a pool of
+    connections, so make one and share it (or use it as a context manager).
+
+    ``server``, ``api_key`` and ``token_secret`` default from ``DOLORES_SERVER``,
+    ``DOLORES_API_KEY`` and ``DOLORES_TOKEN_SECRET`` (``server`` finally from
+    ``http://127.0.0.1:8007``). ``timeout`` bounds each request, in seconds (or an
+    ``httpx.Timeout``). A request that cannot get through (connection refused, 503
+    while the server restarts or its store is busy) is tried again ``retries`` times,
+    after ``backoff`` seconds doubling each time; a 4xx never is. ``update`` and
+    ``update_many`` are only sent again when the first try cannot have reached the
+    server, so a retry never publishes twice.
+
+    >>> client = Client("http://127.0.0.1:8007", api_key="…")
+    >>> client.update(":data", {"contact": 42})
+    '17'
+    """
+
+    def __init__(
+        self,
+        server: Optional[str] = None,
+        api_key: Optional[str] = None,
+        token_secret: Optional[str] = None,
+        *,
+        timeout: Union[float, httpx.Timeout, None] = 10.0,
+        retries: int = 3,
+        backoff: float = 0.25,
+        max_backoff: float = 5.0,
+        max_connections: int = 100,
+        http_client: Optional[httpx.Client] = None,
+    ) -> None:
+        self.server, self.api_key, self.token_secret = resolve_settings(server, api_key, token_secret)
+        self.timeout = timeout_of(timeout)
+        self.retries = max(0, retries)
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._own_http = http_client is None
+        self._http = http_client or httpx.Client(
+            timeout=self.timeout,
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=min(20, max_connections)),
+        )
+        self._headers = base_headers(self.api_key)
+
+    def __repr__(self) -> str:
+        return f"Client({self.server!r})"
+
+    # ---- lifecycle -----------------------------------------------------------------
+
+    def close(self) -> None:
+        """Closes the pooled connections (not an ``http_client`` passed in)."""
+        if self._own_http:
+            self._http.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ---- the backend API -----------------------------------------------------------
+
+    def update(self, track: str, message: Any) -> str:
+        """Publishes ``message`` (any JSON value) to ``track``; returns its event id once
+        the server has stored it."""
+        answer = self._call("POST", "/api/v1/update", {"track": track, "message": message}, idempotent=False)
+        return str(answer["id"])
+
+    def update_many(self, updates: Iterable[Update]) -> List[str]:
+        """Publishes several messages at once, all or nothing: ``[(track, message), …]``
+        (or ``{"track", "message"}`` dicts), at most 1000. Returns their ids in order."""
+        items = updates_body(updates)
+        if not items:
+            return []
+        answer = self._call("POST", "/api/v1/update", {"updates": items}, idempotent=False)
+        return [str(i) for i in answer["ids"]]
+
+    def connect(self, uid: str, track: str) -> List[str]:
+        """Subscribes listener ``uid`` to ``track`` (creating the listener if new) and
+        returns its tracks. Messages published from now on reach it."""
+        answer = self._call("POST", "/api/v1/connect", {"uid": uid, "track": track})
+        return list(answer["tracks"])
+
+    def disconnect(self, uid: str, track: Optional[str] = None) -> List[str]:
+        """Unsubscribes ``uid`` from ``track`` and returns its tracks; without ``track``
+        forgets the listener. Raises ``DoloresError`` 404 ``unknown_listener`` for a
+        uid the server does not know."""
+        body: Dict[str, Any] = {"uid": uid}
+        if track is not None:
+            body["track"] = track
+        answer = self._call("POST", "/api/v1/disconnect", body)
+        return list(answer["tracks"])
+
+    def listener(self, uid: str) -> Dict[str, Any]:
+        """What the server knows of a listener: ``uid``, ``tracks``, ``online`` (open
+        streams), ``last_seen``."""
+        return dict(self._call("GET", f"/api/v1/listeners/{quote(uid, safe='')}"))
+
+    def stats(self) -> Dict[str, Any]:
+        """The server's counts (listeners, streams by transport, messages…)."""
+        return dict(self._call("GET", "/api/v1/stats"))
+
+    def token(self, uid: str, tracks: Optional[Iterable[str]] = None, ttl: int = DEFAULT_TOKEN_TTL) -> str:
+        """A listener token for ``uid``, valid ``ttl`` seconds, connecting the listener
+        to ``tracks`` when it opens its stream. Signed here when the token secret is
+        known (no request), else minted by the server."""
+        if self.token_secret:
+            return sign_token(self.token_secret, uid, tracks, ttl)
+        body: Dict[str, Any] = {"uid": uid, "ttl_seconds": ttl}
+        if tracks is not None:
+            body["tracks"] = [tracks] if isinstance(tracks, str) else list(tracks)
+        return str(self._call("POST", "/api/v1/tokens", body)["token"])
+
+    def listen(
+        self,
+        uid: str,
+        token: Optional[TokenSource] = None,
+        last_event_id: Optional[str] = None,
+        *,
+        idle_timeout: float = 50.0,
+    ) -> "Listener":
+        """The events of listener ``uid``, as an iterator of ``Event``, forever.
+
+        It resumes by itself after drops and server restarts, naming the last id it
+        delivered, so nothing is lost or doubled. ``token`` is a listener token or a
+        function ``(uid) -> token`` (asked again when one expires); without it, tokens
+        are signed here when the secret is known. ``last_event_id`` resumes after an
+        id you kept. A stream silent for ``idle_timeout`` seconds (the server sends a
+        heartbeat every 20 s) is taken as dead and reopened. A reset comes as an
+        ``Event`` with ``reset=True``. Errors that retrying cannot fix (401 bad token,
+        404 unknown listener) raise ``DoloresError``.
+
+        >>> with client.listen(uid) as events:
+        ...     for event in events:
+        ...         print(event.track, event.message)
+        """
+        state = ListenState(
+            uid, token, self.token_secret, last_event_id, ListenState.FIRST_DELAY, ListenState.MOST_DELAY
+        )
+        return Listener(self, state, idle_timeout)
+
+    # ---- plumbing ------------------------------------------------------------------
+
+    def _call(self, method: str, path: str, body: Any = None, *, idempotent: bool = True) -> Any:
+        content = None if body is None else encode_body(body)
+        headers = dict(self._headers)
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        attempt = 0
+        while True:
+            try:
+                response = self._http.request(method, self.server + path, content=content, headers=headers)
+            except httpx.HTTPError as exc:
+                error = error_from_exception(exc, self.server)
+                retry = idempotent or never_sent(exc)
+            else:
+                if response.status_code < 400:
+                    return read_json(response.status_code, response.content)
+                error = error_from_response(response.status_code, response.content, str(response.url))
+                retry = retry_status(response.status_code, idempotent)
+            if not retry or attempt >= self.retries:
+                raise error
+            delay = backoff_delay(attempt, self.backoff, self.max_backoff)
+            log.info("dolores: %s %s failed (%s); trying again in %.2f s", method, path, error, delay)
+            time.sleep(delay)
+            attempt += 1
+
+
+class Listener(Iterator[Event]):
+    """What ``Client.listen()`` returns: an iterator of ``Event`` that reconnects and
+    resumes by itself. ``last_event_id`` is the id of the last event delivered (keep
+    it to resume later); ``close()`` stops it (from another thread too: the iterator
+    then ends at the next heartbeat or event at the latest)."""
+
+    def __init__(self, client: Client, state: ListenState, idle_timeout: float) -> None:
+        self._client = client
+        self._state = state
+        self._idle_timeout = idle_timeout
+        self._stop = threading.Event()
+        self._events = self._run()
+
+    @property
+    def uid(self) -> str:
+        return self._state.uid
+
+    @property
+    def last_event_id(self) -> Optional[str]:
+        return self._state.cursor
+
+    def __iter__(self) -> "Listener":
+        return self
+
+    def __next__(self) -> Event:
+        return next(self._events)
+
+    def close(self) -> None:
+        self._stop.set()
+        try:
+            self._events.close()
+        except ValueError:
+            pass  # being iterated in another thread, which sees the flag and ends
+
+    def __enter__(self) -> "Listener":
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    def _run(self) -> Generator[Event, None, None]:
+        client, state = self._client, self._state
+        stream_timeout = httpx.Timeout(
+            connect=client.timeout.connect,
+            read=self._idle_timeout,
+            write=client.timeout.write,
+            pool=client.timeout.pool,
+        )
+        headers = dict(client._headers)
+        headers.pop("Authorization", None)
+        path = quote(state.uid, safe="")
+        while not self._stop.is_set():
+            delay = 0.0
+            try:
+                token = state.token()
+                if state.cursor is None:
+                    # A listener without a cursor of its own would resume from the
+                    # server's, which counts what was written to a stream, not what
+                    # arrived: one immediate poll takes the queue so far and its cursor.
+                    response = client._http.get(
+                        f"{client.server}/poll/{path}",
+                        params=listen_params(token, None, timeout="0"),
+                        headers=headers,
+                    )
+                    if response.status_code != 200:
+                        delay = state.refused(error_from_response(response.status_code, response.content))
+                    else:
+                        events, cursor, reset = events_from_poll(read_json(200, response.content))
+                        state.opened()
+                        if reset or state.reset_pending:
+                            state.reset_pending = False
+                            state.cursor = cursor
+                            yield Event(cursor, None, None, reset=True)
+                        else:
+                            for event in events:
+                                if state.take(event):
+                                    yield event
+                            state.cursor = cursor
+                else:
+                    sse_headers = dict(headers, Accept="text/event-stream")
+                    with client._http.stream(
+                        "GET",
+                        f"{client.server}/listen/{path}",
+                        params=listen_params(token, state.cursor),
+                        headers=sse_headers,
+                        timeout=stream_timeout,
+                    ) as response:
+                        if response.status_code != 200:
+                            response.read()
+                            delay = state.refused(error_from_response(response.status_code, response.content))
+                        elif not response.headers.get("content-type", "").startswith("text/event-stream"):
+                            delay = state.failed()
+                        else:
+                            parser = SSEParser()
+                            opened = False
+                            for chunk in response.iter_bytes():
+                                if self._stop.is_set():
+                                    return
+                                if not opened:
+                                    opened = True
+                                    state.opened()
+                                for dispatched in parser.feed(chunk):
+                                    received = event_from_sse(*dispatched)
+                                    if received is not None and state.take(received):
+                                        yield received
+                                if parser.retry_ms is not None:
+                                    state.retry_ms = parser.retry_ms
+                            delay = state.ended() if opened else state.failed()
+            except httpx.HTTPError as exc:
+                delay = state.failed()
+                log.info("dolores: listener %s lost its stream (%r); reconnecting in %.2f s", state.uid, exc, delay)
+            if delay > 0 and self._stop.wait(delay):
+                return
