@@ -191,7 +191,11 @@ async fn a_zero_timeout_poll_still_answers_with_what_is_queued_after_a_restart()
     let uid = uid("poll-zero");
     server.connect(&uid, ":data").await;
     let ids = server
-        .publish_batch(&[(":data", json!(1)), (":data", json!(2)), (":data", json!(3))])
+        .publish_batch(&[
+            (":data", json!(1)),
+            (":data", json!(2)),
+            (":data", json!(3)),
+        ])
         .await;
     for _ in 0..5 {
         server.kill9().await;
