@@ -1,5 +1,6 @@
 //! The command line: `dolores serve` runs the server; `update`, `connect`,
-//! `disconnect`, `listen` and `token` are a client of a running server.
+//! `disconnect`, `listen` and `token` are a client of a running server; `bench` is a
+//! load generator for servers on loopback.
 //! Each command lives in its own file; this one only parses and dispatches.
 
 use std::process::ExitCode;
@@ -9,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{Options, Settings};
 
+mod bench;
 mod client;
 mod serve;
 
@@ -83,6 +85,8 @@ enum Command {
         #[command(flatten)]
         options: Options,
     },
+    /// Load-test servers on loopback: open listeners, publish, measure delivery
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the command line; returns the process exit code.
@@ -123,6 +127,7 @@ pub fn main() -> ExitCode {
                 ttl,
                 options,
             } => client::token(settings(&options)?, uid, tracks, ttl).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     // Don't wait for blocking reads still running (a listen that was cut, say).
