@@ -16,7 +16,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let listener = TcpListener::bind(&settings.listen)
+    let listener = bind(&settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let addr = listener.local_addr()?;
@@ -57,6 +57,31 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
     server::run(listener, state, shutdown_signal()).await
+}
+
+/// Room for connections the kernel has accepted but the server has not taken yet: a
+/// push server sees thousands of browsers reconnect at once after a restart, and the
+/// usual 1,024 overflows (each overflow costs a client a one-second SYN retry).
+const LISTEN_BACKLOG: u32 = 8192;
+
+async fn bind(listen: &str) -> std::io::Result<TcpListener> {
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host(listen).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::other("the address resolves to nothing")))
 }
 
 /// The api key: given, or (on loopback only) read from or made in the data dir.

@@ -239,9 +239,16 @@ impl<S: Storage> Engine for LocalEngine<S> {
     fn ack(&self, uid: &str, pos: Position) {
         let now = now_ms();
         if let Ok(mut acks) = self.acks.lock() {
-            let entry = acks.entry(uid.to_owned()).or_insert((pos, now));
-            entry.0 = entry.0.max(pos);
-            entry.1 = now;
+            // Called per written chunk per stream: no allocation when the uid is there.
+            match acks.get_mut(uid) {
+                Some(entry) => {
+                    entry.0 = entry.0.max(pos);
+                    entry.1 = now;
+                }
+                None => {
+                    acks.insert(uid.to_owned(), (pos, now));
+                }
+            }
         }
     }
 
