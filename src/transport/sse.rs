@@ -105,9 +105,17 @@ impl SseStream {
         };
         match delivery {
             Ok(Delivery::Message(first)) => {
-                let mut chunk = BytesMut::new();
-                let mut count = 1;
-                chunk.put(first.sse_frame());
+                let first = first.sse_frame();
+                // The common case, one message ready: its shared frame as it is, no copy.
+                let Some(second) = self.deliveries.take_ready() else {
+                    self.deliveries.ack();
+                    self.state.metrics.delivered(1);
+                    return Some(first);
+                };
+                let mut chunk = BytesMut::with_capacity(first.len() * 4);
+                chunk.put(first);
+                chunk.put(second.sse_frame());
+                let mut count = 2;
                 while chunk.len() < MAX_CHUNK_BYTES {
                     let Some(next) = self.deliveries.take_ready() else {
                         break;
@@ -182,9 +190,10 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
                 Some(chunk) => {
                     // Chunked framing, so a client can tell a clean end from a crash.
                     let written = if chunked {
-                        let size = format!("{:x}\r\n", chunk.len());
+                        let mut size = [0u8; 18];
+                        let size = chunk_size_line(chunk.len(), &mut size);
                         let mut parts = [
-                            IoSlice::new(size.as_bytes()),
+                            IoSlice::new(size),
                             IoSlice::new(&chunk),
                             IoSlice::new(b"\r\n"),
                         ];
@@ -208,6 +217,24 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
         let _ = writer.write_all(b"0\r\n\r\n").await;
     }
     let _ = writer.shutdown().await;
+}
+
+/// `{len:x}\r\n` in `buffer`, without allocating.
+fn chunk_size_line(len: usize, buffer: &mut [u8; 18]) -> &[u8] {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut start = 16;
+    let mut rest = len;
+    loop {
+        start -= 1;
+        buffer[start] = HEX[rest % 16];
+        rest /= 16;
+        if rest == 0 {
+            break;
+        }
+    }
+    buffer[16] = b'\r';
+    buffer[17] = b'\n';
+    &buffer[start..]
 }
 
 /// Writes every part in as few system calls as the socket allows (one, usually): the
@@ -261,5 +288,22 @@ fn cors_header(state: &AppState, headers: &axum::http::HeaderMap) -> String {
         format!("access-control-allow-origin: {origin}\r\nvary: origin\r\n")
     } else {
         String::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::chunk_size_line;
+
+    #[test]
+    fn chunk_size_lines_are_lowercase_hex() {
+        let mut buffer = [0u8; 18];
+        assert_eq!(chunk_size_line(0, &mut buffer), b"0\r\n");
+        assert_eq!(chunk_size_line(26, &mut buffer), b"1a\r\n");
+        assert_eq!(chunk_size_line(65536, &mut buffer), b"10000\r\n");
+        assert_eq!(
+            chunk_size_line(usize::MAX, &mut buffer),
+            format!("{:x}\r\n", usize::MAX).as_bytes()
+        );
     }
 }
