@@ -54,12 +54,16 @@ pub fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
     let same_origin = origin
         .split_once("://")
         .is_some_and(|(_, rest)| !host.is_empty() && rest == host);
-    same_origin
-        || state
-            .settings
-            .cors_origins
-            .iter()
-            .any(|allowed| allowed == "*" || allowed.trim_end_matches('/') == origin)
+    same_origin || origin_listed(state, origin)
+}
+
+/// Whether `origin` is one of `cors_origins` (`*` lists every origin).
+pub fn origin_listed(state: &AppState, origin: &str) -> bool {
+    state
+        .settings
+        .cors_origins
+        .iter()
+        .any(|allowed| allowed == "*" || allowed.trim_end_matches('/') == origin)
 }
 
 /// What every listener endpoint reads from a request: the uid from the path, the

@@ -279,12 +279,7 @@ fn cors_header(state: &AppState, headers: &axum::http::HeaderMap) -> String {
     let Some(origin) = headers.get("origin").and_then(|o| o.to_str().ok()) else {
         return String::new();
     };
-    let allowed = state
-        .settings
-        .cors_origins
-        .iter()
-        .any(|a| a == "*" || a.trim_end_matches('/') == origin);
-    if allowed && !origin.contains(['\r', '\n']) {
+    if super::origin_listed(state, origin) && !origin.contains(['\r', '\n']) {
         format!("access-control-allow-origin: {origin}\r\nvary: origin\r\n")
     } else {
         String::new()
