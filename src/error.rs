@@ -76,10 +76,16 @@ impl ApiError {
     }
 }
 
+impl ApiError {
+    /// The body every error answers with: `{"error": {"code", "message"}}`.
+    pub fn body(&self) -> serde_json::Value {
+        serde_json::json!({"error": {"code": self.code, "message": self.message}})
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = serde_json::json!({"error": {"code": self.code, "message": self.message}});
-        let mut response = (self.status, Json(body)).into_response();
+        let mut response = (self.status, Json(self.body())).into_response();
         if self.status == StatusCode::PAYLOAD_TOO_LARGE {
             // The rest of a too-large body is never read, so this connection cannot
             // carry another request: say so, and the client will not reuse it.

@@ -260,6 +260,28 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     async fn close(&self);
 }
 
+/// Records in `acks` (uid → (cursor, last seen)) that `uid` was delivered up to `pos`
+/// now; the cursor never goes back. Called per written chunk per stream, so it
+/// allocates nothing for a uid already pending.
+pub(crate) fn record_ack(
+    acks: &std::sync::Mutex<std::collections::HashMap<String, (Position, u64)>>,
+    uid: &str,
+    pos: Position,
+) {
+    let now = now_ms();
+    if let Ok(mut acks) = acks.lock() {
+        match acks.get_mut(uid) {
+            Some(entry) => {
+                entry.0 = entry.0.max(pos);
+                entry.1 = now;
+            }
+            None => {
+                acks.insert(uid.to_owned(), (pos, now));
+            }
+        }
+    }
+}
+
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -723,19 +723,7 @@ impl Engine for RedisEngine {
     }
 
     fn ack(&self, uid: &str, pos: Position) {
-        let now = now_ms();
-        if let Ok(mut acks) = self.shared.acks.lock() {
-            // Called per written chunk per stream: no allocation when the uid is there.
-            match acks.get_mut(uid) {
-                Some(entry) => {
-                    entry.0 = entry.0.max(pos);
-                    entry.1 = now;
-                }
-                None => {
-                    acks.insert(uid.to_owned(), (pos, now));
-                }
-            }
-        }
+        super::record_ack(&self.shared.acks, uid, pos);
     }
 
     async fn counts(&self) -> Result<StoreCounts> {

@@ -156,8 +156,7 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     let deliveries = match opened {
         Ok(deliveries) => deliveries,
         Err(e) => {
-            let body =
-                serde_json::json!({"error": {"code": e.code, "message": e.message}}).to_string();
+            let body = e.body().to_string();
             let answer = format!(
                 "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{cors}\r\n{body}",
                 e.status.as_u16(),
