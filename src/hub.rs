@@ -29,9 +29,11 @@ pub struct Hub {
 
 #[derive(Debug, Default)]
 struct HubState {
-    /// Track → its open streams. Copied on change, so a fan-out takes the list and
-    /// releases the lock before it pushes to thousands of streams.
-    tracks: HashMap<Arc<str>, Arc<[Arc<Slot>]>>,
+    /// Track → its open streams. A fan-out takes a reference to the list and releases
+    /// the lock before it pushes to thousands of streams; a change copies the list only
+    /// while such a fan-out still holds it (`Arc::make_mut`), so opening n streams on
+    /// one track costs O(n), not O(n²).
+    tracks: HashMap<Arc<str>, Arc<Vec<Arc<Slot>>>>,
     /// Uid → its open streams (a listener may have several).
     uids: HashMap<Arc<str>, Vec<Arc<Slot>>>,
 }
@@ -143,25 +145,22 @@ impl HubState {
             }
             queue.tracks.push(track.clone());
         }
-        let list = self.tracks.entry(track).or_insert_with(|| Arc::new([]));
-        let mut slots = list.to_vec();
-        slots.push(slot.clone());
-        *list = slots.into();
+        let list = self.tracks.entry(track).or_default();
+        Arc::make_mut(list).push(slot.clone());
     }
 
     fn remove_from_track(&mut self, slot: &Arc<Slot>, track: &str) {
         let Some(list) = self.tracks.get_mut(track) else {
             return;
         };
-        let slots: Vec<_> = list
-            .iter()
-            .filter(|s| !Arc::ptr_eq(s, slot))
-            .cloned()
-            .collect();
-        if slots.is_empty() {
+        let Some(at) = list.iter().position(|s| Arc::ptr_eq(s, slot)) else {
+            return;
+        };
+        if list.len() == 1 {
             self.tracks.remove(track);
         } else {
-            *list = slots.into();
+            // Order within a track does not matter: every stream gets every message.
+            Arc::make_mut(list).swap_remove(at);
         }
     }
 

@@ -132,9 +132,21 @@ async fn sse_listeners_get_exactly_their_messages_and_runs_do_not_collide() {
     assert_eq!(keep[8], "--messages");
     keep[9] = "10";
     keep.push("--keep-listeners");
+    // And with the server's CPU time read per phase from /proc.
+    let pid = server.pid().to_string();
+    keep.extend(["--server-pid", &pid]);
     let kept = bench_json(&keep).await;
     assert_clean(&kept, 50, 10 * 25);
     assert_eq!(server.stats().await["listeners"], 50);
+    let cpu = &kept["server_cpu"];
+    assert_eq!(cpu["pids"], serde_json::json!([server.pid()]), "{kept}");
+    let phases = f(&kept, "/server_cpu/subscribe_s")
+        + f(&kept, "/server_cpu/open_s")
+        + f(&kept, "/server_cpu/publish_deliver_s");
+    assert!(
+        (phases - f(&kept, "/server_cpu/total_s")).abs() < 1e-6,
+        "{kept}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,6 +208,33 @@ async fn websocket_and_long_poll_listeners_with_batches_and_a_rate() {
     let publish = f(&report, "/publish/seconds");
     assert!((0.4..5.0).contains(&publish), "{report}");
     assert!(began.elapsed() >= Duration::from_millis(450));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_pid_that_is_not_running_is_refused_before_the_run() {
+    let server = Server::config().memory().start().await;
+    let output = bench(&[
+        "--server",
+        &server.url(),
+        "--api-key",
+        server.api_key(),
+        "--server-pid",
+        "4000000000",
+        "--timeout",
+        "5s",
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(
+        stderr.contains("--server-pid 4000000000: no such process"),
+        "{stderr}"
+    );
+    assert_eq!(
+        server.stats().await["listeners"],
+        0,
+        "nothing was subscribed"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

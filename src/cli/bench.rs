@@ -34,6 +34,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::{API_KEY_FILE, DEFAULT_DATA, DEFAULT_LISTEN};
 
 mod check;
+mod cpu;
 mod listener;
 mod report;
 mod wire;
@@ -171,6 +172,10 @@ pub(crate) struct BenchArgs {
     /// A header for --publish-url requests, like 'Authorization: Bearer x' (repeatable)
     #[arg(long, value_name = "HEADER")]
     publish_header: Vec<String>,
+    /// A server process on this machine whose CPU time to report per phase, from
+    /// /proc/PID/stat (repeatable, summed: a server and its helper processes)
+    #[arg(long = "server-pid", value_name = "PID", value_delimiter = ',')]
+    server_pids: Vec<u32>,
 }
 
 /// A server the run targets.
@@ -885,6 +890,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     });
     let mut timed_out = false;
 
+    let server_cpu = cpu::ServerCpu::new(args.server_pids.clone());
+    server_cpu.check()?;
+    let cpu_at_start = server_cpu.seconds();
+
     // 1. Subscribe the listeners.
     let setup_report = if args.no_connect {
         None
@@ -896,6 +905,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             seconds: seconds(began.elapsed()),
         })
     };
+
+    let cpu_subscribed = server_cpu.seconds();
 
     // 2. Open the streams.
     let connect_began_ns = shared.now_ns();
@@ -920,6 +931,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     if !plan.settle.is_zero() && !timed_out {
         tokio::time::sleep_until((TokioInstant::now() + plan.settle).min(deadline)).await;
     }
+
+    let cpu_opened = server_cpu.seconds();
 
     // 3. Publish.
     let mut published = Vec::new();
@@ -965,6 +978,7 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
     })
     .await;
     timed_out |= !delivered;
+    let cpu_delivered = server_cpu.seconds();
     if !timed_out {
         tokio::time::sleep_until((TokioInstant::now() + LINGER).min(deadline)).await;
     }
@@ -1093,6 +1107,13 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         resets: counts.resets,
         drops,
         errors,
+        server_cpu: server_cpu.enabled().then(|| {
+            server_cpu.report(
+                [cpu_at_start, cpu_subscribed, cpu_opened, cpu_delivered],
+                counts.unique,
+                messages_ok,
+            )
+        }),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

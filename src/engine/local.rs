@@ -141,6 +141,7 @@ impl<S: Storage> LocalEngine<S> {
             limits,
             tail,
             last_maintenance: Instant::now(),
+            last_ack_flush: Instant::now(),
         };
         let writer = std::thread::Builder::new()
             .name("dolores-writer".into())
@@ -291,6 +292,7 @@ struct Writer<S: Storage> {
     limits: Limits,
     tail: Arc<dyn Tail>,
     last_maintenance: Instant,
+    last_ack_flush: Instant,
 }
 
 /// What a commit owes its callers once it is done.
@@ -369,6 +371,7 @@ impl<S: Storage> Writer<S> {
         let mut bounds = txn.bounds()?;
         let now = now_ms();
         let mut maintain = false;
+        let mut closing = false;
         for op in ops {
             match op {
                 Op::Append(updates, done) => {
@@ -419,11 +422,21 @@ impl<S: Storage> Writer<S> {
                 }
                 Op::Tick => maintain = true,
                 Op::Close(done) => {
+                    closing = true;
                     answers.push(Answer::Close(done));
                 }
             }
         }
-        let flushed = self.flush_acks(&mut txn)?;
+        // Cursors are written once a tick, not with every commit: with thousands of
+        // streams acking every delivery, writing them all in each publish's commit
+        // made a publish cost a write per listener. Until written they are merged
+        // from the map by every read (see `Acks`), so nothing is redelivered.
+        let flushed = if maintain || closing || self.last_ack_flush.elapsed() >= TICK {
+            self.last_ack_flush = Instant::now();
+            self.flush_acks(&mut txn)?
+        } else {
+            HashMap::new()
+        };
         let mut deleted = 0;
         while bounds.head - bounds.trimmed_through > self.limits.max_stored_messages
             && deleted < MAX_DELETES_PER_COMMIT

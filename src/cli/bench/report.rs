@@ -63,6 +63,8 @@ pub(super) struct Report {
     pub(super) drops: u64,
     /// The first few errors.
     pub(super) errors: Vec<String>,
+    /// The server's CPU time per phase (with `--server-pid`).
+    pub(super) server_cpu: Option<super::cpu::CpuReport>,
 }
 
 /// Subscribing the listeners through the backend API.
@@ -247,6 +249,21 @@ impl Report {
             "  checks       loss {}  duplicates {}  misroutes {}  reordered {}  resets {}  drops {}",
             self.loss, self.duplicates, self.misroutes, self.reordered, self.resets, self.drops
         );
+        if let Some(cpu) = &self.server_cpu {
+            let per = |v: Option<f64>, what: &str| {
+                v.map(|v| format!(" = {v:.2} µs per {what}"))
+                    .unwrap_or_default()
+            };
+            let _ = writeln!(
+                out,
+                "  server CPU   subscribe {:.2} s, open {:.2} s, publish+deliver {:.2} s{} (pids {:?})",
+                cpu.subscribe_s,
+                cpu.open_s,
+                cpu.publish_deliver_s,
+                per(cpu.us_per_delivery, "delivery"),
+                cpu.pids
+            );
+        }
         for error in &self.errors {
             let _ = writeln!(out, "  error        {error}");
         }
