@@ -64,20 +64,22 @@ pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watch
     let connection = builder
         .serve_connection_with_upgrades(io, service)
         .into_owned();
-    if let Err(e) = watcher.watch(connection).await {
+    // Boxed: an HTTP connection's state is larger than a stream's, and a task holds
+    // room for the larger of the paths it may take; every idle stream would pay for it.
+    if let Err(e) = Box::pin(watcher.watch(connection)).await {
         tracing::debug!("connection ended: {e}");
     }
 }
 
 /// Reads until the end of the first request head (or the limit, or EOF).
 async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<()> {
-    let mut chunk = [0u8; 1024];
     while buffer.len() < MAX_HEAD_BYTES {
-        let n = stream.read(&mut chunk).await?;
+        // Straight into the buffer's spare room, not through a chunk on the task's stack.
+        buffer.reserve(1024.min(MAX_HEAD_BYTES - buffer.len()));
+        let n = stream.read_buf(buffer).await?;
         if n == 0 {
             break;
         }
-        buffer.extend_from_slice(&chunk[..n]);
         if buffer.windows(4).any(|w| w == b"\r\n\r\n") {
             break;
         }

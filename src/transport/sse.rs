@@ -149,10 +149,15 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     let cors = cors_header(&state, &head.headers);
     // HTTP/1.0 knows no chunked bodies: its response ends when the connection closes.
     let chunked = head.http11;
-    let opened = match direct_request(head) {
-        Ok(request) => super::open(&state, &request).await,
-        Err(e) => Err(e),
-    };
+    // Boxed, so the request and the opening's state live on the heap only while the
+    // stream opens: a task keeps room for the largest state it may be in, and an open
+    // stream is otherwise far smaller (with the boxed HTTP path in `connection`, an idle
+    // stream went from ~4.5 to ~4.1 KB of server memory, measured with 19,000).
+    let opened = Box::pin(async {
+        let request = direct_request(head)?;
+        super::open(&state, &request).await
+    })
+    .await;
     let deliveries = match opened {
         Ok(deliveries) => deliveries,
         Err(e) => {
@@ -181,8 +186,9 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     }
     let mut stream = SseStream::new(state, deliveries);
     let (mut reader, mut writer) = socket.split();
-    // A listener sends nothing after its request; reading tells when it goes away.
-    let mut probe = [0u8; 256];
+    // A listener sends nothing after its request; reading tells when it goes away. Small:
+    // it is part of every open stream's task.
+    let mut probe = [0u8; 16];
     loop {
         tokio::select! {
             chunk = stream.next_chunk() => match chunk {
