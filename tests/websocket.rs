@@ -180,25 +180,20 @@ async fn websocket_from_a_foreign_origin_is_refused_unless_allowed() {
     let uid = uid("ws-origin");
     server.connect(&uid, ":data").await;
     let url = format!("ws://{}/ws/{uid}", server.addr());
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            url.as_str(),
-        )
-        .expect("request");
-    request
-        .headers_mut()
-        .insert("origin", "http://evil.test".parse().expect("header"));
-    let refused = tokio_tungstenite::connect_async(request).await;
+    let from = |origin: &str| {
+        let mut request =
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+                url.as_str(),
+            )
+            .expect("request");
+        request
+            .headers_mut()
+            .insert("origin", origin.parse().expect("header"));
+        request
+    };
+    let refused = tokio_tungstenite::connect_async(from("http://evil.test")).await;
     assert!(refused.is_err(), "a foreign origin must not get a socket");
-    let mut request =
-        tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
-            url.as_str(),
-        )
-        .expect("request");
-    request
-        .headers_mut()
-        .insert("origin", "http://allowed.test".parse().expect("header"));
-    let (mut socket, _) = tokio_tungstenite::connect_async(request)
+    let (mut socket, _) = tokio_tungstenite::connect_async(from("http://allowed.test"))
         .await
         .expect("allowed");
     let id = server.publish(":data", json!(1)).await;

@@ -309,19 +309,11 @@ enum Endpoint {
 }
 
 fn api_key(args: &BenchArgs) -> anyhow::Result<String> {
-    if let Some(key) = args.api_key.as_ref().filter(|k| !k.is_empty()) {
-        return Ok(key.clone());
-    }
     let data = args.data.clone().unwrap_or_else(|| DEFAULT_DATA.into());
-    let path = data.join(API_KEY_FILE);
-    match std::fs::read_to_string(&path) {
-        Ok(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
-        _ => bail!(
-            "no api key: pass --api-key or set DOLORES_API_KEY (a local server keeps its \
-             generated key in {})",
-            path.display()
-        ),
-    }
+    super::client::api_key_or_file(
+        args.api_key.as_deref().filter(|k| !k.is_empty()),
+        &data.join(API_KEY_FILE),
+    )
 }
 
 fn check_args(args: &BenchArgs) -> anyhow::Result<()> {

@@ -3,6 +3,7 @@
 //! Run beside a local server they find its generated api key in the data dir by
 //! themselves. Every failure is one line and a non-zero exit code.
 
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -18,16 +19,20 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
 fn api_key(settings: &Settings) -> anyhow::Result<String> {
-    if let Some(key) = &settings.api_key {
-        return Ok(key.clone());
+    api_key_or_file(settings.api_key.as_deref(), &settings.api_key_file())
+}
+
+/// The api key given, else the one a local server generated into `key_file`.
+pub(super) fn api_key_or_file(given: Option<&str>, key_file: &Path) -> anyhow::Result<String> {
+    if let Some(key) = given {
+        return Ok(key.to_owned());
     }
-    let path = settings.api_key_file();
-    match std::fs::read_to_string(&path) {
+    match std::fs::read_to_string(key_file) {
         Ok(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
         _ => bail!(
             "no api key: pass --api-key or set DOLORES_API_KEY (a local server keeps its \
              generated key in {})",
-            path.display()
+            key_file.display()
         ),
     }
 }

@@ -159,6 +159,17 @@ export class DoloresServer {
   }
 
   /** Publishes one message; resolves with its id once stored. */
+  /** Waits until the server counts an open stream of transport `kind`; resolves with its stats. */
+  async waitForStream(kind) {
+    const deadline = Date.now() + WAIT_MS;
+    for (;;) {
+      const stats = await this.api("GET", "/api/v1/stats");
+      if (stats.streams && stats.streams[kind] >= 1) return stats;
+      if (Date.now() > deadline) throw new Error(`no open ${kind} stream on the server: ${JSON.stringify(stats)}`);
+      await sleep(50);
+    }
+  }
+
   async update(track, message) {
     return (await this.api("POST", "/api/v1/update", { track, message })).id;
   }
@@ -462,6 +473,15 @@ export class TestPage {
       const state = await this.state().catch(() => null);
       throw new Error(`page got ${state && state.received.length} of ${n} messages in ${timeout} ms: ${JSON.stringify(state)}`, { cause: error });
     }
+    return this.received();
+  }
+
+  /** Waits until the page has received `last`; resolves with everything received. */
+  async waitForLast(last) {
+    await this.page.waitForFunction((m) => window.received.some((r) => r.message === m), last, { timeout: WAIT_MS, polling: 50 })
+      .catch(async (error) => {
+        throw new Error(`page never got ${last}: ${JSON.stringify(await this.state().catch(() => null))}`, { cause: error });
+      });
     return this.received();
   }
 

@@ -60,25 +60,6 @@ export function transportSuite(transport) {
       return { server: dolores.url, connectUrl: "/:connect/", disconnectUrl: "/:disconnect/", transport, ...extra };
     }
 
-    /** Waits until the server counts an open stream of this transport. */
-    async function waitForStream(dolores, kind = transport) {
-      const deadline = Date.now() + WAIT_MS;
-      for (;;) {
-        const stats = await dolores.api("GET", "/api/v1/stats");
-        if (stats.streams && stats.streams[kind] >= 1) return stats;
-        if (Date.now() > deadline) throw new Error(`no open ${kind} stream on the server: ${JSON.stringify(stats)}`);
-        await sleep(50);
-      }
-    }
-
-    async function waitForLast(tab, last) {
-      await tab.page.waitForFunction((m) => window.received.some((r) => r.message === m), last, { timeout: WAIT_MS, polling: 50 })
-        .catch(async (error) => {
-          throw new Error(`page never got ${last}: ${JSON.stringify(await tab.state().catch(() => null))}`, { cause: error });
-        });
-      return tab.received();
-    }
-
     test("a page receives each message of its tracks, in order, through the app's connect view", { timeout: TEST_TIMEOUT_MS }, async () => {
       const dolores = await server();
       const tab = await page();
@@ -101,14 +82,14 @@ export function transportSuite(transport) {
       ]);
       assert.equal(state.statuses.at(-1), "open");
       assert.deepEqual(state.errors, []);
-      await waitForStream(dolores);
+      await dolores.waitForStream(transport);
 
       // disconnect: the app's view unsubscribes the track; its messages stop.
       await tab.page.evaluate(() => window.dolores.disconnect("rooms/42;a"));
       assert.deepEqual(pageServer.calls.filter((c) => c.uid === uid).at(-1), { view: "disconnect", track: "rooms/42;a", uid, csrf: CSRF_TOKEN });
       await dolores.update("rooms/42;a", "after disconnect");
       await dolores.update(":data", "last");
-      assert.deepEqual(await waitForLast(tab, "last"), ["one", { contact: 42, tags: ["x"] }, 3, "last"]);
+      assert.deepEqual(await tab.waitForLast("last"), ["one", { contact: 42, tags: ["x"] }, 3, "last"]);
       assert.deepEqual(tab.consoleErrors, []);
     });
 
@@ -149,7 +130,7 @@ export function transportSuite(transport) {
       const afterwards = messages("after", 5);
       await dolores.publish(":data", afterwards);
       const all = [...before, ...during, ...afterwards];
-      assert.deepEqual(await waitForLast(tab, all.at(-1)), all);
+      assert.deepEqual(await tab.waitForLast(all.at(-1)), all);
       const { statuses, errors } = await tab.state();
       assert.ok(statuses.includes("connecting"), `the page saw the drop: ${statuses}`);
       assert.deepEqual(errors.filter((e) => e.fatal), []);
@@ -169,7 +150,7 @@ export function transportSuite(transport) {
       assert.equal(await tab.start(options(dolores)), uid, "same uid after a reload (sessionStorage)");
       const live = messages("live", 2);
       await dolores.publish(":data", live);
-      assert.deepEqual(await waitForLast(tab, live.at(-1)), [...whileAway, ...live]);
+      assert.deepEqual(await tab.waitForLast(live.at(-1)), [...whileAway, ...live]);
     });
 
     test("a page away for longer than the store keeps gets one reset, then live messages", { timeout: TEST_TIMEOUT_MS }, async () => {
@@ -184,13 +165,13 @@ export function transportSuite(transport) {
       assert.equal(await tab.start(options(dolores)), uid);
       await tab.page.waitForFunction(() => window.resets === 1, null, { timeout: WAIT_MS, polling: 50 });
       await dolores.update(":data", "live");
-      assert.deepEqual(await waitForLast(tab, "live"), ["live"]);
+      assert.deepEqual(await tab.waitForLast("live"), ["live"]);
 
       // The reset's id is the new cursor: the next reload needs no reset.
       await tab.reload();
       await dolores.update(":data", "next");
       await tab.start(options(dolores));
-      assert.deepEqual(await waitForLast(tab, "next"), ["next"]);
+      assert.deepEqual(await tab.waitForLast("next"), ["next"]);
       assert.equal((await tab.state()).resets, 0);
     });
 
@@ -204,7 +185,7 @@ export function transportSuite(transport) {
       await tab.page.waitForFunction(() => window.resets === 1, null, { timeout: WAIT_MS, polling: 50 });
       await tab.waitForStatus("open");
       await dolores.update(":data", "fine");
-      assert.deepEqual(await waitForLast(tab, "fine"), ["fine"]);
+      assert.deepEqual(await tab.waitForLast("fine"), ["fine"]);
       assert.deepEqual((await tab.state()).errors, []);
     });
 
@@ -240,7 +221,7 @@ export function transportSuite(transport) {
       await dolores.restart();
       const second = messages("tok-after", 3);
       await dolores.publish(":data", second);
-      assert.deepEqual(await waitForLast(tab, second.at(-1)), [...first, ...second]);
+      assert.deepEqual(await tab.waitForLast(second.at(-1)), [...first, ...second]);
       assert.equal(pageServer.tokenCalls.length, 3, "one more token after the reconnect");
       assert.deepEqual((await tab.state()).errors, []);
       pageServer.tokens = null;

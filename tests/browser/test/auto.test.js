@@ -8,11 +8,9 @@ import {
   DoloresServer,
   PageServer,
   TestPage,
-  WAIT_MS,
   clientUrl,
   launchBrowser,
   messages,
-  sleep,
 } from "../lib/harness.js";
 
 const TEST_TIMEOUT_MS = 60000;
@@ -54,32 +52,14 @@ describe('transport "auto"', () => {
     return p;
   }
 
-  async function streams(dolores, kind) {
-    const deadline = Date.now() + WAIT_MS;
-    for (;;) {
-      const stats = await dolores.api("GET", "/api/v1/stats");
-      if (stats.streams[kind] >= 1) return;
-      if (Date.now() > deadline) throw new Error(`no open ${kind} stream: ${JSON.stringify(stats)}`);
-      await sleep(50);
-    }
-  }
-
-  async function waitForLast(tab, last) {
-    await tab.page.waitForFunction((m) => window.received.some((r) => r.message === m), last, { timeout: WAIT_MS, polling: 50 })
-      .catch(async (error) => {
-        throw new Error(`page never got ${last}: ${JSON.stringify(await tab.state().catch(() => null))}`, { cause: error });
-      });
-    return tab.received();
-  }
-
   test("auto uses Server-Sent Events where they get through", { timeout: TEST_TIMEOUT_MS }, async () => {
     const dolores = await server();
     const tab = await page();
     await tab.start({ server: dolores.url, connectUrl: "/:connect/", transport: "auto" });
-    await streams(dolores, "sse");
+    await dolores.waitForStream("sse");
     const sent = messages("direct", 3);
     await dolores.publish(":data", sent);
-    assert.deepEqual(await waitForLast(tab, sent.at(-1)), sent);
+    assert.deepEqual(await tab.waitForLast(sent.at(-1)), sent);
     const stats = await dolores.api("GET", "/api/v1/stats");
     assert.equal(stats.streams.poll, 0, "no long-poll while SSE works");
   });
@@ -94,13 +74,13 @@ describe('transport "auto"', () => {
 
       // While the SSE stream is open on the server but held by the proxy, these are
       // written into it — and never reach the page that way.
-      await streams(dolores, "sse");
+      await dolores.waitForStream("sse");
       const held = messages("held", 3);
       await dolores.publish(":data", held);
       await tab.waitForStatus("open");
       const live = messages("live", 3);
       await dolores.publish(":data", live);
-      assert.deepEqual(await waitForLast(tab, live.at(-1)), [...held, ...live]);
+      assert.deepEqual(await tab.waitForLast(live.at(-1)), [...held, ...live]);
       assert.ok(buffering.requests.some((r) => r.startsWith(`/listen/${uid}`)), "SSE was tried");
       assert.ok(buffering.requests.some((r) => r.startsWith(`/poll/${uid}`) && r.includes("timeout=25")), `long-polling took over: ${buffering.requests}`);
       assert.deepEqual((await tab.state()).errors, []);
@@ -111,7 +91,7 @@ describe('transport "auto"', () => {
       assert.equal(await tab.start({ server: buffering.url, connectUrl: "/:connect/", transport: "auto" }), uid);
       const more = messages("after-reload", 2);
       await dolores.publish(":data", more);
-      assert.deepEqual(await waitForLast(tab, more.at(-1)), more);
+      assert.deepEqual(await tab.waitForLast(more.at(-1)), more);
       const since = buffering.requests.slice(before);
       assert.ok(!since.some((r) => r.startsWith("/listen/")), `no SSE attempt after the reload: ${since}`);
     });

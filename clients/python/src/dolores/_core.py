@@ -14,7 +14,7 @@ import re
 import time
 import unicodedata
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import httpx
 
@@ -191,6 +191,14 @@ def sign_token(
 
 
 # ---- requests and answers ----------------------------------------------------------
+
+
+def token_body(uid: str, tracks: Optional[Iterable[str]], ttl: int) -> Dict[str, Any]:
+    """The body of ``POST /api/v1/tokens``."""
+    body: Dict[str, Any] = {"uid": uid, "ttl_seconds": ttl}
+    if tracks is not None:
+        body["tracks"] = [tracks] if isinstance(tracks, str) else list(tracks)
+    return body
 
 
 def encode_body(body: Any) -> bytes:
@@ -440,6 +448,22 @@ class ListenState:
             return False
         self.cursor = event.id
         return True
+
+    def poll_events(self, answer: Any) -> Iterator[Event]:
+        """The events of a ``/poll`` answer to deliver, in order (a reset comes as one
+        event). The cursor moves with each one taken, and to the answer's own cursor
+        once all are."""
+        events, cursor, reset = events_from_poll(answer)
+        self.opened()
+        if reset or self.reset_pending:
+            self.reset_pending = False
+            self.cursor = cursor
+            yield Event(cursor, None, None, reset=True)
+            return
+        for event in events:
+            if self.take(event):
+                yield event
+        self.cursor = cursor
 
     def opened(self) -> None:
         self.failures = 0

@@ -22,7 +22,6 @@ from ._core import (
     error_from_exception,
     error_from_response,
     event_from_sse,
-    events_from_poll,
     listen_params,
     never_sent,
     read_json,
@@ -30,6 +29,7 @@ from ._core import (
     retry_status,
     sign_token,
     timeout_of,
+    token_body,
     updates_body,
 )
 from .client import Update
@@ -125,9 +125,7 @@ class AsyncClient:
         """See ``Client.token``."""
         if self.token_secret:
             return sign_token(self.token_secret, uid, tracks, ttl)
-        body: Dict[str, Any] = {"uid": uid, "ttl_seconds": ttl}
-        if tracks is not None:
-            body["tracks"] = [tracks] if isinstance(tracks, str) else list(tracks)
+        body = token_body(uid, tracks, ttl)
         return str((await self._call("POST", "/api/v1/tokens", body))["token"])
 
     def listen(
@@ -246,17 +244,8 @@ class AsyncListener(AsyncIterator[Event]):
                     if response.status_code != 200:
                         delay = state.refused(error_from_response(response.status_code, response.content))
                     else:
-                        events, cursor, reset = events_from_poll(read_json(200, response.content))
-                        state.opened()
-                        if reset or state.reset_pending:
-                            state.reset_pending = False
-                            state.cursor = cursor
-                            yield Event(cursor, None, None, reset=True)
-                        else:
-                            for event in events:
-                                if state.take(event):
-                                    yield event
-                            state.cursor = cursor
+                        for event in state.poll_events(read_json(200, response.content)):
+                            yield event
                 else:
                     sse_headers = dict(headers, Accept="text/event-stream")
                     async with client._http.stream(
