@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
 use crate::server::AppState;
-use crate::transport::sse;
+use crate::transport::{sse, ws};
 
 /// Longest request head read here; anything longer is hyper's to refuse.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -47,9 +47,12 @@ pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watch
         head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buffer)) => head,
         () = state.shutdown.cancelled() => return,
     };
-    if let Ok(Some(head)) = head.as_ref().map(|_| parse_listen(&buffer)) {
+    if let Ok(Some((endpoint, head))) = head.as_ref().map(|_| parse_direct(&buffer)) {
         drop(buffer);
-        sse::serve_direct(stream, head, state).await;
+        match endpoint {
+            Direct::Sse => sse::serve_direct(stream, head, state).await,
+            Direct::Ws => ws::serve_direct(stream, head, state).await,
+        }
         return;
     }
     if !matches!(head, Ok(Ok(()))) && buffer.is_empty() {
@@ -152,16 +155,35 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<(
     Ok(())
 }
 
-/// The head, when the buffer holds a complete `GET /listen/…` request.
-fn parse_listen(buffer: &[u8]) -> Option<Head> {
+/// A stream served directly on its socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direct {
+    /// `GET /listen/…`: Server-Sent Events.
+    Sse,
+    /// `GET /ws/…` asking for a WebSocket upgrade.
+    Ws,
+}
+
+/// The endpoint and head, when the buffer holds exactly one complete request for a
+/// stream that is served directly: `GET /listen/…`, or a WebSocket upgrade of
+/// `GET /ws/…` with nothing sent after its head. Anything else goes to hyper.
+fn parse_direct(buffer: &[u8]) -> Option<(Direct, Head)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
-    let httparse::Status::Complete(_) = request.parse(buffer).ok()? else {
+    let httparse::Status::Complete(length) = request.parse(buffer).ok()? else {
         return None;
     };
-    if request.method != Some("GET") || !request.path?.starts_with("/listen/") {
+    let path = request.path?;
+    if request.method != Some("GET") {
         return None;
     }
+    let endpoint = if path.starts_with("/listen/") {
+        Direct::Sse
+    } else if path.starts_with("/ws/") && length == buffer.len() && request.version == Some(1) {
+        Direct::Ws
+    } else {
+        return None;
+    };
     let mut map = HeaderMap::new();
     for header in request.headers.iter() {
         if let (Ok(name), Ok(value)) = (
@@ -171,11 +193,17 @@ fn parse_listen(buffer: &[u8]) -> Option<Head> {
             map.append(name, value);
         }
     }
-    Some(Head {
-        target: request.path?.to_owned(),
-        headers: map,
-        http11: request.version == Some(1),
-    })
+    if endpoint == Direct::Ws && ws::accept_key(&map).is_none() {
+        return None;
+    }
+    Some((
+        endpoint,
+        Head {
+            target: path.to_owned(),
+            headers: map,
+            http11: request.version == Some(1),
+        },
+    ))
 }
 
 /// A stream that first yields bytes already read from it.

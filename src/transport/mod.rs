@@ -13,8 +13,10 @@ use std::sync::Arc;
 
 use axum::extract::{FromRequestParts, Path, Query};
 use axum::http::HeaderMap;
+use axum::http::StatusCode;
 use serde::Deserialize;
 
+use crate::connection::Head;
 use crate::engine::{Message, Position};
 use crate::error::ApiError;
 use crate::hub::{Received, Subscription};
@@ -269,4 +271,43 @@ impl Deliveries {
     pub fn ack(&self) {
         self.state.engine.ack(&self.uid, self.cursor);
     }
+}
+
+/// The listener request of a stream served directly on its socket (`prefix` is the
+/// endpoint, like `/listen/`): uid from the path, the query, the headers.
+pub(crate) fn direct_request(head: Head, prefix: &str) -> Result<ListenRequest, ApiError> {
+    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
+    let uri: axum::http::Uri = head.target.parse().map_err(|_| not_found())?;
+    let raw = uri.path().strip_prefix(prefix).ok_or_else(not_found)?;
+    if raw.is_empty() || raw.contains('/') {
+        return Err(not_found());
+    }
+    let uid = percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_field("bad_uid", "the uid is not valid UTF-8"))?
+        .into_owned();
+    let Query(query) = Query::<ListenQuery>::try_from_uri(&uri).map_err(ApiError::from_query)?;
+    Ok(ListenRequest {
+        uid,
+        query,
+        headers: head.headers,
+    })
+}
+
+/// Answers a direct stream's request with `error` as JSON (plus `extra` header lines,
+/// each ending in CRLF), and closes the connection.
+pub(crate) async fn write_error<W>(socket: &mut W, error: &ApiError, extra: &str)
+where
+    W: tokio::io::AsyncWrite + Unpin,
+{
+    use tokio::io::AsyncWriteExt;
+    let body = error.body().to_string();
+    let answer = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+        error.status.as_u16(),
+        error.status.canonical_reason().unwrap_or(""),
+        body.len(),
+    );
+    let _ = socket.write_all(answer.as_bytes()).await;
+    let _ = socket.shutdown().await;
 }

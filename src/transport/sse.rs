@@ -15,12 +15,10 @@ use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, Bytes, BytesMut};
 
-use axum::extract::Query;
-use axum::http::StatusCode;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{Deliveries, Delivery, End, ListenQuery, ListenRequest};
+use super::{Deliveries, Delivery, End, ListenRequest};
 use crate::connection::Head;
 use crate::error::ApiError;
 use crate::metrics::Transport;
@@ -159,22 +157,14 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     // stream is otherwise far smaller (with the boxed HTTP path in `connection`, an idle
     // stream went from ~4.5 to ~4.1 KB of server memory, measured with 19,000).
     let opened = Box::pin(async {
-        let request = direct_request(head)?;
+        let request = super::direct_request(head, "/listen/")?;
         super::open(&state, &request).await
     })
     .await;
     let deliveries = match opened {
         Ok(deliveries) => deliveries,
         Err(e) => {
-            let body = e.body().to_string();
-            let answer = format!(
-                "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{cors}\r\n{body}",
-                e.status.as_u16(),
-                e.status.canonical_reason().unwrap_or(""),
-                body.len(),
-            );
-            let _ = socket.write_all(answer.as_bytes()).await;
-            let _ = socket.shutdown().await;
+            super::write_error(&mut socket, &e, &cors).await;
             return;
         }
     };
@@ -280,26 +270,6 @@ async fn write_all_vectored(
         IoSlice::advance_slices(&mut parts, written);
     }
     Ok(())
-}
-
-/// The listener request of a direct stream: uid from the path, the query, the headers.
-fn direct_request(head: Head) -> Result<ListenRequest, ApiError> {
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
-    let uri: axum::http::Uri = head.target.parse().map_err(|_| not_found())?;
-    let raw = uri.path().strip_prefix("/listen/").ok_or_else(not_found)?;
-    if raw.is_empty() || raw.contains('/') {
-        return Err(not_found());
-    }
-    let uid = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| ApiError::bad_field("bad_uid", "the uid is not valid UTF-8"))?
-        .into_owned();
-    let Query(query) = Query::<ListenQuery>::try_from_uri(&uri).map_err(ApiError::from_query)?;
-    Ok(ListenRequest {
-        uid,
-        query,
-        headers: head.headers,
-    })
 }
 
 /// The CORS header lines for a page at the request's `Origin`, if it is allowed.
