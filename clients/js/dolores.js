@@ -432,8 +432,12 @@ export class Dolores {
    * long-polling (the "fallback" outcome). True when the loop should go on at once.
    */
   #autoStep(outcome) {
-    const neverOpened = outcome.kind === "retry" && !outcome.opened;
-    if (this.#mode === "ws" && neverOpened) {
+    if (this.#mode === "ws") {
+      // Anything else a WebSocket brought back came from the server: it got through.
+      if (!outcome.wsMiss) {
+        this.#wsMisses = 0;
+        return false;
+      }
       this.#wsMisses += 1;
       if (this.#wsMisses < WS_MISSES_BEFORE_SSE) return false;
       this.#wsMisses = 0;
@@ -441,7 +445,7 @@ export class Dolores {
       this.#sseTrial = true;
       return true;
     }
-    if (this.#mode === "sse" && this.#sseTrial && neverOpened) {
+    if (this.#mode === "sse" && this.#sseTrial && outcome.kind === "retry" && !outcome.opened) {
       this.#sseTrial = false;
       this.#mode = "ws";
     }
@@ -674,7 +678,6 @@ export class Dolores {
         if (opened) return;
         opened = true;
         clearTimeout(grace);
-        this.#wsMisses = 0;
         this.#opened();
       };
       const finish = (outcome) => {
@@ -845,8 +848,15 @@ function wsOutcome(code, reason, opened) {
     case 4008:
       // Going away (shutdown) or too slow a reader: come back and resume.
       return { kind: "ended", opened: true };
+    case 1009:
+    case 1011:
+      // The server's own words (a frame too big, a store failure): not a blocked socket.
+      return { kind: "retry", opened, network: false };
     default:
-      return { kind: "retry", opened, network: !opened };
+      // Never opened: the handshake failed (1006), or whatever answered closed it at
+      // once — a server that is down, or something between that does not let WebSockets
+      // through ("auto" tells them apart by trying SSE).
+      return { kind: "retry", opened, network: !opened, wsMiss: !opened };
   }
 }
 
