@@ -15,6 +15,7 @@
 //! - [`server`] — wires state and routes, runs and shuts down.
 //! - [`connection`] — accepts connections: SSE streams served directly on the socket,
 //!   everything else through hyper and axum.
+//! - [`tls`] — HTTPS: the certificate and key, checked at start and reloaded when renewed.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
 //! - [`error`] — the one error type of the HTTP edge.
 //! - [`config`] — settings from flags, `DOLORES_*` variables and `dolores.toml`.
@@ -33,4 +34,5 @@ pub mod metrics;
 pub mod names;
 pub mod page;
 pub mod server;
+pub mod tls;
 pub mod transport;
