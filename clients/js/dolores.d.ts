@@ -7,8 +7,11 @@ export type Json = string | number | boolean | null | Json[] | { [key: string]: 
  * through, "closed" after close() or after an error the client cannot fix by itself. */
 export type Status = "connecting" | "open" | "closed";
 
-/** How the client reaches the server. "auto" (the default) uses Server-Sent Events and
- * falls back to long-polling when they cannot get through; "ws" is WebSocket. */
+/** How the client reaches the server. "auto" (the default) opens a WebSocket (browsers do
+ * not count WebSockets against the six HTTP/1.1 connections per host that all tabs share,
+ * so any number of tabs work), falls back to Server-Sent Events where WebSockets cannot get
+ * through, and to long-polling where SSE is held back; a fallback is kept for the tab's
+ * session. "ws" is WebSocket only, "sse" Server-Sent Events, "poll" long-polling. */
 export type Transport = "auto" | "sse" | "ws" | "poll";
 
 export interface DoloresOptions {

@@ -9,6 +9,10 @@
 //   the id of the last event delivered, so a reload resumes the same queue exactly.
 // - One stream carries every track. After any drop the client reconnects and names its
 //   last event id (`?last_event_id=`): the server sends what follows, no gap, no duplicate.
+// - "auto" opens a WebSocket: browsers do not count WebSockets against the six HTTP/1.1
+//   connections per host that all tabs share, so any number of tabs can each hold a
+//   stream. Where a WebSocket cannot get through it falls back to SSE, and where SSE is
+//   held back, to long-polling; a fallback is kept for the tab's session.
 // - "sse" reads Server-Sent Events through fetch() and a stream reader, not EventSource:
 //   fetch shows the HTTP status and the error body (EventSource hides both, so it cannot
 //   tell an expired token from a dead server) and sees every byte, comments included —
@@ -42,6 +46,9 @@ const POLL_MIN_INTERVAL_MS = 1000;
 /** A WebSocket counts as open once it has lived this long (or brought a frame): the
  * server refuses a bad token or an unknown listener by closing right after the upgrade. */
 const WS_OPEN_GRACE_MS = 300;
+/** "auto": WebSocket attempts in a row that never open before SSE is tried. One is not
+ * enough to judge: a server restarting fails the same way as a proxy refusing upgrades. */
+const WS_MISSES_BEFORE_SSE = 2;
 /** Reconnect delays grow from the first to the most, doubling, each with jitter. */
 const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 30000;
@@ -177,6 +184,13 @@ export class Dolores {
   #failures = 0;
   #tokenRefreshes = 0;
   #retryMs = DEFAULT_RETRY_MS;
+  /** "auto": WebSocket attempts in a row that never opened. */
+  #wsMisses = 0;
+  /** "auto": SSE is being tried because WebSockets failed; it must open to prove that
+   * WebSockets, not the server, are the problem. */
+  #sseTrial = false;
+  /** "auto": WebSockets do not get through to this server (kept for the session). */
+  #wsBlocked = false;
   #onOnline = () => this.#wake && this.#wake();
 
   /**
@@ -212,6 +226,7 @@ export class Dolores {
     } else {
       this.#uid = makeUid();
     }
+    this.#wsBlocked = Boolean(saved && saved.wsBlocked);
     this.#mode = this.#firstMode(saved && saved.sseBlocked);
     this.#save();
   }
@@ -282,8 +297,11 @@ export class Dolores {
   #firstMode(sseBlocked) {
     const wanted = this.#transportOption;
     if (wanted !== "auto") return wanted;
-    if (sseBlocked || !canStreamFetch()) return "poll";
-    return "sse";
+    // `sseBlocked` is only saved after WebSockets failed too (or by a client from
+    // before WebSockets came first): long-polling at once.
+    if (sseBlocked) return "poll";
+    if (!this.#wsBlocked && typeof WebSocket === "function") return "ws";
+    return canStreamFetch() ? "sse" : "poll";
   }
 
   #start() {
@@ -340,8 +358,9 @@ export class Dolores {
       const controller = new AbortController();
       this.#controller = controller;
       let outcome;
+      const priming = this.#lastId == null && this.#mode !== "poll" && !primed;
       try {
-        if (this.#lastId == null && this.#mode !== "poll" && !primed) {
+        if (priming) {
           // A listener without a cursor of its own would resume from the server's
           // cursor — which counts what the server wrote, not what reached this page
           // (a stream held by a proxy, or cut before its first bytes, loses those).
@@ -360,6 +379,7 @@ export class Dolores {
       if (!live()) return;
       if (outcome.kind === "fatal") return this.#stop(outcome.error);
       this.#setStatus("connecting");
+      if (this.#transportOption === "auto" && !priming && this.#autoStep(outcome)) continue;
       if (outcome.kind !== "token_expired") this.#tokenRefreshes = 0;
       switch (outcome.kind) {
         case "token_expired":
@@ -377,6 +397,7 @@ export class Dolores {
           continue;
         case "fallback":
           this.#mode = "poll";
+          this.#sseTrial = false;
           this.#save(true);
           continue;
         case "bad_cursor":
@@ -400,6 +421,43 @@ export class Dolores {
           await this.#sleep(this.#backoff());
       }
     }
+  }
+
+  /**
+   * "auto" moves down WebSocket → SSE → long-polling. A WebSocket that never opens, twice
+   * in a row, looks the same to a page whether a proxy refused the upgrade or the server
+   * is down; so SSE is tried, and only when SSE opens are WebSockets taken as blocked
+   * (and that kept for the session). When SSE cannot reach the server either, the server
+   * was the problem: back to WebSockets. SSE held back by a proxy moves on to
+   * long-polling (the "fallback" outcome). True when the loop should go on at once.
+   */
+  #autoStep(outcome) {
+    if (this.#mode === "ws") {
+      // Anything else a WebSocket brought back came from the server: it got through.
+      if (!outcome.wsMiss) {
+        this.#wsMisses = 0;
+        return false;
+      }
+      this.#wsMisses += 1;
+      if (this.#wsMisses < WS_MISSES_BEFORE_SSE) return false;
+      this.#wsMisses = 0;
+      this.#mode = "sse";
+      this.#sseTrial = true;
+      return true;
+    }
+    if (this.#mode === "sse" && this.#sseTrial && outcome.kind === "retry" && !outcome.opened) {
+      this.#sseTrial = false;
+      this.#mode = "ws";
+    }
+    return false;
+  }
+
+  /** "auto": the SSE tried after WebSockets failed has opened, so WebSockets are what
+   * cannot get through. */
+  #sseOpened() {
+    if (!this.#sseTrial) return;
+    this.#sseTrial = false;
+    this.#wsBlocked = true;
   }
 
   #backoff() {
@@ -521,6 +579,7 @@ export class Dolores {
         }
         if (stage === "first bytes") {
           stage = "open";
+          this.#sseOpened();
           this.#opened();
         }
         arm(SSE_IDLE_TIMEOUT_MS);
@@ -741,6 +800,7 @@ export class Dolores {
     if (!this.#store) return;
     try {
       const entry = { uid: this.#uid, last: this.#lastId };
+      if (this.#wsBlocked) entry.wsBlocked = true;
       if (sseBlocked || this.#mode === "poll" && this.#transportOption === "auto") entry.sseBlocked = true;
       this.#store.setItem(this.#storeKey, JSON.stringify(entry));
     } catch {
@@ -788,8 +848,15 @@ function wsOutcome(code, reason, opened) {
     case 4008:
       // Going away (shutdown) or too slow a reader: come back and resume.
       return { kind: "ended", opened: true };
+    case 1009:
+    case 1011:
+      // The server's own words (a frame too big, a store failure): not a blocked socket.
+      return { kind: "retry", opened, network: false };
     default:
-      return { kind: "retry", opened, network: !opened };
+      // Never opened: the handshake failed (1006), or whatever answered closed it at
+      // once — a server that is down, or something between that does not let WebSockets
+      // through ("auto" tells them apart by trying SSE).
+      return { kind: "retry", opened, network: !opened, wsMiss: !opened };
   }
 }
 

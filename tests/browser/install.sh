@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the browser tests need, and nothing twice: Debian's Chromium (never a
-# browser build downloaded by a tool) and playwright-core from the lock file.
+# browser build downloaded by a tool), openssl and playwright-core from the lock file.
 # Usage: tests/browser/install.sh   (as root, or with sudo available)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -15,6 +15,12 @@ apt_install() {
 if [ ! -x "${CHROMIUM_BIN:-/usr/bin/chromium}" ]; then
   echo "installing Debian's chromium"
   apt_install chromium
+fi
+
+# tabs.test.js makes a self-signed certificate for its HTTPS server.
+if ! command -v openssl >/dev/null 2>&1; then
+  echo "installing openssl"
+  apt_install openssl
 fi
 
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then

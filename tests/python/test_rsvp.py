@@ -200,6 +200,19 @@ def test_every_open_browser_sees_the_list_change_live(rsvp):
                     url=route.request.url.replace(f":{dolores.port}/", f":{forwarder.port}/", 1)
                 ),
             )
+            # route() sees HTTP requests only, and the client's default transport opens a
+            # WebSocket: C's page gets a WebSocket that dials the forwarder instead.
+            contexts["c"].add_init_script(
+                """
+                const Native = window.WebSocket;
+                window.WebSocket = class extends Native {
+                  constructor(url, protocols) {
+                    super(String(url).replace(":%d/", ":%d/"), protocols);
+                  }
+                };
+                """
+                % (dolores.port, forwarder.port)
+            )
             for name, context in contexts.items():
                 page = pages[name] = context.new_page()
                 page.goto(site.url + "/")

@@ -2,10 +2,12 @@
 // origin (the "app": test page, connect/disconnect views, token view), a buffering proxy,
 // and Debian's Chromium driven by playwright-core.
 
-import { spawn } from "node:child_process";
-import { createHmac } from "node:crypto";
+import { execFileSync, spawn } from "node:child_process";
+import { createHash, createHmac } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import http from "node:http";
+import https from "node:https";
+import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
 import { createInterface } from "node:readline";
@@ -53,8 +55,11 @@ export class DoloresServer {
   }
 
   /**
-   * @param {{data?: string, corsOrigins?: string[], tokenSecret?: string, heartbeat?: string, args?: string[]}} options
-   *   without `data` the server keeps everything in memory
+   * @param {{data?: string, corsOrigins?: string[], tokenSecret?: string, heartbeat?: string, args?: string[],
+   *   tls?: {cert: string, key: string}}} options
+   *   without `data` the server keeps everything in memory; with `tls` (PEM file paths,
+   *   e.g. from `selfSignedCert()`) it serves HTTPS with HTTP/2, and the harness's own
+   *   requests trust exactly that certificate
    */
   static async start(options = {}) {
     const server = new DoloresServer(options);
@@ -69,6 +74,7 @@ export class DoloresServer {
     if (o.tokenSecret) args.push("--token-secret", o.tokenSecret);
     if (o.corsOrigins && o.corsOrigins.length) args.push("--cors-origins", o.corsOrigins.join(","));
     if (o.heartbeat) args.push("--heartbeat", o.heartbeat);
+    if (o.tls) args.push("--tls-cert", o.tls.cert, "--tls-key", o.tls.key);
     if (o.args) args.push(...o.args);
     const env = { ...process.env, RUST_LOG: process.env.RUST_LOG || "warn" };
     for (const key of Object.keys(env)) if (key.startsWith("DOLORES_") && key !== "DOLORES_BIN") delete env[key];
@@ -93,7 +99,7 @@ export class DoloresServer {
         reject(new Error(`dolores exited with ${code} before listening: ${this.log.join("")}`));
       });
     });
-    const match = /listening on (http:\/\/[^\s]+)/.exec(first);
+    const match = /listening on (https?:\/\/[^\s]+)/.exec(first);
     if (!match) throw new Error(`unexpected first line from dolores: ${first}`);
     this.url = match[1].replace(/\/$/, "");
     this.port = Number(new URL(this.url).port);
@@ -136,20 +142,43 @@ export class DoloresServer {
     throw lastError;
   }
 
+  /**
+   * One HTTP request to the server, over node:http or node:https. Not `fetch`: over TLS
+   * it must trust the test's self-signed certificate, and only for this server — so the
+   * certificate goes to this request (`ca`), never to the process. Resolves with
+   * `{status, headers, text}`.
+   */
+  request(method, route, { headers = {}, body } = {}) {
+    const url = new URL(`${this.url}${route}`);
+    const tls = url.protocol === "https:";
+    const options = { method, headers, timeout: WAIT_MS };
+    if (tls) options.ca = readFileSync(this.options.tls.cert);
+    return new Promise((resolve, reject) => {
+      const request = (tls ? https : http).request(url, options, (response) => {
+        const chunks = [];
+        response.on("data", (chunk) => chunks.push(chunk));
+        response.on("end", () => resolve({ status: response.statusCode, headers: response.headers, text: Buffer.concat(chunks).toString() }));
+        response.on("error", reject);
+      });
+      request.on("timeout", () => request.destroy(new Error(`${method} ${url} took over ${WAIT_MS} ms`)));
+      request.on("error", reject);
+      request.end(body);
+    });
+  }
+
   async api(method, route, body) {
-    const response = await fetch(`${this.url}${route}`, {
-      method,
+    const response = await this.request(method, route, {
       headers: { Authorization: `Bearer ${API_KEY}`, "Content-Type": "application/json" },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
-    const text = await response.text();
+    const text = response.text;
     let json;
     try {
       json = JSON.parse(text);
     } catch {
       json = text;
     }
-    if (!response.ok) {
+    if (response.status < 200 || response.status > 299) {
       const error = new Error(`${method} ${route} answered ${response.status}: ${text}`);
       error.status = response.status;
       error.body = json;
@@ -159,13 +188,13 @@ export class DoloresServer {
   }
 
   /** Publishes one message; resolves with its id once stored. */
-  /** Waits until the server counts an open stream of transport `kind`; resolves with its stats. */
-  async waitForStream(kind) {
+  /** Waits until the server counts `count` open streams of transport `kind`; resolves with its stats. */
+  async waitForStream(kind, count = 1) {
     const deadline = Date.now() + WAIT_MS;
     for (;;) {
       const stats = await this.api("GET", "/api/v1/stats");
-      if (stats.streams && stats.streams[kind] >= 1) return stats;
-      if (Date.now() > deadline) throw new Error(`no open ${kind} stream on the server: ${JSON.stringify(stats)}`);
+      if (stats.streams && stats.streams[kind] >= count) return stats;
+      if (Date.now() > deadline) throw new Error(`not ${count} open ${kind} streams on the server: ${JSON.stringify(stats)}`);
       await sleep(50);
     }
   }
@@ -320,17 +349,27 @@ export class PageServer {
 }
 
 /**
- * A reverse proxy to dolores that holds back every Server-Sent Events response until it
- * ends, like a proxy or antivirus that buffers whole responses. With `holdHeaders` it
- * holds the status line and headers too; otherwise they go through at once and only the
- * body is held. Everything else passes through untouched. `requests` lists the paths.
+ * A reverse proxy to dolores that stands for what sits between browsers and servers.
+ * By default it holds back every Server-Sent Events response until it ends, like a proxy
+ * or antivirus that buffers whole responses (`buffer: false` lets SSE through as it
+ * comes). With `holdHeaders` it holds the status line and headers too; otherwise they go
+ * through at once and only the body is held. WebSocket upgrades (`websocket`): "pass"
+ * tunnels them; "refuse" answers 502, like a proxy that does not know upgrades; "close"
+ * completes the handshake itself and closes the socket at once, like one that cuts
+ * upgraded connections. Everything else passes through untouched. `requests` lists the
+ * paths.
  */
 export class BufferingProxy {
-  constructor(target, { holdHeaders = false } = {}) {
+  constructor(target, { holdHeaders = false, buffer = true, websocket = "pass" } = {}) {
+    if (!["pass", "refuse", "close"].includes(websocket)) throw new TypeError(`websocket: ${websocket}`);
     this.target = target;
     this.holdHeaders = holdHeaders;
+    this.buffer = buffer;
+    this.websocket = websocket;
     this.requests = [];
+    this.tunnels = new Set();
     this.server = http.createServer((req, res) => this.#handle(req, res));
+    this.server.on("upgrade", (req, socket, head) => this.#upgrade(req, socket, head));
   }
 
   static async start(target, options) {
@@ -351,8 +390,9 @@ export class BufferingProxy {
       headers: { ...req.headers, host: target.host },
     }, (answer) => {
       const sse = (answer.headers["content-type"] || "").startsWith("text/event-stream");
-      if (!sse) {
+      if (!sse || !this.buffer) {
         res.writeHead(answer.statusCode, answer.headers);
+        if (sse) res.flushHeaders();
         answer.pipe(res);
         return;
       }
@@ -373,14 +413,71 @@ export class BufferingProxy {
     req.pipe(upstream);
   }
 
+  #upgrade(req, socket, head) {
+    this.requests.push(req.url);
+    socket.on("error", () => socket.destroy());
+    if (this.websocket === "refuse") {
+      const body = "this proxy does not do upgrades\n";
+      socket.end(`HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: ${body.length}\r\nConnection: close\r\n\r\n${body}`);
+      return;
+    }
+    if (this.websocket === "close") {
+      const accept = createHash("sha1").update(`${req.headers["sec-websocket-key"]}258EAFA5-E914-47DA-95CA-C5AB0DC85B11`).digest("base64");
+      socket.end(`HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ${accept}\r\n\r\n`);
+      return;
+    }
+    // A tunnel: the request as it came (Host rewritten), then bytes both ways.
+    const target = new URL(this.target());
+    const upstream = net.connect(Number(target.port), target.hostname, () => {
+      const lines = [`${req.method} ${req.url} HTTP/1.1`];
+      for (let i = 0; i < req.rawHeaders.length; i += 2) {
+        const name = req.rawHeaders[i];
+        lines.push(`${name}: ${name.toLowerCase() === "host" ? target.host : req.rawHeaders[i + 1]}`);
+      }
+      upstream.write(`${lines.join("\r\n")}\r\n\r\n`);
+      if (head.length) upstream.write(head);
+      upstream.pipe(socket);
+      socket.pipe(upstream);
+    });
+    this.tunnels.add(socket).add(upstream);
+    upstream.on("error", () => socket.destroy());
+    upstream.on("close", () => {
+      this.tunnels.delete(upstream);
+      socket.destroy();
+    });
+    socket.on("close", () => {
+      this.tunnels.delete(socket);
+      upstream.destroy();
+    });
+  }
+
   close() {
+    for (const socket of this.tunnels) socket.destroy();
     this.server.closeAllConnections();
     return new Promise((resolve) => this.server.close(resolve));
   }
 }
 
-/** Debian's Chromium, headless. Never a downloaded browser. */
-export async function launchBrowser() {
+/**
+ * A self-signed certificate for 127.0.0.1 and localhost, made with openssl in `dir`;
+ * resolves with the paths `{cert, key}` for `DoloresServer.start({tls})`.
+ */
+export function selfSignedCert(dir) {
+  const cert = path.join(dir, "cert.pem");
+  const key = path.join(dir, "key.pem");
+  execFileSync("openssl", [
+    "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2",
+    "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+    "-keyout", key, "-out", cert,
+  ], { stdio: ["ignore", "ignore", "pipe"] });
+  return { cert, key };
+}
+
+/**
+ * Debian's Chromium, headless. Never a downloaded browser. `ignoreCertificateErrors`
+ * is for the tests that serve Dolores with a self-signed certificate, and only those.
+ */
+export async function launchBrowser({ ignoreCertificateErrors = false } = {}) {
   return chromium.launch({
     executablePath: process.env.CHROMIUM_BIN || "/usr/bin/chromium",
     args: [
@@ -392,6 +489,7 @@ export async function launchBrowser() {
       "--disable-sync",
       "--no-first-run",
       "--disable-quic",
+      ...(ignoreCertificateErrors ? ["--ignore-certificate-errors"] : []),
     ],
   });
 }
@@ -407,8 +505,8 @@ export async function clientUrl(dolores, page) {
   const served = `${dolores.url}/dolores.js`;
   if (wanted === "server") return served;
   try {
-    const response = await fetch(served);
-    if (response.ok && /javascript/.test(response.headers.get("content-type") || "")) return served;
+    const response = await dolores.request("GET", "/dolores.js");
+    if (response.status === 200 && /javascript/.test(response.headers["content-type"] || "")) return served;
   } catch {
     // fall through
   }

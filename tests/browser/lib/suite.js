@@ -1,5 +1,6 @@
 // The behaviour every transport must show in a real browser, as one suite per
-// transport: test/sse.test.js, test/ws.test.js, test/poll.test.js.
+// transport: test/sse.test.js, test/ws.test.js, test/poll.test.js, and
+// test/auto-suite.test.js for "auto" (the default).
 
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
@@ -23,7 +24,9 @@ import {
 /** Each test is bounded: a hung browser or server fails the test, never the run. */
 const TEST_TIMEOUT_MS = 60000;
 
-export function transportSuite(transport) {
+/** `stream`: the kind of stream the server counts for this transport ("auto" opens a
+ * WebSocket where nothing blocks it). */
+export function transportSuite(transport, { stream = transport } = {}) {
   describe(`transport "${transport}"`, () => {
     let browser;
     let pageServer;
@@ -82,7 +85,7 @@ export function transportSuite(transport) {
       ]);
       assert.equal(state.statuses.at(-1), "open");
       assert.deepEqual(state.errors, []);
-      await dolores.waitForStream(transport);
+      await dolores.waitForStream(stream);
 
       // disconnect: the app's view unsubscribes the track; its messages stop.
       await tab.page.evaluate(() => window.dolores.disconnect("rooms/42;a"));

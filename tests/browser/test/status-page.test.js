@@ -66,7 +66,8 @@ test("the page at / shows the running server and its try-it panel delivers live"
       const seen = await page.$$eval("#listeners, #streams, #summary", (els) => els.map((el) => el.textContent));
       throw new Error(`the counts never showed 1 listener and 1 stream (saw ${seen.join(" | ")}; page errors: ${errors.join("; ")}): ${e.message}`);
     });
-  assert.match(await page.textContent("#streams-by"), /sse 1/);
+  // The page's listener uses the client's default transport, "auto": a WebSocket.
+  assert.match(await page.textContent("#streams-by"), /ws 1/);
   await page.screenshot({ path: path.join(shots, "status-page.png") });
   assert.deepEqual(errors, []);
   await page.close();
