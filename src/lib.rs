@@ -13,6 +13,7 @@
 //! - [`auth`] — api keys and listener tokens.
 //! - [`page`] — the status page at `/`, `/status`, and the JS client at `/dolores.js`.
 //! - [`server`] — wires state and routes, runs and shuts down.
+//! - [`notify`] — tells systemd the server is ready or stopping (`sd_notify`).
 //! - [`connection`] — accepts connections: SSE streams served directly on the socket,
 //!   everything else through hyper and axum.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
@@ -31,6 +32,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod names;
+pub mod notify;
 pub mod page;
 pub mod server;
 pub mod transport;

@@ -56,6 +56,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     out.flush()?;
     drop(out);
+    crate::notify::ready(&format!("listening on {url}"));
     server::run(listener, state, shutdown_signal()).await
 }
 
@@ -145,4 +146,5 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
+    crate::notify::stopping();
 }
