@@ -107,6 +107,7 @@ async fn ready_comes_once_the_port_answers_and_stopping_on_sigterm() {
     serve_under_fake_systemd(&systemd, notify_socket, dir.path()).await;
 }
 
+#[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abstract_notify_socket_works_too() {
     use std::os::linux::net::SocketAddrExt;
