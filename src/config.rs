@@ -57,6 +57,12 @@ pub struct Options {
     /// Origins allowed to use the listener endpoints from a browser, comma-separated
     #[arg(long, env = "DOLORES_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Option<Vec<String>>,
+    /// Certificate chain (PEM) to serve HTTPS with HTTP/2; renewed files are picked up
+    #[arg(long, env = "DOLORES_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert
+    #[arg(long, env = "DOLORES_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// A dolores.toml with any of these settings as keys
     #[arg(long, env = "DOLORES_CONFIG")]
     pub config: Option<PathBuf>,
@@ -79,6 +85,8 @@ struct FileSettings {
     listener_ttl: Option<String>,
     max_message_bytes: Option<usize>,
     cors_origins: Option<Vec<String>>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
 }
 
 /// Every setting, resolved.
@@ -110,6 +118,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Allowed browser origins.
     pub cors_origins: Vec<String>,
+    /// Certificate and key for HTTPS, when both are set.
+    pub tls: Option<crate::tls::CertFiles>,
 }
 
 impl Default for Settings {
@@ -132,6 +142,7 @@ impl Default for Settings {
             // Push servers carry notices, not documents.
             max_message_bytes: 64 * 1024,
             cors_origins: Vec::new(),
+            tls: None,
         }
     }
 }
@@ -231,6 +242,15 @@ impl Settings {
                 .cors_origins
                 .or(file.cors_origins)
                 .unwrap_or(d.cors_origins),
+            tls: match (o.tls_cert.or(file.tls_cert), o.tls_key.or(file.tls_key)) {
+                (Some(cert), Some(key)) => Some(crate::tls::CertFiles { cert, key }),
+                (None, None) => None,
+                _ => {
+                    return Err(ConfigError::Invalid(
+                        "tls_cert and tls_key go together: set both, or neither".into(),
+                    ));
+                }
+            },
         };
         settings.check()?;
         Ok(settings)
@@ -266,7 +286,8 @@ impl Settings {
         let listen = listen
             .replace("0.0.0.0:", "127.0.0.1:")
             .replace("[::]:", "[::1]:");
-        format!("http://{listen}")
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://{listen}")
     }
 
     /// The path of the generated api key file.

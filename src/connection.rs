@@ -15,8 +15,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
 
 use crate::server::AppState;
 use crate::transport::sse;
@@ -54,11 +55,75 @@ pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watch
     if !matches!(head, Ok(Ok(()))) && buffer.is_empty() {
         return; // closed or silent before sending anything
     }
-    let io = TokioIo::new(Prefixed {
+    let io = Prefixed {
         prefix: buffer,
         read: 0,
         inner: stream,
-    });
+    };
+    serve_http(io, router, watcher).await;
+}
+
+/// Serves one accepted connection of an HTTPS listener: the TLS handshake, then HTTP/2
+/// or HTTP/1.1 (whichever ALPN chose) through hyper and the axum router. Plain HTTP sent
+/// to this port gets a 400 that says so, and the connection is closed.
+pub async fn serve_tls(
+    stream: TcpStream,
+    acceptor: TlsAcceptor,
+    state: AppState,
+    router: Router,
+    watcher: Watcher,
+) {
+    let mut first = [0u8; 1];
+    let peeked = tokio::select! {
+        peeked = tokio::time::timeout(HEAD_TIMEOUT, stream.peek(&mut first)) => peeked,
+        () = state.shutdown.cancelled() => return,
+    };
+    match peeked {
+        Ok(Ok(1)) if first[0] != TLS_HANDSHAKE_RECORD => {
+            refuse_plain_http(stream).await;
+            return;
+        }
+        Ok(Ok(1)) => {}
+        _ => return, // closed, failed or silent before sending anything
+    }
+    let tls = match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            tracing::debug!("TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => return,
+    };
+    serve_http(tls, router, watcher).await;
+}
+
+/// The first byte of every TLS connection (a handshake record); a plain HTTP request
+/// starts with a letter.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// Answers a plain HTTP request sent to the HTTPS port, and closes.
+async fn refuse_plain_http(mut stream: TcpStream) {
+    // Take what the client sent, so closing does not reset the connection under the
+    // answer before the client reads it.
+    let mut head = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_millis(100), stream.read(&mut head)).await;
+    let body =
+        r#"{"error":{"code":"https_required","message":"this port serves HTTPS: use https://"}}"#;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.write_all(answer.as_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Serves HTTP/1.1 or HTTP/2 (hyper tells them apart by the preface) on `io` until it
+/// closes.
+async fn serve_http<I>(io: I, router: Router, watcher: Watcher)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let io = TokioIo::new(io);
     let service = TowerToHyperService::new(router);
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let connection = builder

@@ -16,6 +16,7 @@
 //! - [`notify`] — tells systemd the server is ready or stopping (`sd_notify`).
 //! - [`connection`] — accepts connections: SSE streams served directly on the socket,
 //!   everything else through hyper and axum.
+//! - [`tls`] — HTTPS: the certificate and key, checked at start and reloaded when renewed.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
 //! - [`error`] — the one error type of the HTTP edge.
 //! - [`config`] — settings from flags, `DOLORES_*` variables and `dolores.toml`.
@@ -35,4 +36,5 @@ pub mod names;
 pub mod notify;
 pub mod page;
 pub mod server;
+pub mod tls;
 pub mod transport;

@@ -23,6 +23,7 @@ use crate::engine::{self, Change, Engine, Limits, Tail};
 use crate::error::ApiError;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::tls::Tls;
 use crate::transport::{poll, sse, ws};
 use crate::{api, connection, page};
 
@@ -223,13 +224,18 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// Serves on `listener` until `shutdown` resolves, then shuts down in order.
+/// Serves on `listener` (HTTPS when `tls` is given) until `shutdown` resolves, then
+/// shuts down in order.
 pub async fn run(
     listener: TcpListener,
     state: AppState,
+    tls: Option<Tls>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     let router = app(state.clone());
+    if let Some(tls) = &tls {
+        tls.watch(state.shutdown.clone());
+    }
     let connections = TaskTracker::new();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
@@ -239,12 +245,22 @@ pub async fn run(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let _ = stream.set_nodelay(true);
-                    connections.spawn(connection::serve(
-                        stream,
-                        state.clone(),
-                        router.clone(),
-                        graceful.watcher(),
-                    ));
+                    if let Some(tls) = &tls {
+                        connections.spawn(connection::serve_tls(
+                            stream,
+                            tls.acceptor.clone(),
+                            state.clone(),
+                            router.clone(),
+                            graceful.watcher(),
+                        ));
+                    } else {
+                        connections.spawn(connection::serve(
+                            stream,
+                            state.clone(),
+                            router.clone(),
+                            graceful.watcher(),
+                        ));
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors, say: wait a little rather than spin.

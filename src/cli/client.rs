@@ -46,7 +46,13 @@ async fn call(settings: &Settings, path: &str, body: Value) -> anyhow::Result<Va
         .json(&body)
         .send()
         .await
-        .map_err(|e| anyhow!("cannot reach the server at {}: {e}", settings.server_url()))?;
+        .map_err(|e| {
+            anyhow!(
+                "cannot reach the server at {}: {}",
+                settings.server_url(),
+                causes(&e)
+            )
+        })?;
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if !status.is_success() {
@@ -263,6 +269,23 @@ impl SseParser {
         }
         events
     }
+}
+
+/// An error and its causes on one line, each said once: reqwest's own text ("error
+/// sending request") hides the cause that matters ("connection refused", "invalid
+/// peer certificate").
+pub(crate) fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let line = cause.to_string();
+        if !text.contains(&line) {
+            text.push_str(": ");
+            text.push_str(&line);
+        }
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -92,6 +92,9 @@ enum Command {
 /// Runs the command line; returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    // One TLS crypto provider for the process: the server's HTTPS and the clients'
+    // (reqwest is built without one of its own). Fails only if one is already set.
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),

@@ -16,6 +16,12 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
+    let tls = settings
+        .tls
+        .clone()
+        .map(crate::tls::Tls::new)
+        .transpose()
+        .context("cannot serve HTTPS")?;
     let listener = bind(&settings.listen)
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
@@ -34,7 +40,8 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let key_file = settings.api_key_file();
     let memory = settings.memory;
     let state = AppState::open(settings, api_key.clone()).await?;
-    let url = format!("http://{addr}");
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{addr}");
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -57,7 +64,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
     crate::notify::ready(&format!("listening on {url}"));
-    server::run(listener, state, shutdown_signal()).await
+    server::run(listener, state, tls, shutdown_signal()).await
 }
 
 /// Room for connections the kernel has accepted but the server has not taken yet: a

@@ -43,6 +43,12 @@ pub(crate) fn command() -> Command {
     command
 }
 
+/// Gives reqwest its TLS crypto (the crate builds it without one, as the binary
+/// installs ring at start). Call before building a client; repeating is harmless.
+pub(crate) fn install_crypto() {
+    let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+}
+
 /// A unique, valid uid (8–128 chars of `A-Za-z0-9-_.`).
 pub(crate) fn uid(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -187,6 +193,7 @@ impl Server {
 
     /// Starts a server as `config` says.
     pub(crate) async fn start_with(config: ServerConfig) -> Server {
+        install_crypto();
         let data = Arc::new(tempfile::tempdir().expect("temp dir"));
         let mut server = Server {
             config,
@@ -273,6 +280,7 @@ impl Server {
         let addr = first
             .split("listening on http://")
             .nth(1)
+            .or_else(|| first.split("listening on https://").nth(1))
             .and_then(|rest| rest.split_whitespace().next())
             .unwrap_or_else(|| panic!("unexpected first line: {first:?}"))
             .to_owned();
@@ -306,9 +314,14 @@ impl Server {
         &self.addr
     }
 
-    /// `http://host:port`.
+    /// `http://host:port` (`https://` when the server serves HTTPS).
     pub(crate) fn url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.stdout_lines[0].contains("https://") {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The api key the backend API takes.
@@ -672,6 +685,7 @@ impl Refused {
 /// A client for one stream. Not shared: every test has its own runtime, and a
 /// connection must not outlive the runtime that made it.
 fn sse_client() -> reqwest::Client {
+    install_crypto();
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(0)
