@@ -45,6 +45,7 @@ async fn serve_under_fake_systemd(systemd: &UnixDatagram, notify_socket: &str, d
         .unwrap_or_else(|| panic!("STATUS names the address: {ready:?}"));
 
     // Once, no retry: a READY=1 sent before the port is bound and the store open fails here.
+    common::install_crypto();
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(5))
         .build()
