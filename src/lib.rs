@@ -13,6 +13,7 @@
 //! - [`auth`] — api keys and listener tokens.
 //! - [`page`] — the status page at `/`, `/status`, and the JS client at `/dolores.js`.
 //! - [`server`] — wires state and routes, runs and shuts down.
+//! - [`notify`] — tells systemd the server is ready or stopping (`sd_notify`).
 //! - [`connection`] — accepts connections: SSE streams served directly on the socket,
 //!   everything else through hyper and axum.
 //! - [`tls`] — HTTPS: the certificate and key, checked at start and reloaded when renewed.
@@ -32,6 +33,7 @@ pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod names;
+pub mod notify;
 pub mod page;
 pub mod server;
 pub mod tls;

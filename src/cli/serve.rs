@@ -63,6 +63,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     }
     out.flush()?;
     drop(out);
+    crate::notify::ready(&format!("listening on {url}"));
     server::run(listener, state, tls, shutdown_signal()).await
 }
 
@@ -152,4 +153,5 @@ async fn shutdown_signal() {
         () = ctrl_c => {},
         () = term => {},
     }
+    crate::notify::stopping();
 }
