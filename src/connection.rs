@@ -6,18 +6,22 @@
 //! every later request of a kept-alive connection) goes to hyper and the axum router.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tower_http::add_extension::AddExtension;
 
+use crate::proxy::strip_base;
 use crate::server::AppState;
 use crate::transport::sse;
 
@@ -37,16 +41,26 @@ pub struct Head {
     pub headers: HeaderMap,
     /// Whether the client speaks HTTP/1.1 (and so understands chunked bodies).
     pub http11: bool,
+    /// The TCP peer (a proxy's address, behind one).
+    pub peer: Option<SocketAddr>,
 }
 
-/// Serves one accepted connection until it closes.
-pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watcher: Watcher) {
+/// Serves one accepted connection from `peer` until it closes.
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: AppState,
+    router: Router,
+    watcher: Watcher,
+) {
     let mut buffer = Vec::with_capacity(1024);
     let head = tokio::select! {
         head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buffer)) => head,
         () = state.shutdown.cancelled() => return,
     };
-    if let Ok(Some(head)) = head.as_ref().map(|_| parse_listen(&buffer)) {
+    let base = state.settings.base_path.as_str();
+    if let Ok(Some(mut head)) = head.as_ref().map(|_| parse_listen(&buffer, base)) {
+        head.peer = Some(peer);
         drop(buffer);
         sse::serve_direct(stream, head, state).await;
         return;
@@ -59,7 +73,8 @@ pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watch
         read: 0,
         inner: stream,
     });
-    let service = TowerToHyperService::new(router);
+    // Handlers find the peer as axum's `ConnectInfo`, as with `into_make_service_with_connect_info`.
+    let service = TowerToHyperService::new(AddExtension::new(router, ConnectInfo(peer)));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let connection = builder
         .serve_connection_with_upgrades(io, service)
@@ -67,7 +82,7 @@ pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watch
     // Boxed: an HTTP connection's state is larger than a stream's, and a task holds
     // room for the larger of the paths it may take; every idle stream would pay for it.
     if let Err(e) = Box::pin(watcher.watch(connection)).await {
-        tracing::debug!("connection ended: {e}");
+        tracing::debug!("connection from {peer} ended: {e}");
     }
 }
 
@@ -87,14 +102,14 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<(
     Ok(())
 }
 
-/// The head, when the buffer holds a complete `GET /listen/…` request.
-fn parse_listen(buffer: &[u8]) -> Option<Head> {
+/// The head, when the buffer holds a complete `GET {base}/listen/…` request.
+fn parse_listen(buffer: &[u8], base: &str) -> Option<Head> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(_) = request.parse(buffer).ok()? else {
         return None;
     };
-    if request.method != Some("GET") || !request.path?.starts_with("/listen/") {
+    if request.method != Some("GET") || !strip_base(base, request.path?)?.starts_with("/listen/") {
         return None;
     }
     let mut map = HeaderMap::new();
@@ -110,6 +125,7 @@ fn parse_listen(buffer: &[u8]) -> Option<Head> {
         target: request.path?.to_owned(),
         headers: map,
         http11: request.version == Some(1),
+        peer: None,
     })
 }
 

@@ -17,6 +17,8 @@
 //!   everything else through hyper and axum.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
 //! - [`error`] — the one error type of the HTTP edge.
+//! - [`proxy`] — behind a reverse proxy: the base path, and whose `X-Forwarded-*`
+//!   headers are believed.
 //! - [`config`] — settings from flags, `DOLORES_*` variables and `dolores.toml`.
 //! - [`names`] — what a track and a uid may be.
 //! - [`cli`] — the command line: `serve` and the client subcommands.
@@ -32,5 +34,6 @@ pub mod hub;
 pub mod metrics;
 pub mod names;
 pub mod page;
+pub mod proxy;
 pub mod server;
 pub mod transport;

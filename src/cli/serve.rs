@@ -33,8 +33,9 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let key_file = settings.api_key_file();
     let memory = settings.memory;
+    // With a base path, that is where everything is, the status page included.
+    let url = format!("http://{addr}{}", settings.base_path);
     let state = AppState::open(settings, api_key.clone()).await?;
-    let url = format!("http://{addr}");
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

@@ -9,9 +9,10 @@
 //! turns deliveries into its wire format.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Path, Query};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query};
 use axum::http::HeaderMap;
 use serde::Deserialize;
 
@@ -19,6 +20,7 @@ use crate::engine::{Message, Position};
 use crate::error::ApiError;
 use crate::hub::{Received, Subscription};
 use crate::names;
+use crate::proxy::Client;
 use crate::server::AppState;
 
 pub mod poll;
@@ -41,20 +43,14 @@ pub struct ListenQuery {
 }
 
 /// Whether a browser page at the request's `Origin` may use the listener endpoints:
-/// no `Origin` (not a browser), the same origin as the server, or one of
-/// `cors_origins` (`*` allows any).
-pub fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get("origin").and_then(|o| o.to_str().ok()) else {
+/// no `Origin` (not a browser), the same origin as the server as the client reached it
+/// (behind a trusted proxy: the forwarded host and scheme), or one of `cors_origins`
+/// (`*` allows any).
+pub fn origin_allowed(state: &AppState, request: &ListenRequest) -> bool {
+    let Some(origin) = request.headers.get("origin").and_then(|o| o.to_str().ok()) else {
         return true;
     };
-    let host = headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let same_origin = origin
-        .split_once("://")
-        .is_some_and(|(_, rest)| !host.is_empty() && rest == host);
-    same_origin || origin_listed(state, origin)
+    request.client(state).same_origin(origin) || origin_listed(state, origin)
 }
 
 /// Whether `origin` is one of `cors_origins` (`*` lists every origin).
@@ -76,6 +72,18 @@ pub struct ListenRequest {
     pub query: ListenQuery,
     /// The request headers (`Last-Event-ID`, `Origin`, `Host`).
     pub headers: HeaderMap,
+    /// The TCP peer, when known (a proxy's address, behind one).
+    pub peer: Option<SocketAddr>,
+}
+
+impl ListenRequest {
+    /// Who sent the request: the peer, or what a trusted proxy says.
+    pub fn client(&self, state: &AppState) -> Client {
+        state
+            .settings
+            .trusted_proxies
+            .client(self.peer, &self.headers)
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ListenRequest {
@@ -95,6 +103,10 @@ impl<S: Send + Sync> FromRequestParts<S> for ListenRequest {
             uid,
             query,
             headers: parts.headers.clone(),
+            peer: parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
         })
     }
 }

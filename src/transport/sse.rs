@@ -24,6 +24,7 @@ use super::{Deliveries, Delivery, End, ListenQuery, ListenRequest};
 use crate::connection::Head;
 use crate::error::ApiError;
 use crate::metrics::Transport;
+use crate::proxy::strip_base;
 use crate::server::AppState;
 
 /// How long a browser waits before reconnecting after the stream drops, in ms. Short,
@@ -159,7 +160,7 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     // stream is otherwise far smaller (with the boxed HTTP path in `connection`, an idle
     // stream went from ~4.5 to ~4.1 KB of server memory, measured with 19,000).
     let opened = Box::pin(async {
-        let request = direct_request(head)?;
+        let request = direct_request(head, &state.settings.base_path)?;
         super::open(&state, &request).await
     })
     .await;
@@ -282,11 +283,14 @@ async fn write_all_vectored(
     Ok(())
 }
 
-/// The listener request of a direct stream: uid from the path, the query, the headers.
-fn direct_request(head: Head) -> Result<ListenRequest, ApiError> {
+/// The listener request of a direct stream: uid from the path (under `base`), the
+/// query, the headers.
+fn direct_request(head: Head, base: &str) -> Result<ListenRequest, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     let uri: axum::http::Uri = head.target.parse().map_err(|_| not_found())?;
-    let raw = uri.path().strip_prefix("/listen/").ok_or_else(not_found)?;
+    let raw = strip_base(base, uri.path())
+        .and_then(|path| path.strip_prefix("/listen/"))
+        .ok_or_else(not_found)?;
     if raw.is_empty() || raw.contains('/') {
         return Err(not_found());
     }
@@ -299,6 +303,7 @@ fn direct_request(head: Head) -> Result<ListenRequest, ApiError> {
         uid,
         query,
         headers: head.headers,
+        peer: head.peer,
     })
 }
 

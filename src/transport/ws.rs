@@ -48,7 +48,19 @@ pub async fn listen(
                 .into_response();
         }
     };
-    if !super::origin_allowed(&state, &request.headers) {
+    if !super::origin_allowed(&state, &request) {
+        // Named in the log: behind a proxy that does not forward the host, every
+        // same-origin page lands here, and the operator needs to see why.
+        let client = request.client(&state);
+        let origin = request
+            .headers
+            .get("origin")
+            .map(|o| o.to_str().unwrap_or("?"));
+        tracing::warn!(
+            "refused a WebSocket from {client} at origin {:?}: neither this server ({:?}) nor in cors_origins",
+            origin.unwrap_or_default(),
+            client.host.as_deref().unwrap_or_default(),
+        );
         return ApiError::new(
             StatusCode::FORBIDDEN,
             "origin_not_allowed",
