@@ -49,13 +49,6 @@ impl Proxy {
     /// app at `app`.
     async fn start(kind: Kind, file: &str, dolores: &str, app: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
-        // nginx's workers run as nobody when the master is root: let them in.
-        #[cfg(unix)]
-        std::fs::set_permissions(
-            dir.path(),
-            std::os::unix::fs::PermissionsExt::from_mode(0o755),
-        )
-        .expect("chmod");
         let port = free_port().await;
         let text = std::fs::read_to_string(deploy_file(file)).expect("read the deploy file");
         let text = substitute(&text, "127.0.0.1:8007", dolores);
@@ -71,7 +64,9 @@ impl Proxy {
                 std::fs::write(dir.path().join("site.conf"), site).expect("write site");
                 let d = dir.path().display();
                 let main = format!(
-                    "pid {d}/nginx.pid;\nerror_log {d}/error.log info;\nworker_processes 1;\n\
+                    "pid {d}/nginx.pid;\nerror_log {d}/error.log info;\n\
+                     # One process, no workers: nothing outlives the SIGKILL of a drop.\n\
+                     master_process off;\n\
                      events {{ worker_connections 512; }}\n\
                      http {{\n  access_log {d}/access.log;\n  client_body_temp_path {d}/body;\n  \
                      proxy_temp_path {d}/proxy;\n  fastcgi_temp_path {d}/fastcgi;\n  \
@@ -654,6 +649,24 @@ async fn a_base_path_moves_every_route_and_the_direct_stream_path() {
         assert!(
             head.starts_with(&format!("HTTP/1.1 {want}")),
             "{path}: {head}"
+        );
+    }
+}
+
+#[test]
+fn the_deploy_doc_shows_the_tested_files_as_they_are() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/deploy.md")).expect("read docs/deploy.md");
+    for file in [
+        "nginx.conf",
+        "nginx-subdomain.conf",
+        "Caddyfile",
+        "Caddyfile-subdomain",
+    ] {
+        let text = std::fs::read_to_string(deploy_file(file)).expect("read the deploy file");
+        assert!(
+            doc.contains(&format!("\n{text}```")),
+            "docs/deploy.md does not show deploy/{file} as it is"
         );
     }
 }

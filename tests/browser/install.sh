@@ -17,6 +17,16 @@ if [ ! -x "${CHROMIUM_BIN:-/usr/bin/chromium}" ]; then
   apt_install chromium
 fi
 
+# test/proxy.test.js runs real nginx and Caddy in front of dolores (its own instances).
+if [ ! -x /usr/sbin/nginx ] && ! command -v nginx >/dev/null 2>&1; then
+  echo "installing nginx-light"
+  apt_install nginx-light
+fi
+if ! command -v caddy >/dev/null 2>&1; then
+  echo "installing caddy"
+  apt_install caddy
+fi
+
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "installing node and npm"
   apt_install nodejs npm
