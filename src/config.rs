@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::proxy::{TrustedProxies, parse_base_path};
+
 /// Where the server listens by default: loopback, on the port the original used.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8007";
 /// Where the embedded store and the generated api key live by default.
@@ -63,6 +65,12 @@ pub struct Options {
     /// Private key (PEM) of --tls-cert
     #[arg(long, env = "DOLORES_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// Serve everything under this path prefix, like /dolores, behind a reverse proxy [default: the root]
+    #[arg(long, env = "DOLORES_BASE_PATH")]
+    pub base_path: Option<String>,
+    /// Proxies whose X-Forwarded-For/-Proto/-Host are believed, as CIDR blocks, comma-separated (like 127.0.0.1/32,::1/128)
+    #[arg(long, env = "DOLORES_TRUSTED_PROXIES", value_delimiter = ',')]
+    pub trusted_proxies: Option<Vec<String>>,
     /// A dolores.toml with any of these settings as keys
     #[arg(long, env = "DOLORES_CONFIG")]
     pub config: Option<PathBuf>,
@@ -87,6 +95,8 @@ struct FileSettings {
     cors_origins: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    base_path: Option<String>,
+    trusted_proxies: Option<Vec<String>>,
 }
 
 /// Every setting, resolved.
@@ -120,6 +130,10 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     /// Certificate and key for HTTPS, when both are set.
     pub tls: Option<crate::tls::CertFiles>,
+    /// The prefix every route is served under: empty (the root) or like `/dolores`.
+    pub base_path: String,
+    /// The proxies whose `X-Forwarded-*` headers are believed.
+    pub trusted_proxies: TrustedProxies,
 }
 
 impl Default for Settings {
@@ -143,6 +157,8 @@ impl Default for Settings {
             max_message_bytes: 64 * 1024,
             cors_origins: Vec::new(),
             tls: None,
+            base_path: String::new(),
+            trusted_proxies: TrustedProxies::default(),
         }
     }
 }
@@ -251,6 +267,14 @@ impl Settings {
                     ));
                 }
             },
+            base_path: match o.base_path.or(file.base_path) {
+                Some(raw) => parse_base_path(&raw).map_err(ConfigError::Invalid)?,
+                None => d.base_path,
+            },
+            trusted_proxies: match o.trusted_proxies.or(file.trusted_proxies) {
+                Some(list) => TrustedProxies::parse(&list).map_err(ConfigError::Invalid)?,
+                None => d.trusted_proxies,
+            },
         };
         settings.check()?;
         Ok(settings)
@@ -276,7 +300,9 @@ impl Settings {
         Ok(())
     }
 
-    /// The base URL a client uses to reach the server at `listen`.
+    /// The base URL a client uses to reach the server at `listen`: a URL given as
+    /// `listen` as it is (its path is where the server is), else `http://` + the
+    /// address + `base_path`.
     pub fn server_url(&self) -> String {
         let listen = self.listen.trim_end_matches('/');
         if listen.starts_with("http://") || listen.starts_with("https://") {
@@ -287,7 +313,7 @@ impl Settings {
             .replace("0.0.0.0:", "127.0.0.1:")
             .replace("[::]:", "[::1]:");
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://{listen}")
+        format!("{scheme}://{listen}{}", self.base_path)
     }
 
     /// The path of the generated api key file.
@@ -332,5 +358,40 @@ mod tests {
         };
         let e = Settings::resolve(&options).unwrap_err().to_string();
         assert!(e.contains("hartbeat"), "{e}");
+    }
+
+    #[test]
+    fn base_path_and_trusted_proxies_come_from_the_file_and_are_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dolores.toml");
+        std::fs::write(
+            &path,
+            "base_path = \"/dolores/\"\ntrusted_proxies = [\"127.0.0.1/32\", \"::1/128\"]\n",
+        )
+        .expect("write");
+        let options = Options {
+            config: Some(path.clone()),
+            ..Options::default()
+        };
+        let s = Settings::resolve(&options).expect("valid");
+        assert_eq!(s.base_path, "/dolores");
+        assert!(s.trusted_proxies.contains("::1".parse().expect("ip")));
+        assert_eq!(s.server_url(), "http://127.0.0.1:8007/dolores");
+
+        let bad_path = Options {
+            base_path: Some("dolores".into()),
+            ..options.clone()
+        };
+        let e = Settings::resolve(&bad_path).unwrap_err().to_string();
+        assert!(e.contains("must start with /"), "{e}");
+        let bad_block = Options {
+            trusted_proxies: Some(vec!["10.0.0.1/8".into()]),
+            ..options
+        };
+        let e = Settings::resolve(&bad_block).unwrap_err().to_string();
+        assert!(
+            e.contains("trusted_proxies") && e.contains("10.0.0.0/8"),
+            "{e}"
+        );
     }
 }

@@ -6,11 +6,13 @@
 //! every later request of a kept-alive connection) goes to hyper and the axum router.
 
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
+use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::graceful::Watcher;
@@ -18,7 +20,9 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
+use tower_http::add_extension::AddExtension;
 
+use crate::proxy::strip_base;
 use crate::server::AppState;
 use crate::transport::{sse, ws};
 
@@ -38,16 +42,26 @@ pub struct Head {
     pub headers: HeaderMap,
     /// Whether the client speaks HTTP/1.1 (and so understands chunked bodies).
     pub http11: bool,
+    /// The TCP peer (a proxy's address, behind one).
+    pub peer: Option<SocketAddr>,
 }
 
-/// Serves one accepted connection until it closes.
-pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watcher: Watcher) {
+/// Serves one accepted connection from `peer` until it closes.
+pub async fn serve(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    state: AppState,
+    router: Router,
+    watcher: Watcher,
+) {
     let mut buffer = Vec::with_capacity(1024);
     let head = tokio::select! {
         head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buffer)) => head,
         () = state.shutdown.cancelled() => return,
     };
-    if let Ok(Some((endpoint, head))) = head.as_ref().map(|_| parse_direct(&buffer)) {
+    let base = state.settings.base_path.as_str();
+    if let Ok(Some((endpoint, mut head))) = head.as_ref().map(|_| parse_direct(&buffer, base)) {
+        head.peer = Some(peer);
         drop(buffer);
         match endpoint {
             Direct::Sse => sse::serve_direct(stream, head, state).await,
@@ -63,7 +77,7 @@ pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watch
         read: 0,
         inner: stream,
     };
-    serve_http(io, router, watcher).await;
+    serve_http(io, peer, router, watcher).await;
 }
 
 /// Serves one accepted connection of an HTTPS listener: the TLS handshake, then HTTP/2
@@ -71,6 +85,7 @@ pub async fn serve(mut stream: TcpStream, state: AppState, router: Router, watch
 /// to this port gets a 400 that says so, and the connection is closed.
 pub async fn serve_tls(
     stream: TcpStream,
+    peer: SocketAddr,
     acceptor: TlsAcceptor,
     state: AppState,
     router: Router,
@@ -97,7 +112,7 @@ pub async fn serve_tls(
         }
         Err(_) => return,
     };
-    serve_http(tls, router, watcher).await;
+    serve_http(tls, peer, router, watcher).await;
 }
 
 /// The first byte of every TLS connection (a handshake record); a plain HTTP request
@@ -122,12 +137,13 @@ async fn refuse_plain_http(mut stream: TcpStream) {
 
 /// Serves HTTP/1.1 or HTTP/2 (hyper tells them apart by the preface) on `io` until it
 /// closes.
-async fn serve_http<I>(io: I, router: Router, watcher: Watcher)
+async fn serve_http<I>(io: I, peer: SocketAddr, router: Router, watcher: Watcher)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(io);
-    let service = TowerToHyperService::new(router);
+    // Handlers find the peer as axum's `ConnectInfo`, as with `into_make_service_with_connect_info`.
+    let service = TowerToHyperService::new(AddExtension::new(router, ConnectInfo(peer)));
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let connection = builder
         .serve_connection_with_upgrades(io, service)
@@ -135,7 +151,7 @@ where
     // Boxed: an HTTP connection's state is larger than a stream's, and a task holds
     // room for the larger of the paths it may take; every idle stream would pay for it.
     if let Err(e) = Box::pin(watcher.watch(connection)).await {
-        tracing::debug!("connection ended: {e}");
+        tracing::debug!("connection from {peer} ended: {e}");
     }
 }
 
@@ -167,19 +183,20 @@ enum Direct {
 /// The endpoint and head, when the buffer holds exactly one complete request for a
 /// stream that is served directly: `GET /listen/…`, or a WebSocket upgrade of
 /// `GET /ws/…` with nothing sent after its head. Anything else goes to hyper.
-fn parse_direct(buffer: &[u8]) -> Option<(Direct, Head)> {
+fn parse_direct(buffer: &[u8], base: &str) -> Option<(Direct, Head)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
     let httparse::Status::Complete(length) = request.parse(buffer).ok()? else {
         return None;
     };
     let path = request.path?;
+    let route = strip_base(base, path)?;
     if request.method != Some("GET") {
         return None;
     }
-    let endpoint = if path.starts_with("/listen/") {
+    let endpoint = if route.starts_with("/listen/") {
         Direct::Sse
-    } else if path.starts_with("/ws/") && length == buffer.len() && request.version == Some(1) {
+    } else if route.starts_with("/ws/") && length == buffer.len() && request.version == Some(1) {
         Direct::Ws
     } else {
         return None;
@@ -202,6 +219,7 @@ fn parse_direct(buffer: &[u8]) -> Option<(Direct, Head)> {
             target: path.to_owned(),
             headers: map,
             http11: request.version == Some(1),
+            peer: None,
         },
     ))
 }

@@ -19,6 +19,8 @@
 //! - [`tls`] — HTTPS: the certificate and key, checked at start and reloaded when renewed.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
 //! - [`error`] — the one error type of the HTTP edge.
+//! - [`proxy`] — behind a reverse proxy: the base path, and whose `X-Forwarded-*`
+//!   headers are believed.
 //! - [`config`] — settings from flags, `DOLORES_*` variables and `dolores.toml`.
 //! - [`names`] — what a track and a uid may be.
 //! - [`cli`] — the command line: `serve` and the client subcommands.
@@ -35,6 +37,7 @@ pub mod metrics;
 pub mod names;
 pub mod notify;
 pub mod page;
+pub mod proxy;
 pub mod server;
 pub mod tls;
 pub mod transport;

@@ -2,15 +2,16 @@
 //! down in order: stop accepting, end every open stream (clients reconnect elsewhere or
 //! later and resume), let in-flight requests finish, flush the store.
 
+use std::net::SocketAddr;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::Router;
-use axum::extract::{Request, State};
+use axum::extract::{ConnectInfo, OriginalUri, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -141,13 +142,29 @@ pub fn app(state: AppState) -> Router {
         .route("/poll/{uid}", get(poll::listen).options(preflight))
         .route("/dolores.js", get(page::client_js).options(preflight))
         .layer(cors(&state.settings.cors_origins));
-    Router::new()
+    let routes = Router::new()
         .merge(backend)
         .merge(listeners)
-        .route("/", get(page::index))
         .route("/status", get(page::status))
         .route("/healthz", get(healthz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics));
+    let base = state.settings.base_path.as_str();
+    let routes = if base.is_empty() {
+        routes.route("/", get(page::index))
+    } else {
+        // The page at `{base}/`: what it fetches is relative to it. `{base}` alone is
+        // sent there, relatively, so that it works whatever the proxy put in front.
+        let last = base.rsplit('/').next().unwrap_or_default();
+        let to_page = format!("{last}/");
+        Router::new()
+            .nest(base, routes)
+            .route(&format!("{base}/"), get(page::index))
+            .route(
+                base,
+                get(move || async move { Redirect::permanent(&to_page) }),
+            )
+    };
+    routes
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -188,7 +205,28 @@ async fn preflight() -> StatusCode {
 async fn require_api_key(State(state): State<AppState>, request: Request, next: Next) -> Response {
     match auth::check_api_key(&state.api_key, request.headers()) {
         Ok(()) => next.run(request).await,
-        Err(e) => e.into_response(),
+        Err(e) => {
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0);
+            let client = state
+                .settings
+                .trusted_proxies
+                .client(peer, request.headers());
+            // The path as sent, base path included (nesting strips it from the URI).
+            let uri = request
+                .extensions()
+                .get::<OriginalUri>()
+                .map_or(request.uri(), |o| &o.0);
+            tracing::warn!(
+                "refused {} {} from {client}: {}",
+                request.method(),
+                uri.path(),
+                e.code
+            );
+            e.into_response()
+        }
     }
 }
 
@@ -243,11 +281,12 @@ pub async fn run(
         tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
+                Ok((stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     if let Some(tls) = &tls {
                         connections.spawn(connection::serve_tls(
                             stream,
+                            peer,
                             tls.acceptor.clone(),
                             state.clone(),
                             router.clone(),
@@ -256,6 +295,7 @@ pub async fn run(
                     } else {
                         connections.spawn(connection::serve(
                             stream,
+                            peer,
                             state.clone(),
                             router.clone(),
                             graceful.watcher(),

@@ -15,9 +15,10 @@ export type Status = "connecting" | "open" | "closed";
 export type Transport = "auto" | "sse" | "ws" | "poll";
 
 export interface DoloresOptions {
-  /** Where Dolores listens, e.g. "http://127.0.0.1:8007" (a path prefix is kept). Defaults
-   * to the origin this module was loaded from, which is right when it is imported from
-   * the server's own /dolores.js. */
+  /** Where Dolores listens, e.g. "http://127.0.0.1:8007" or, behind a proxy,
+   * "https://app.example/dolores" (a path prefix is kept). Defaults to the folder this
+   * module was loaded from, which is right when it is imported from the server's own
+   * /dolores.js (or /dolores/dolores.js under a base path). */
   server?: string;
   /** The app's connect view: connect(track) POSTs {"uid"} to connectUrl + track, with the
    * page's credentials and X-CSRFToken from the csrftoken cookie. Leave it out when the

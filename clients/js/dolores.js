@@ -138,11 +138,15 @@ function storage() {
   }
 }
 
-function moduleOrigin() {
+/** The server's base URL, no trailing slash: `server` (a path like "/dolores" is taken
+ * on the page's origin), else the folder this module was served from — the server
+ * itself, under its base path when it has one (https://app.example/dolores/dolores.js). */
+function serverUrl(server) {
   try {
-    return new URL(import.meta.url).origin;
+    const base = server ? (globalThis.location ? globalThis.location.href : undefined) : import.meta.url;
+    return new URL(server || ".", base).href.replace(/\/+$/, "");
   } catch {
-    return globalThis.location ? globalThis.location.origin : "";
+    return String(server || (globalThis.location ? globalThis.location.origin : "")).replace(/\/+$/, "");
   }
 }
 
@@ -206,7 +210,7 @@ export class Dolores {
     if (!TRANSPORTS.has(transport)) {
       throw new TypeError(`transport must be "auto", "sse", "ws" or "poll", not ${JSON.stringify(transport)}`);
     }
-    this.#server = String(options.server || moduleOrigin()).replace(/\/+$/, "");
+    this.#server = serverUrl(options.server);
     this.#connectUrl = options.connectUrl || null;
     this.#disconnectUrl = options.disconnectUrl || null;
     this.#tokenOption = options.token || null;

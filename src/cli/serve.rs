@@ -39,9 +39,10 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     };
     let key_file = settings.api_key_file();
     let memory = settings.memory;
-    let state = AppState::open(settings, api_key.clone()).await?;
+    // With a base path, that is where everything is, the status page included.
     let scheme = if tls.is_some() { "https" } else { "http" };
-    let url = format!("{scheme}://{addr}");
+    let url = format!("{scheme}://{addr}{}", settings.base_path);
+    let state = AppState::open(settings, api_key.clone()).await?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,

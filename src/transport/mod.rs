@@ -9,9 +9,10 @@
 //! turns deliveries into its wire format.
 
 use std::collections::VecDeque;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::{FromRequestParts, Path, Query};
+use axum::extract::{ConnectInfo, FromRequestParts, Path, Query};
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use serde::Deserialize;
@@ -21,6 +22,7 @@ use crate::engine::{Message, Position};
 use crate::error::ApiError;
 use crate::hub::{Received, Subscription};
 use crate::names;
+use crate::proxy::Client;
 use crate::server::AppState;
 
 pub mod poll;
@@ -43,20 +45,14 @@ pub struct ListenQuery {
 }
 
 /// Whether a browser page at the request's `Origin` may use the listener endpoints:
-/// no `Origin` (not a browser), the same origin as the server, or one of
-/// `cors_origins` (`*` allows any).
-pub fn origin_allowed(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(origin) = headers.get("origin").and_then(|o| o.to_str().ok()) else {
+/// no `Origin` (not a browser), the same origin as the server as the client reached it
+/// (behind a trusted proxy: the forwarded host and scheme), or one of `cors_origins`
+/// (`*` allows any).
+pub fn origin_allowed(state: &AppState, request: &ListenRequest) -> bool {
+    let Some(origin) = request.headers.get("origin").and_then(|o| o.to_str().ok()) else {
         return true;
     };
-    let host = headers
-        .get("host")
-        .and_then(|h| h.to_str().ok())
-        .unwrap_or("");
-    let same_origin = origin
-        .split_once("://")
-        .is_some_and(|(_, rest)| !host.is_empty() && rest == host);
-    same_origin || origin_listed(state, origin)
+    request.client(state).same_origin(origin) || origin_listed(state, origin)
 }
 
 /// Whether `origin` is one of `cors_origins` (`*` lists every origin).
@@ -78,6 +74,18 @@ pub struct ListenRequest {
     pub query: ListenQuery,
     /// The request headers (`Last-Event-ID`, `Origin`, `Host`).
     pub headers: HeaderMap,
+    /// The TCP peer, when known (a proxy's address, behind one).
+    pub peer: Option<SocketAddr>,
+}
+
+impl ListenRequest {
+    /// Who sent the request: the peer, or what a trusted proxy says.
+    pub fn client(&self, state: &AppState) -> Client {
+        state
+            .settings
+            .trusted_proxies
+            .client(self.peer, &self.headers)
+    }
 }
 
 impl<S: Send + Sync> FromRequestParts<S> for ListenRequest {
@@ -97,6 +105,10 @@ impl<S: Send + Sync> FromRequestParts<S> for ListenRequest {
             uid,
             query,
             headers: parts.headers.clone(),
+            peer: parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
         })
     }
 }
@@ -273,12 +285,18 @@ impl Deliveries {
     }
 }
 
-/// The listener request of a stream served directly on its socket (`prefix` is the
-/// endpoint, like `/listen/`): uid from the path, the query, the headers.
-pub(crate) fn direct_request(head: Head, prefix: &str) -> Result<ListenRequest, ApiError> {
+/// The listener request of a stream served directly on its socket: uid from the path
+/// (`{base}{endpoint}{uid}`, with `endpoint` like `/listen/`), the query, the headers.
+pub(crate) fn direct_request(
+    head: Head,
+    base: &str,
+    endpoint: &str,
+) -> Result<ListenRequest, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
     let uri: axum::http::Uri = head.target.parse().map_err(|_| not_found())?;
-    let raw = uri.path().strip_prefix(prefix).ok_or_else(not_found)?;
+    let raw = crate::proxy::strip_base(base, uri.path())
+        .and_then(|path| path.strip_prefix(endpoint))
+        .ok_or_else(not_found)?;
     if raw.is_empty() || raw.contains('/') {
         return Err(not_found());
     }
@@ -291,6 +309,7 @@ pub(crate) fn direct_request(head: Head, prefix: &str) -> Result<ListenRequest, 
         uid,
         query,
         headers: head.headers,
+        peer: head.peer,
     })
 }
 

@@ -88,7 +88,20 @@ pub fn accept_key(headers: &HeaderMap) -> Option<String> {
     Some(tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
-fn origin_refused() -> ApiError {
+/// Refuses a page at a foreign origin, and says so in the log: behind a proxy that
+/// does not forward the host, every same-origin page lands here, and the operator needs
+/// to see why.
+fn origin_refused(state: &AppState, request: &ListenRequest) -> ApiError {
+    let client = request.client(state);
+    let origin = request
+        .headers
+        .get("origin")
+        .map(|o| o.to_str().unwrap_or("?"));
+    tracing::warn!(
+        "refused a WebSocket from {client} at origin {:?}: neither this server ({:?}) nor in cors_origins",
+        origin.unwrap_or_default(),
+        client.host.as_deref().unwrap_or_default(),
+    );
     ApiError::new(
         StatusCode::FORBIDDEN,
         "origin_not_allowed",
@@ -121,8 +134,8 @@ pub async fn listen(
         )
         .into_response();
     };
-    if !super::origin_allowed(&state, &request.headers) {
-        return origin_refused().into_response();
+    if !super::origin_allowed(&state, &request) {
+        return origin_refused(&state, &request).into_response();
     }
     let opened = super::open(&state, &request).await;
     tokio::spawn(async move {
@@ -151,12 +164,12 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     // Boxed, like SSE's: the request and the opening live on the heap only while the
     // stream opens, not in every open socket's task.
     let opened = Box::pin(async {
-        let request = super::direct_request(head, "/ws/")?;
+        let request = super::direct_request(head, &state.settings.base_path, "/ws/")?;
         let accept = accept_key(&request.headers).ok_or_else(|| {
             ApiError::bad_field("not_websocket", "this endpoint takes a WebSocket")
         })?;
-        if !super::origin_allowed(&state, &request.headers) {
-            return Err(origin_refused());
+        if !super::origin_allowed(&state, &request) {
+            return Err(origin_refused(&state, &request));
         }
         Ok((accept, super::open(&state, &request).await))
     })

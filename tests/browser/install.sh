@@ -22,6 +22,15 @@ if ! command -v openssl >/dev/null 2>&1; then
   echo "installing openssl"
   apt_install openssl
 fi
+# test/proxy.test.js runs real nginx and Caddy in front of dolores (its own instances).
+if [ ! -x /usr/sbin/nginx ] && ! command -v nginx >/dev/null 2>&1; then
+  echo "installing nginx-light"
+  apt_install nginx-light
+fi
+if ! command -v caddy >/dev/null 2>&1; then
+  echo "installing caddy"
+  apt_install caddy
+fi
 
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "installing node and npm"

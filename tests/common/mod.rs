@@ -49,6 +49,25 @@ pub(crate) fn install_crypto() {
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
 }
 
+/// A TLS config with no roots, made once: the default one reads the system's
+/// certificates for every client, and a test that opens 500 streams makes 500 clients.
+/// Only the HTTPS tests need roots, and they bring their own.
+pub(crate) fn plain_tls() -> tokio_rustls::rustls::ClientConfig {
+    use std::sync::OnceLock;
+    use tokio_rustls::rustls;
+    static CONFIG: OnceLock<rustls::ClientConfig> = OnceLock::new();
+    CONFIG
+        .get_or_init(|| {
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .expect("protocol versions")
+                .with_root_certificates(rustls::RootCertStore::empty())
+                .with_no_client_auth()
+        })
+        .clone()
+}
+
 /// A unique, valid uid (8–128 chars of `A-Za-z0-9-_.`).
 pub(crate) fn uid(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
@@ -685,8 +704,8 @@ impl Refused {
 /// A client for one stream. Not shared: every test has its own runtime, and a
 /// connection must not outlive the runtime that made it.
 fn sse_client() -> reqwest::Client {
-    install_crypto();
     reqwest::Client::builder()
+        .tls_backend_preconfigured(plain_tls())
         .connect_timeout(Duration::from_secs(5))
         .pool_max_idle_per_host(0)
         .build()

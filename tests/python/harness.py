@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import queue
+import urllib.parse
 import shutil
 import signal
 import socket
@@ -135,7 +136,8 @@ class DoloresServer:
         if marker not in line:
             raise RuntimeError(f"unexpected first line from dolores: {line!r}")
         self.url = line.split(marker, 1)[1].split()[0].rstrip("/")
-        self.port = int(self.url.rsplit(":", 1)[1])
+        # The URL carries the base path when the server has one.
+        self.port = int(urllib.parse.urlsplit(self.url).port or 0)
         return self
 
     def kill(self) -> None:

@@ -217,3 +217,30 @@ def test_a_brand_new_listener_takes_its_queue_by_poll_before_streaming(client, s
         finally:
             events.close()
             http.close()
+
+
+def test_a_server_url_with_a_path_reaches_a_server_under_a_base_path(uid, track):
+    # Behind a reverse proxy, Dolores lives at https://app.example/dolores: the clients
+    # take that URL as the server and append to it.
+    from harness import DoloresServer
+
+    server = DoloresServer(args=["--base-path", "/dolores"]).start()
+    try:
+        assert server.url.endswith("/dolores")
+        with Client(server.url + "/", api_key=API_KEY) as client:
+            assert client.connect(uid, track) == [track]
+            queued = client.update(track, "under a prefix")
+            events = Collector(client.listen(uid))
+            try:
+                assert [(e.id, e.message) for e in events.take(1)] == [(queued, "under a prefix")]
+                live = client.update(track, {"live": True})
+                assert [(e.id, e.message) for e in events.take(1)] == [(live, {"live": True})]
+            finally:
+                events.close()
+        # The root is not the server any more.
+        root = f"http://127.0.0.1:{server.port}"
+        with pytest.raises(DoloresError) as refused:
+            Client(root, api_key=API_KEY, retries=0).stats()
+        assert (refused.value.status, refused.value.code) == (404, "not_found")
+    finally:
+        server.close()
