@@ -45,6 +45,7 @@ pub struct Message {
     pub time_ms: u64,
     sse: OnceLock<Bytes>,
     json_event: OnceLock<Bytes>,
+    ws: OnceLock<Bytes>,
 }
 
 impl Message {
@@ -57,6 +58,7 @@ impl Message {
             time_ms,
             sse: OnceLock::new(),
             json_event: OnceLock::new(),
+            ws: OnceLock::new(),
         }
     }
 
@@ -70,6 +72,30 @@ impl Message {
                     "{{\"id\":\"{}\",\"track\":{},\"message\":{}}}",
                     self.pos, track, self.json
                 ))
+            })
+            .clone()
+    }
+
+    /// The message's WebSocket frame, built once and shared by every socket: a final,
+    /// unmasked text frame (RFC 6455 §5.2) carrying [`Self::json_event`].
+    pub fn ws_frame(&self) -> Bytes {
+        self.ws
+            .get_or_init(|| {
+                let payload = self.json_event();
+                let len = payload.len();
+                let mut frame = Vec::with_capacity(len + 10);
+                frame.push(0x81); // FIN + text
+                if len < 126 {
+                    frame.push(len as u8);
+                } else if let Ok(len) = u16::try_from(len) {
+                    frame.push(126);
+                    frame.extend_from_slice(&len.to_be_bytes());
+                } else {
+                    frame.push(127);
+                    frame.extend_from_slice(&(len as u64).to_be_bytes());
+                }
+                frame.extend_from_slice(&payload);
+                Bytes::from(frame)
             })
             .clone()
     }

@@ -23,14 +23,13 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use futures_util::{SinkExt, StreamExt};
+use bytes::{BufMut, BytesMut};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
-use tokio_tungstenite::tungstenite::{self, Message as Frame, Utf8Bytes};
+use tokio_tungstenite::tungstenite;
+
+use frame::{Inbound, Opcode, ReadError, Reader};
 
 use super::{Deliveries, Delivery, End, ListenRequest};
 use crate::connection::Head;
@@ -38,34 +37,21 @@ use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::server::AppState;
 
+mod frame;
+
 /// Largest frame a listener may send: it only ever needs control frames.
 pub const MAX_INBOUND_BYTES: usize = 64 * 1024;
 /// How long a write may wait for the reader before the socket is closed as too slow.
 /// Generous: a phone on a bad network is slow, not gone.
 const SLOW_READER_TIMEOUT: Duration = Duration::from_secs(30);
-/// Most frames written before one flush.
-const MAX_FRAMES_PER_FLUSH: usize = 256;
-/// Bytes of frames gathered before they go to the socket in one write; like SSE's
-/// largest chunk.
+/// Most bytes written at once when several messages are ready, like SSE's largest
+/// chunk.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
-/// Bytes read from the socket at a time. Listeners send pongs and a close (a few bytes
-/// each), and the buffer is allocated for every open socket: tungstenite's default
-/// (128 KiB) made an idle WebSocket cost ~135 KB.
-const READ_BUFFER_BYTES: usize = 256;
 
 /// Close code for a shutdown: come back later, elsewhere.
 pub const CLOSE_SHUTDOWN: u16 = 1001;
 /// Close code for a reader that did not take its frames in time.
 pub const CLOSE_SLOW_READER: u16 = 4008;
-
-/// The socket settings of every listener WebSocket.
-fn config() -> WebSocketConfig {
-    WebSocketConfig::default()
-        .read_buffer_size(READ_BUFFER_BYTES)
-        .write_buffer_size(WRITE_BATCH_BYTES)
-        .max_message_size(Some(MAX_INBOUND_BYTES))
-        .max_frame_size(Some(MAX_INBOUND_BYTES))
-}
 
 /// Whether the headers ask for a WebSocket the way RFC 6455 says; the
 /// `Sec-WebSocket-Accept` value to answer with if so.
@@ -141,9 +127,8 @@ pub async fn listen(
     tokio::spawn(async move {
         match upgrade.await {
             Ok(upgraded) => {
-                let io = TokioIo::new(upgraded);
-                let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config()));
-                serve(state, opened, socket.await).await;
+                let (reader, writer) = tokio::io::split(TokioIo::new(upgraded));
+                serve(state, opened, reader, writer).await;
             }
             Err(e) => tracing::debug!("websocket upgrade failed: {e}"),
         }
@@ -188,102 +173,101 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
         return;
     }
     drop(answer);
-    let socket = WebSocketStream::from_raw_socket(socket, Role::Server, Some(config())).await;
-    serve(state, opened, socket).await;
+    let (reader, writer) = socket.split();
+    serve(state, opened, reader, writer).await;
 }
 
-async fn close<S>(mut socket: WebSocketStream<S>, code: u16, reason: &'static str)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let frame = Frame::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from_static(reason),
-    }));
-    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
-}
-
-fn text(bytes: bytes::Bytes) -> Option<Frame> {
-    Utf8Bytes::try_from(bytes).ok().map(Frame::Text)
-}
-
-/// Why the socket closes, for what the client sent: `None` when it simply went away.
-fn inbound_error(e: &tungstenite::Error) -> Option<(u16, &'static str)> {
-    use tungstenite::error::{CapacityError, Error};
-    match e {
-        Error::Capacity(CapacityError::MessageTooLong { .. }) => Some((1009, "frame too big")),
-        Error::Capacity(_) => Some((1009, "frame too big")),
-        Error::Utf8(_) => Some((1007, "invalid UTF-8")),
-        Error::Protocol(_) => Some((1002, "protocol error")),
-        _ => None,
-    }
+/// Sends a close frame (waiting at most a second for a reader that does not read),
+/// then ends the connection.
+async fn close<W: AsyncWrite + Unpin>(writer: &mut W, code: u16, reason: &str) {
+    let frame = frame::close(code, reason);
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        writer.write_all(&frame).await?;
+        writer.shutdown().await
+    })
+    .await;
 }
 
 /// What the socket loop writes next.
 enum Out {
     /// Messages: this one, then whatever else is ready.
     Messages(std::sync::Arc<crate::engine::Message>),
-    /// One frame of the server's own (a reset, a ping).
-    Frame(Frame),
+    /// A frame of the server's own (a reset, a ping, a pong).
+    Frame(Vec<u8>),
 }
 
-async fn serve<S>(state: AppState, opened: Result<Deliveries, ApiError>, socket: WebSocketStream<S>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
+async fn serve<R, W>(
+    state: AppState,
+    opened: Result<Deliveries, ApiError>,
+    mut reader: R,
+    mut writer: W,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
 {
     let mut deliveries = match opened {
         Ok(deliveries) => deliveries,
-        Err(e) => return close(socket, 4000 + e.status.as_u16(), e.code).await,
+        Err(e) => return close(&mut writer, 4000 + e.status.as_u16(), e.code).await,
     };
     let _open = state.metrics.open_stream(Transport::Ws);
     let every = state.settings.heartbeat;
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    // Not split: reads happen only in the select below and writes only after it, so
-    // the socket needs no lock between two halves.
-    let mut socket = socket;
+    let mut inbound = Reader::new(MAX_INBOUND_BYTES);
     let (code, reason) = loop {
         let out = tokio::select! {
             biased;
             () = state.shutdown.cancelled() => break (CLOSE_SHUTDOWN, "server shutting down"),
-            frame = socket.next() => match frame {
-                Some(Ok(Frame::Close(_))) | None => return,
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => match inbound_error(&e) {
-                    Some(why) => break why,
-                    None => return,
-                },
+            // One frame at a time, and its answer written before the next is read: a
+            // client that floods pings and never reads is held back by its own pongs.
+            frame = inbound.next(&mut reader) => match frame {
+                Ok(Inbound::Ping(payload)) => Out::Frame(frame::short(Opcode::Pong, &payload)),
+                Ok(Inbound::Ignored) => continue,
+                Ok(Inbound::Close(code)) => {
+                    // Echo the client's code (RFC 6455 §5.5.1), then hang up.
+                    return close(&mut writer, code.unwrap_or(1000), "").await;
+                }
+                Err(ReadError::Gone) => return,
+                Err(ReadError::Violation(violation)) => break violation.close(),
             },
             delivery = deliveries.next() => match delivery {
                 Ok(Delivery::Message(first)) => Out::Messages(first),
                 Ok(Delivery::Reset { head }) => {
-                    Out::Frame(Frame::Text(format!("{{\"reset\":true,\"id\":\"{head}\"}}").into()))
+                    let reset = format!("{{\"reset\":true,\"id\":\"{head}\"}}");
+                    Out::Frame(frame::short(Opcode::Text, reset.as_bytes()))
                 }
                 Err(End::Forgotten) => break (4404, "unknown_listener"),
                 Err(End::Store) => break (1011, "store_unavailable"),
             },
-            _ = heartbeat.tick() => Out::Frame(Frame::Ping(bytes::Bytes::new())),
+            _ = heartbeat.tick() => Out::Frame(frame::short(Opcode::Ping, b"")),
         };
         let write = async {
             match out {
                 Out::Messages(first) => {
-                    let mut count = 0;
-                    let mut next = Some(first);
-                    // Everything ready goes out with one flush (one write, usually).
-                    while let Some(message) = next.take() {
-                        if let Some(frame) = text(message.json_event()) {
-                            socket.feed(frame).await?;
-                            count += 1;
-                        }
-                        if count < MAX_FRAMES_PER_FLUSH {
-                            next = deliveries.take_ready();
-                        }
+                    let first = first.ws_frame();
+                    // The common case, one message ready: its shared frame as it is.
+                    let Some(second) = deliveries.take_ready() else {
+                        writer.write_all(&first).await?;
+                        state.metrics.delivered(1);
+                        return writer.flush().await;
+                    };
+                    let mut chunk = BytesMut::with_capacity(first.len() * 4);
+                    chunk.put(first);
+                    chunk.put(second.ws_frame());
+                    let mut count = 2;
+                    while chunk.len() < WRITE_BATCH_BYTES {
+                        let Some(next) = deliveries.take_ready() else {
+                            break;
+                        };
+                        chunk.put(next.ws_frame());
+                        count += 1;
                     }
+                    writer.write_all(&chunk).await?;
                     state.metrics.delivered(count);
                 }
-                Out::Frame(frame) => socket.feed(frame).await?,
+                Out::Frame(frame) => writer.write_all(&frame).await?,
             }
-            socket.flush().await
+            writer.flush().await
         };
         match tokio::time::timeout(SLOW_READER_TIMEOUT, write).await {
             Ok(Ok(())) => deliveries.ack(),
@@ -291,9 +275,5 @@ where
             Err(_) => break (CLOSE_SLOW_READER, "slow reader"),
         }
     };
-    let frame = Frame::Close(Some(CloseFrame {
-        code: CloseCode::from(code),
-        reason: Utf8Bytes::from_static(reason),
-    }));
-    let _ = tokio::time::timeout(Duration::from_secs(1), socket.send(frame)).await;
+    close(&mut writer, code, reason).await;
 }
