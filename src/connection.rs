@@ -30,6 +30,9 @@ use crate::transport::{sse, ws};
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 /// How long a new connection may take to send its first request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most requests open at once on one HTTP/2 connection: far more tabs than a browser
+/// keeps, each an open stream (~1 KB of server memory each, `docs/deploy.md`).
+const MAX_HTTP2_STREAMS: u32 = 1000;
 /// Most headers parsed from a first request.
 const MAX_HEADERS: usize = 64;
 
@@ -144,7 +147,10 @@ where
     let io = TokioIo::new(io);
     // Handlers find the peer as axum's `ConnectInfo`, as with `into_make_service_with_connect_info`.
     let service = TowerToHyperService::new(AddExtension::new(router, ConnectInfo(peer)));
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Over HTTP/2 every tab of a browser shares one connection, each holding a stream
+    // open; hyper's default of 200 at once would make the 201st tab's requests wait.
+    builder.http2().max_concurrent_streams(MAX_HTTP2_STREAMS);
     let connection = builder
         .serve_connection_with_upgrades(io, service)
         .into_owned();
