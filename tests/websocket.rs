@@ -220,3 +220,151 @@ async fn a_plain_get_on_the_websocket_endpoint_gets_a_json_error() {
     assert_eq!(status.as_u16(), 400, "{body}");
     assert_eq!(body["error"]["code"], "not_websocket");
 }
+
+/// A raw socket that has done the WebSocket handshake for `uid`, for frames no client
+/// library would send.
+async fn raw_socket(server: &Server, uid: &str) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /ws/{uid} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.addr()
+    );
+    tcp.write_all(request.as_bytes()).await.expect("send head");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        within("the 101 answer", WAIT, tcp.read_exact(&mut byte))
+            .await
+            .expect("read head");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(
+        head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
+        "RFC 6455's sample accept key: {head}"
+    );
+    tcp
+}
+
+/// A masked client frame.
+fn client_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
+    let key = [1u8, 2, 3, 4];
+    assert!(payload.len() < 126);
+    let mut frame = vec![b0, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&key);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+    frame
+}
+
+/// Reads server frames until a close; returns its code (server frames are unmasked).
+async fn raw_close_code(tcp: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    loop {
+        let mut header = [0u8; 2];
+        within("a frame header", WAIT, tcp.read_exact(&mut header))
+            .await
+            .expect("frame header");
+        let len = usize::from(header[1] & 0x7F);
+        assert!(len < 126, "short frames only here");
+        let mut payload = vec![0u8; len];
+        within("a frame payload", WAIT, tcp.read_exact(&mut payload))
+            .await
+            .expect("frame payload");
+        if header[0] & 0x0F == 0x8 {
+            return u16::from_be_bytes([payload[0], payload[1]]);
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_answers_a_ping_with_a_pong_carrying_its_payload() {
+    let server = Server::start().await;
+    let uid = uid("wsping");
+    server.connect(&uid, ":p").await;
+    let mut socket = open(&server, &uid, "").await;
+    socket
+        .send(Message::Ping(bytes::Bytes::from_static(b"are you there")))
+        .await
+        .expect("ping");
+    loop {
+        let frame = within("the pong", WAIT, socket.next())
+            .await
+            .expect("open")
+            .expect("frame");
+        if let Message::Pong(payload) = frame {
+            assert_eq!(&payload[..], b"are you there");
+            break;
+        }
+    }
+}
+
+#[tokio::test]
+async fn websocket_protocol_errors_close_with_1002_or_1007() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::start().await;
+    let uid = uid("wsproto");
+    server.connect(&uid, ":p").await;
+    let cases: [(&str, Vec<u8>, u16); 5] = [
+        ("an unmasked frame", vec![0x89, 0x00], 1002),
+        ("reserved bits", client_frame(0xC9, b""), 1002),
+        ("an unknown opcode", client_frame(0x83, b"x"), 1002),
+        ("a fragmented ping", client_frame(0x09, b""), 1002),
+        (
+            "text that is not UTF-8",
+            client_frame(0x81, &[0xC3, 0x28]),
+            1007,
+        ),
+    ];
+    for (what, frame, code) in cases {
+        let mut tcp = raw_socket(&server, &uid).await;
+        tcp.write_all(&frame).await.expect("send frame");
+        assert_eq!(raw_close_code(&mut tcp).await, code, "{what}");
+    }
+    // The server carried on.
+    assert!(server.healthy().await);
+}
+
+#[tokio::test]
+async fn websocket_ping_flood_from_a_client_that_never_reads_is_held_back() {
+    use tokio::io::AsyncWriteExt;
+    let server = Server::config().memory().start().await;
+    let uid = uid("wsflood");
+    server.connect(&uid, ":p").await;
+    let before = server.rss_kib();
+    let mut tcp = raw_socket(&server, &uid).await;
+    // 125-byte pings, never reading a pong: the server answers each before it reads the
+    // next, so once the socket buffers are full it stops reading and our writes stall.
+    let ping = client_frame(0x89, &[b'x'; 125]);
+    let burst: Vec<u8> = ping
+        .iter()
+        .copied()
+        .cycle()
+        .take(ping.len() * 8192)
+        .collect();
+    let mut sent = 0usize;
+    let flood = async {
+        while sent < 256 * 1024 * 1024 {
+            tcp.write_all(&burst).await.expect("write pings");
+            sent += burst.len();
+        }
+    };
+    let stalled = tokio::time::timeout(std::time::Duration::from_secs(3), flood)
+        .await
+        .is_err();
+    assert!(
+        stalled,
+        "256 MB of pings went through without being held back"
+    );
+    let grown_kib = server.rss_kib().saturating_sub(before);
+    assert!(
+        grown_kib < 32 * 1024,
+        "the server grew by {grown_kib} KiB after {} MB of pings",
+        sent / (1024 * 1024)
+    );
+    assert!(server.healthy().await);
+}
