@@ -170,7 +170,9 @@ async fn read_head(stream: &mut TcpStream, buffer: &mut Vec<u8>) -> io::Result<(
         if n == 0 {
             break;
         }
-        if buffer.windows(4).any(|w| w == b"\r\n\r\n") {
+        // A head ends with an empty line; bare LF line ends (which HTTP parsers accept)
+        // end it too, so such a request is answered at once, not at the timeout.
+        if buffer.windows(4).any(|w| w == b"\r\n\r\n") || buffer.windows(2).any(|w| w == b"\n\n") {
             break;
         }
     }

@@ -20,6 +20,10 @@ use crate::engine::{Change, Message, Tail};
 /// burst and reads from the store instead; the queue holds pointers to shared
 /// messages, so a full one costs 8 bytes a message.
 pub const QUEUE_CAPACITY: usize = 4096;
+/// Most bytes of messages (their JSON) waiting for one stream. The messages are shared,
+/// but a stream that does not read keeps alive every one in its queue: 4,096 messages of
+/// 64 KiB would be 256 MiB for one stuck reader. Past this it reads from the store too.
+pub const QUEUE_BYTES: usize = 1024 * 1024;
 
 /// The live fan-out. Share it as `Arc<Hub>`.
 #[derive(Debug, Default)]
@@ -49,6 +53,8 @@ struct Slot {
 #[derive(Debug, Default)]
 struct Queue {
     items: VecDeque<Arc<Message>>,
+    /// The JSON bytes of `items`.
+    bytes: usize,
     tracks: Vec<Arc<str>>,
     lagged: bool,
     forgotten: bool,
@@ -78,11 +84,17 @@ impl Slot {
             if queue.lagged || queue.forgotten {
                 return;
             }
-            if queue.items.len() >= QUEUE_CAPACITY {
+            let size = message.json.len();
+            let too_many = queue.items.len() >= QUEUE_CAPACITY;
+            // One message larger than the bound still queues alone.
+            let too_big = queue.bytes + size > QUEUE_BYTES && !queue.items.is_empty();
+            if too_many || too_big {
                 queue.items = VecDeque::new();
+                queue.bytes = 0;
                 queue.lagged = true;
             } else {
                 queue.items.push_back(message.clone());
+                queue.bytes += size;
             }
         }
         self.notify.notify_one();
@@ -121,6 +133,7 @@ impl Subscription {
                     return Received::Lagged;
                 }
                 if !queue.items.is_empty() {
+                    queue.bytes = 0;
                     return Received::Messages(std::mem::take(&mut queue.items));
                 }
             }
@@ -228,6 +241,7 @@ impl Tail for Hub {
                         for slot in state.uids.values().flatten() {
                             let mut queue = lock(&slot.queue);
                             queue.items = VecDeque::new();
+                            queue.bytes = 0;
                             queue.lagged = true;
                             drop(queue);
                             slot.notify.notify_one();

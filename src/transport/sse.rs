@@ -27,6 +27,9 @@ use crate::server::AppState;
 /// How long a browser waits before reconnecting after the stream drops, in ms. Short,
 /// because a reconnect costs little and resumes exactly.
 const RETRY_MS: u32 = 2000;
+/// Longest a write may wait for a reader that takes nothing, as for WebSocket.
+/// Generous: a phone on a bad network is slow, not gone.
+const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes written as one chunk: coalescing stops here so one write stays small.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -207,7 +210,8 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
             chunk = stream.next_chunk() => match chunk {
                 Some(chunk) => {
                     // Chunked framing, so a client can tell a clean end from a crash.
-                    let written = if chunked {
+                    let write = async {
+                    if chunked {
                         let mut size = [0u8; 18];
                         let size = chunk_size_line(chunk.len(), &mut size);
                         let mut parts = [
@@ -218,16 +222,22 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
                         write_all_vectored(&mut writer, &mut parts).await
                     } else {
                         writer.write_all(&chunk).await
+                    }
                     };
-                    if written.is_err() {
-                        return;
+                    // A reader that takes nothing for this long is stuck, not slow: the
+                    // stream ends and the client resumes from its last id when it can.
+                    match tokio::time::timeout(WRITE_STALL_TIMEOUT, write).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) | Err(_) => return,
                     }
                 }
                 None => break,
             },
+            // A listener sends nothing after its request: anything it does send (data
+            // up a stream, a pipelined request that can never be answered) ends it,
+            // rather than being read and thrown away for as long as it keeps coming.
             read = reader.read(&mut probe) => match read {
-                Ok(0) | Err(_) => return,
-                Ok(_) => {}
+                Ok(_) | Err(_) => return,
             },
         }
     }

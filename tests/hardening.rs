@@ -1,0 +1,95 @@
+//! What a single misbehaving client must not be able to do to the server, against the
+//! real binary: hold a connection with a bare-LF head until a timeout, stream bytes up
+//! an SSE stream forever, or make stuck readers keep every message alive.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Server, WAIT, uid, within};
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+#[tokio::test]
+async fn a_head_with_bare_lf_line_ends_is_answered_at_once() {
+    let server = Server::start().await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /healthz HTTP/1.1\nHost: x\nConnection: close\n\n")
+        .await
+        .expect("send");
+    let mut answer = Vec::new();
+    // Far below the 30 s a head may take: the empty line ended it.
+    within(
+        "the answer to a bare-LF head",
+        Duration::from_secs(3),
+        tcp.read_to_end(&mut answer),
+    )
+    .await
+    .expect("read");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[tokio::test]
+async fn bytes_sent_up_an_sse_stream_end_it() {
+    let server = Server::start().await;
+    let uid = uid("upstream");
+    server.connect(&uid, ":u").await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    tcp.write_all(format!("GET /listen/{uid} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    let mut head = [0u8; 256];
+    let n = within("the stream's head", WAIT, tcp.read(&mut head))
+        .await
+        .expect("read");
+    assert!(head[..n].starts_with(b"HTTP/1.1 200"));
+    tcp.write_all(&[b'x'; 4096]).await.expect("send junk");
+    // The server hangs up instead of reading and dropping it for as long as it comes.
+    let mut rest = Vec::new();
+    within("the server to close", WAIT, tcp.read_to_end(&mut rest))
+        .await
+        .ok();
+    let stats = server.stats().await;
+    assert_eq!(stats["streams"]["sse"], 0, "{stats}");
+}
+
+#[tokio::test]
+async fn stuck_readers_do_not_keep_every_message_alive() {
+    // The store keeps 50 messages; four readers that never read must not hold the rest.
+    let server = Server::config()
+        .memory()
+        .args(["--max-stored-messages", "50"])
+        .start()
+        .await;
+    let mut sockets = Vec::new();
+    for n in 0..4 {
+        let uid = uid(&format!("stuck{n}"));
+        server.connect(&uid, ":big").await;
+        let mut tcp = tokio::net::TcpStream::connect(server.addr())
+            .await
+            .expect("connect");
+        tcp.write_all(format!("GET /listen/{uid} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+            .await
+            .expect("send");
+        sockets.push(tcp); // never read
+    }
+    common::eventually("4 open streams", WAIT, || async {
+        (server.stats().await["streams"]["sse"] == 4).then_some(())
+    })
+    .await;
+    let before = server.rss_kib();
+    let big = "x".repeat(60 * 1024);
+    for _ in 0..1000 {
+        server.publish(":big", json!(big)).await; // 60 MB in all
+    }
+    let grown_mib = server.rss_kib().saturating_sub(before) / 1024;
+    // Each stuck stream keeps at most its bounded queue (1 MiB of messages), what it
+    // took from it, and what the kernel holds for its socket.
+    assert!(grown_mib < 25, "the server grew by {grown_mib} MiB");
+    assert!(server.healthy().await);
+}
