@@ -71,6 +71,10 @@ pub struct Options {
     /// Proxies whose X-Forwarded-For/-Proto/-Host are believed, as CIDR blocks, comma-separated (like 127.0.0.1/32,::1/128)
     #[arg(long, env = "DOLORES_TRUSTED_PROXIES", value_delimiter = ',')]
     pub trusted_proxies: Option<Vec<String>>,
+    /// Longest a request head may take to arrive, and an idle kept-alive connection may
+    /// wait for its next request, like 30s [default: 30s]
+    #[arg(long, env = "DOLORES_HEAD_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub head_timeout: Option<Duration>,
     /// A dolores.toml with any of these settings as keys
     #[arg(long, env = "DOLORES_CONFIG")]
     pub config: Option<PathBuf>,
@@ -95,6 +99,7 @@ struct FileSettings {
     cors_origins: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
+    head_timeout: Option<String>,
     base_path: Option<String>,
     trusted_proxies: Option<Vec<String>>,
 }
@@ -130,6 +135,8 @@ pub struct Settings {
     pub cors_origins: Vec<String>,
     /// Certificate and key for HTTPS, when both are set.
     pub tls: Option<crate::tls::CertFiles>,
+    /// Longest a request head may take, and an idle kept-alive connection may wait.
+    pub head_timeout: Duration,
     /// The prefix every route is served under: empty (the root) or like `/dolores`.
     pub base_path: String,
     /// The proxies whose `X-Forwarded-*` headers are believed.
@@ -157,6 +164,9 @@ impl Default for Settings {
             max_message_bytes: 64 * 1024,
             cors_origins: Vec::new(),
             tls: None,
+            // Generous for a phone on a bad network; short enough that a client holding
+            // connections open without finishing a request runs out of patience first.
+            head_timeout: Duration::from_secs(30),
             base_path: String::new(),
             trusted_proxies: TrustedProxies::default(),
         }
@@ -267,6 +277,10 @@ impl Settings {
                     ));
                 }
             },
+            head_timeout: o
+                .head_timeout
+                .or(duration(&path, "head_timeout", file.head_timeout)?)
+                .unwrap_or(d.head_timeout),
             base_path: match o.base_path.or(file.base_path) {
                 Some(raw) => parse_base_path(&raw).map_err(ConfigError::Invalid)?,
                 None => d.base_path,
@@ -284,6 +298,9 @@ impl Settings {
         let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
         if self.heartbeat < Duration::from_millis(100) {
             return invalid("heartbeat must be at least 100ms");
+        }
+        if self.head_timeout < Duration::from_millis(100) {
+            return invalid("head_timeout must be at least 100ms");
         }
         if self.retention.is_zero() || self.listener_ttl.is_zero() {
             return invalid("retention and listener_ttl must be longer than zero");

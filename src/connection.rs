@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, HeaderName, HeaderValue};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
@@ -22,14 +22,13 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tower_http::add_extension::AddExtension;
 
+use crate::error::ApiError;
 use crate::proxy::strip_base;
 use crate::server::AppState;
 use crate::transport::{sse, ws};
 
 /// Longest request head read here; anything longer is hyper's to refuse.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// How long a new connection may take to send its first request head.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most requests open at once on one HTTP/2 connection: far more tabs than a browser
 /// keeps, each an open stream (~1 KB of server memory each, `docs/deploy.md`).
 const MAX_HTTP2_STREAMS: u32 = 1000;
@@ -57,9 +56,10 @@ pub async fn serve(
     router: Router,
     watcher: Watcher,
 ) {
+    let head_timeout = state.settings.head_timeout;
     let mut buffer = Vec::with_capacity(1024);
     let head = tokio::select! {
-        head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream, &mut buffer)) => head,
+        head = tokio::time::timeout(head_timeout, read_head(&mut stream, &mut buffer)) => head,
         () = state.shutdown.cancelled() => return,
     };
     let base = state.settings.base_path.as_str();
@@ -72,15 +72,28 @@ pub async fn serve(
         }
         return;
     }
-    if !matches!(head, Ok(Ok(()))) && buffer.is_empty() {
-        return; // closed or silent before sending anything
+    match head {
+        Ok(Ok(())) => {}
+        _ if buffer.is_empty() => return, // closed or silent before sending anything
+        Ok(Err(_)) => return,
+        Err(_) => {
+            // Part of a head, and no more within the time: a slow client holding a
+            // connection (and a file descriptor) for free. Say so and hang up.
+            let error = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "head_timeout",
+                format!("the request head did not arrive within {head_timeout:?}"),
+            );
+            crate::transport::write_error(&mut stream, &error, "").await;
+            return;
+        }
     }
     let io = Prefixed {
         prefix: buffer,
         read: 0,
         inner: stream,
     };
-    serve_http(io, peer, router, watcher).await;
+    serve_http(io, peer, head_timeout, router, watcher).await;
 }
 
 /// Serves one accepted connection of an HTTPS listener: the TLS handshake, then HTTP/2
@@ -96,7 +109,7 @@ pub async fn serve_tls(
 ) {
     let mut first = [0u8; 1];
     let peeked = tokio::select! {
-        peeked = tokio::time::timeout(HEAD_TIMEOUT, stream.peek(&mut first)) => peeked,
+        peeked = tokio::time::timeout(state.settings.head_timeout, stream.peek(&mut first)) => peeked,
         () = state.shutdown.cancelled() => return,
     };
     match peeked {
@@ -107,7 +120,8 @@ pub async fn serve_tls(
         Ok(Ok(1)) => {}
         _ => return, // closed, failed or silent before sending anything
     }
-    let tls = match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(stream)).await {
+    let head_timeout = state.settings.head_timeout;
+    let tls = match tokio::time::timeout(head_timeout, acceptor.accept(stream)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::debug!("TLS handshake failed: {e}");
@@ -115,7 +129,7 @@ pub async fn serve_tls(
         }
         Err(_) => return,
     };
-    serve_http(tls, peer, router, watcher).await;
+    serve_http(tls, peer, head_timeout, router, watcher).await;
 }
 
 /// The first byte of every TLS connection (a handshake record); a plain HTTP request
@@ -140,8 +154,13 @@ async fn refuse_plain_http(mut stream: TcpStream) {
 
 /// Serves HTTP/1.1 or HTTP/2 (hyper tells them apart by the preface) on `io` until it
 /// closes.
-async fn serve_http<I>(io: I, peer: SocketAddr, router: Router, watcher: Watcher)
-where
+async fn serve_http<I>(
+    io: I,
+    peer: SocketAddr,
+    head_timeout: Duration,
+    router: Router,
+    watcher: Watcher,
+) where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let io = TokioIo::new(io);
@@ -151,6 +170,12 @@ where
     // Over HTTP/2 every tab of a browser shares one connection, each holding a stream
     // open; hyper's default of 200 at once would make the 201st tab's requests wait.
     builder.http2().max_concurrent_streams(MAX_HTTP2_STREAMS);
+    // Every request head within the time, and hyper starts that clock when it waits for
+    // the next request too: an idle kept-alive connection is closed after it as well.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout);
     let connection = builder
         .serve_connection_with_upgrades(io, service)
         .into_owned();

@@ -276,6 +276,7 @@ pub async fn run(
     }
     let connections = TaskTracker::new();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut last_accept_warning: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -303,8 +304,12 @@ pub async fn run(
                     }
                 }
                 Err(e) => {
-                    // Out of file descriptors, say: wait a little rather than spin.
-                    tracing::warn!("accept failed: {e}");
+                    // Out of file descriptors, say: wait a little rather than spin, and
+                    // say so at most once a second, not once per try.
+                    if last_accept_warning.is_none_or(|at: Instant| at.elapsed() >= Duration::from_secs(1)) {
+                        tracing::warn!("accept failed: {e}");
+                        last_accept_warning = Some(Instant::now());
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             },

@@ -93,3 +93,81 @@ async fn stuck_readers_do_not_keep_every_message_alive() {
     assert!(grown_mib < 25, "the server grew by {grown_mib} MiB");
     assert!(server.healthy().await);
 }
+
+/// Reads until the server closes the connection; what it sent.
+async fn until_closed(tcp: &mut tokio::net::TcpStream, limit: Duration) -> String {
+    let mut answer = Vec::new();
+    within("the server to close", limit, tcp.read_to_end(&mut answer))
+        .await
+        .ok();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+#[tokio::test]
+async fn a_head_that_never_ends_gets_408_after_the_head_timeout() {
+    let server = Server::start_args(&["--head-timeout", "500ms"]).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("send half a head");
+    let answer = until_closed(&mut tcp, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("head_timeout"), "{answer}");
+}
+
+#[tokio::test]
+async fn silent_and_idle_kept_alive_connections_are_closed_after_the_head_timeout() {
+    let server = Server::start_args(&["--head-timeout", "500ms"]).await;
+    // Never sends anything.
+    let mut silent = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    // One request answered, then idle on a kept-alive connection.
+    let mut idle = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("send");
+    let mut first = [0u8; 512];
+    let n = within("the first answer", WAIT, idle.read(&mut first))
+        .await
+        .expect("read");
+    assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+    let started = std::time::Instant::now();
+    assert_eq!(until_closed(&mut silent, Duration::from_secs(5)).await, "");
+    until_closed(&mut idle, Duration::from_secs(5)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(server.healthy().await);
+}
+
+#[tokio::test]
+async fn the_head_timeout_is_read_from_the_environment_and_checked() {
+    let server = Server::config()
+        .env("DOLORES_HEAD_TIMEOUT", "300ms")
+        .start()
+        .await;
+    let mut tcp = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    tcp.write_all(b"GET / HTTP/1.1\r\n").await.expect("send");
+    let answer = until_closed(&mut tcp, Duration::from_secs(5)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    let refused = common::command()
+        .args(["serve", "--memory", "--head-timeout", "10ms"])
+        .output()
+        .await
+        .expect("run");
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("head_timeout must be at least"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
