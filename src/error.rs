@@ -106,6 +106,14 @@ impl From<EngineError> for ApiError {
                 "shutting_down",
                 "the server is shutting down; retry on another node or in a moment",
             ),
+            EngineError::Full(detail) => {
+                tracing::error!("store failure: the disk is full: {detail}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_full",
+                    "the store's disk is full: nothing was stored; retry once space is freed",
+                )
+            }
             EngineError::Storage(detail) => {
                 tracing::error!("store failure: {detail}");
                 Self::new(

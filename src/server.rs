@@ -243,7 +243,10 @@ async fn healthz(State(state): State<AppState>) -> Response {
         return ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            format!("the {} store is not answering", state.engine.kind()),
+            format!(
+                "the {} store is failing (a write or a read did not go through; the log says why)",
+                state.engine.kind()
+            ),
         )
         .into_response();
     }

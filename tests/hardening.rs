@@ -171,3 +171,94 @@ async fn the_head_timeout_is_read_from_the_environment_and_checked() {
         String::from_utf8_lossy(&refused.stderr)
     );
 }
+
+/// A tmpfs of `mib` MiB mounted on a fresh temp dir, unmounted when dropped. Needs
+/// root, which the test machines and CI have.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(mib: u32) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (the disk-full test runs as root in CI)"
+        );
+        Self { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_answers_503_store_full_and_heals_when_space_is_freed() {
+    let disk = SmallDisk::mount(8);
+    let filler = disk.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 4 * 1024 * 1024]).expect("filler");
+    let data = disk.path().join("data");
+    let mut server = Server::config()
+        .bare(Some(common::API_KEY))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--api-key",
+            common::API_KEY,
+            "--data",
+            data.to_str().expect("utf-8 path"),
+        ])
+        .start()
+        .await;
+    let uid = uid("diskfull");
+    server.connect(&uid, ":full").await;
+    let big = "x".repeat(40 * 1024);
+    let mut acknowledged = Vec::new();
+    let refused = loop {
+        let answer = server
+            .api("update", json!({"track": ":full", "message": big}))
+            .await;
+        if answer.0 != 200 {
+            break answer;
+        }
+        acknowledged.push(common::id_of(&answer.1["id"]));
+        assert!(acknowledged.len() < 500, "the disk never filled");
+    };
+    common::assert_error(&refused, 503, "store_full");
+    let health = server.get("/healthz").await;
+    assert_eq!(health.0, 503, "{:?}", health.1);
+
+    // Space comes back: the next writes work by themselves, and health with them.
+    std::fs::remove_file(&filler).expect("free space");
+    let healed = common::eventually("a write to work again", WAIT, || async {
+        let answer = server
+            .api("update", json!({"track": ":full", "message": big}))
+            .await;
+        (answer.0 == 200).then(|| common::id_of(&answer.1["id"]))
+    })
+    .await;
+    acknowledged.push(healed);
+    assert_eq!(server.get("/healthz").await.0, 200);
+
+    // Nothing acknowledged was lost, across a kill -9 too.
+    server.kill9().await;
+    server.restart().await;
+    let mut stream = server.listen(&uid).await;
+    let events = stream.events(acknowledged.len()).await;
+    assert_eq!(common::positions(&events), acknowledged);
+}

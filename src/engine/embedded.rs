@@ -6,8 +6,8 @@
 //! Every commit is durable (redb's `Immediate` durability: synced before `commit`
 //! returns); the writer in `local` groups many updates into one commit.
 
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
 
 use redb::{
     Database, Key, ReadTransaction, ReadableDatabase, ReadableTable, ReadableTableMetadata,
@@ -27,17 +27,42 @@ const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 /// hot data — recent messages and the listeners being served — fits in much less.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
+/// How many times (10 ms apart) a recovery waits for reads still holding the old handle.
+const RECOVER_WAIT_TRIES: usize = 100;
+
 /// The file's name inside the data dir.
 pub(crate) const FILE_NAME: &str = "dolores.redb";
 
+/// A redb error as the engine's: a full disk (ENOSPC) is told apart, because it heals
+/// once space is freed and the caller should hear exactly that.
 fn storage_error(e: impl std::fmt::Display) -> EngineError {
-    EngineError::Storage(e.to_string())
+    let text = e.to_string();
+    if text.contains("No space left on device") || text.contains("os error 28") {
+        EngineError::Full(text)
+    } else {
+        EngineError::Storage(text)
+    }
 }
 
-/// The redb database.
+/// The redb database. After an I/O error redb refuses every later transaction until
+/// the file is opened again, so the handle can be swapped (`recover`).
 #[derive(Debug)]
 pub(crate) struct RedbStorage {
-    db: Database,
+    /// `None` while the file is being reopened (and until that succeeds).
+    db: RwLock<Option<Arc<Database>>>,
+    path: PathBuf,
+}
+
+fn open_database(path: &Path) -> Result<Database> {
+    Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|e| match storage_error(&e) {
+            EngineError::Full(_) => {
+                EngineError::Full(format!("cannot open {}: {e}", path.display()))
+            }
+            _ => EngineError::Storage(format!("cannot open {}: {e}", path.display())),
+        })
 }
 
 impl RedbStorage {
@@ -46,10 +71,7 @@ impl RedbStorage {
         std::fs::create_dir_all(dir)
             .map_err(|e| EngineError::Storage(format!("cannot create {}: {e}", dir.display())))?;
         let path = dir.join(FILE_NAME);
-        let db = Database::builder()
-            .set_cache_size(CACHE_BYTES)
-            .create(&path)
-            .map_err(|e| EngineError::Storage(format!("cannot open {}: {e}", path.display())))?;
+        let db = open_database(&path)?;
         let txn = db.begin_write().map_err(storage_error)?;
         {
             txn.open_table(LOG).map_err(storage_error)?;
@@ -59,7 +81,23 @@ impl RedbStorage {
             txn.open_table(META).map_err(storage_error)?;
         }
         txn.commit().map_err(storage_error)?;
-        Ok(Self { db })
+        Ok(Self {
+            db: RwLock::new(Some(Arc::new(db))),
+            path,
+        })
+    }
+
+    fn db(&self) -> Result<Arc<Database>> {
+        let slot = match self.db.read() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        slot.clone().ok_or_else(|| {
+            EngineError::Storage(format!(
+                "{} is being reopened after a write failed",
+                self.path.display()
+            ))
+        })
     }
 }
 
@@ -68,11 +106,45 @@ impl Storage for RedbStorage {
     type Txn<'a> = RedbTxn;
 
     fn read(&self) -> Result<ReadTransaction> {
-        self.db.begin_read().map_err(storage_error)
+        self.db()?.begin_read().map_err(storage_error)
     }
 
     fn write(&self) -> Result<RedbTxn> {
-        Ok(RedbTxn(self.db.begin_write().map_err(storage_error)?))
+        Ok(RedbTxn(self.db()?.begin_write().map_err(storage_error)?))
+    }
+
+    /// Opens the file again: the handle that saw the I/O error is closed first (redb
+    /// holds a lock on the file), then redb checks and, if needed, repairs the file as
+    /// at any start. Committed data is what a crash at that moment would have kept.
+    fn recover(&self) -> Result<()> {
+        let mut slot = match self.db.write() {
+            Ok(slot) => slot,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        // Give the old handle up (reads fail with 503 meanwhile, never see an empty
+        // store); a read still running holds it for a moment.
+        let mut old = slot.take();
+        for _ in 0..RECOVER_WAIT_TRIES {
+            match old.take().map(Arc::try_unwrap) {
+                Some(Ok(db)) => drop(db),
+                Some(Err(still_shared)) => {
+                    old = Some(still_shared);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                    continue;
+                }
+                None => {}
+            }
+            break;
+        }
+        drop(old);
+        match open_database(&self.path) {
+            Ok(db) => {
+                *slot = Some(Arc::new(db));
+                tracing::info!("reopened {}", self.path.display());
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
     }
 }
 

@@ -10,6 +10,7 @@
 //! in exactly that order — which is what keeps live delivery gap-free.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -89,6 +90,12 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn read(&self) -> Result<Self::Snap<'_>>;
     /// Begins the (only) write transaction.
     fn write(&self) -> Result<Self::Txn<'_>>;
+    /// Gets ready to write again after a failed commit (a storage that cannot go on
+    /// after an I/O error reopens its file here). Called by the writer before its next
+    /// commit; an error means "not yet".
+    fn recover(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -113,6 +120,8 @@ pub(crate) struct LocalEngine<S: Storage> {
     ops_tx: mpsc::Sender<Op>,
     acks: Acks,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set while the last commit failed: `/healthz` says so until one succeeds.
+    failing: Arc<AtomicBool>,
 }
 
 impl<S: Storage> std::fmt::Debug for LocalEngine<S> {
@@ -134,10 +143,12 @@ impl<S: Storage> LocalEngine<S> {
     ) -> Self {
         let storage = Arc::new(storage);
         let acks = Acks::default();
+        let failing = Arc::new(AtomicBool::new(false));
         let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE);
         let writer = Writer {
             storage: storage.clone(),
             acks: acks.clone(),
+            failing: failing.clone(),
             limits,
             tail,
             last_maintenance: Instant::now(),
@@ -166,6 +177,7 @@ impl<S: Storage> LocalEngine<S> {
             ops_tx,
             acks,
             writer: Mutex::new(writer),
+            failing,
         }
     }
 
@@ -200,6 +212,10 @@ impl<S: Storage> LocalEngine<S> {
 
 #[async_trait::async_trait]
 impl<S: Storage> Engine for LocalEngine<S> {
+    fn healthy(&self) -> bool {
+        !self.failing.load(Ordering::Relaxed)
+    }
+
     fn kind(&self) -> &'static str {
         self.kind
     }
@@ -291,6 +307,8 @@ fn read_replay(
 struct Writer<S: Storage> {
     storage: Arc<S>,
     acks: Acks,
+    /// Whether the last commit failed; the next one first lets the storage recover.
+    failing: Arc<AtomicBool>,
     limits: Limits,
     tail: Arc<dyn Tail>,
     last_maintenance: Instant,
@@ -307,7 +325,11 @@ enum Answer {
 
 impl Answer {
     fn send(self, failure: Option<&EngineError>) {
-        let fail = || EngineError::Storage(failure.map(|e| e.to_string()).unwrap_or_default());
+        let fail = || {
+            failure
+                .cloned()
+                .unwrap_or_else(|| EngineError::Storage(String::new()))
+        };
         match (self, failure) {
             (Answer::Append(tx, v), None) => drop(tx.send(Ok(v))),
             (Answer::Append(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
@@ -346,11 +368,23 @@ impl<S: Storage> Writer<S> {
         let started = Instant::now();
         let mut answers = Vec::with_capacity(ops.len());
         let mut changes = Vec::new();
-        let result = self.apply(ops, &mut answers, &mut changes);
+        let result = if self.failing.load(Ordering::Relaxed) {
+            // Heal by itself: each new commit tries again (space may have been freed).
+            self.storage.recover()
+        } else {
+            Ok(())
+        };
+        let result = result.and_then(|()| self.apply(ops, &mut answers, &mut changes));
         match &result {
-            Ok(flushed) => self.forget_flushed_acks(flushed),
+            Ok(flushed) => {
+                if self.failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("the store writes again");
+                }
+                self.forget_flushed_acks(flushed);
+            }
             Err(e) => {
                 tracing::error!("commit failed, {} operation(s) refused: {e}", answers.len());
+                self.failing.store(true, Ordering::Relaxed);
                 changes.clear();
             }
         }

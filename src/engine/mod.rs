@@ -232,11 +232,14 @@ pub struct Limits {
 }
 
 /// What can go wrong in an engine. None of it is the caller's fault.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
-    /// The storage failed (disk full, corrupt file, lost connection…).
+    /// The storage failed (corrupt file, lost connection…).
     #[error("storage failed: {0}")]
     Storage(String),
+    /// The disk is full: nothing can be written until space is freed.
+    #[error("the disk is full: {0}")]
+    Full(String),
     /// The engine is shutting down and takes no more work.
     #[error("the store is shutting down")]
     Closed,
