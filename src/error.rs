@@ -114,6 +114,10 @@ impl From<EngineError> for ApiError {
                     "the store's disk is full: nothing was stored; retry once space is freed",
                 )
             }
+            EngineError::Corrupt(detail) => {
+                tracing::error!("store failure: {detail}");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_corrupt", detail)
+            }
             EngineError::Storage(detail) => {
                 tracing::error!("store failure: {detail}");
                 Self::new(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::{Server, WAIT, uid, within};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
 async fn a_head_with_bare_lf_line_ends_is_answered_at_once() {
@@ -261,4 +261,199 @@ async fn a_full_disk_answers_503_store_full_and_heals_when_space_is_freed() {
     let mut stream = server.listen(&uid).await;
     let events = stream.events(acknowledged.len()).await;
     assert_eq!(common::positions(&events), acknowledged);
+}
+
+/// Flips bytes across the middle third of the store file (bit rot inside a valid file).
+fn damage(store: &std::path::Path) {
+    let path = store.join("dolores.redb");
+    let mut bytes = std::fs::read(&path).expect("read store");
+    let start = bytes.len() / 3;
+    for at in (start..(start + 32 * 1024).min(bytes.len())).step_by(97) {
+        bytes[at] ^= 0xFF;
+    }
+    std::fs::write(&path, bytes).expect("write store");
+}
+
+async fn dolores(args: &[&str]) -> std::process::Output {
+    within(
+        "dolores to finish",
+        WAIT,
+        common::command()
+            .env("RUST_BACKTRACE", "0")
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("run dolores")
+}
+
+/// A server with 300 messages of ~500 bytes for one listener, stopped by `stop`.
+async fn store_with_messages(uid: &str) -> Server {
+    let server = Server::start().await;
+    server.connect(uid, ":rot").await;
+    for n in 0..300 {
+        server
+            .publish(":rot", json!(format!("message {n} {}", "b".repeat(500))))
+            .await;
+    }
+    server
+}
+
+#[tokio::test]
+async fn a_damaged_store_is_found_by_check_and_answered_503_store_corrupt() {
+    let uid = uid("rot");
+    let mut server = store_with_messages(&uid).await;
+    assert!(server.terminate().await.success());
+    let store = server.store_dir();
+    let dir = store.to_str().expect("utf-8 path");
+
+    let check = dolores(&["check", "--data", dir]).await;
+    assert!(check.status.success(), "{check:?}");
+    assert!(String::from_utf8_lossy(&check.stdout).contains("sound"));
+
+    damage(&store);
+    let check = dolores(&["check", "--data", dir]).await;
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        !check.status.success(),
+        "check passed a damaged store: {said}"
+    );
+    assert!(
+        said.contains("damaged") && said.contains("dolores.redb"),
+        "{said}"
+    );
+
+    // Closed cleanly, so redb may open it without a check: then the first read of a
+    // damaged page is a 503 naming the file (or ends the stream), never a panic that
+    // takes a connection or the server down, and /healthz stops saying 200. Where the
+    // damage is in what redb reads as it opens, the start is refused with what to do.
+    let mut child = common::command()
+        .env("RUST_BACKTRACE", "0")
+        .args(["serve", "--data", dir, "--api-key", common::API_KEY])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dolores");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = within("a first line or an exit", WAIT, lines.next_line())
+        .await
+        .expect("read stdout");
+    let Some(first) = first else {
+        let output = within("the refused start", WAIT, child.wait_with_output())
+            .await
+            .expect("wait");
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{said}");
+        assert!(
+            said.contains("is damaged") && said.contains("dolores repair --data"),
+            "{said}"
+        );
+        return;
+    };
+    let addr = first
+        .split("listening on http://")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("an address")
+        .to_owned();
+    let client = reqwest::Client::builder()
+        .tls_backend_preconfigured(common::plain_tls())
+        .timeout(WAIT)
+        .build()
+        .expect("client");
+    if let Ok(response) = client
+        .get(format!("http://{addr}/listen/{uid}"))
+        .send()
+        .await
+    {
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        assert!(
+            status == 503 && body.contains("store_corrupt") || status == 200,
+            "{status} {body}"
+        );
+        assert!(
+            body.matches("\nid: ").count() < 300,
+            "every message came: {body}"
+        );
+    }
+    let health = client
+        .get(format!("http://{addr}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status(), 503);
+    let _ = child.kill().await;
+    let output = child.wait_with_output().await.expect("wait");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(said.contains("is damaged"), "{said}");
+}
+
+#[tokio::test]
+async fn a_damaged_store_left_by_a_crash_is_checked_as_it_opens() {
+    let uid = uid("crash");
+    let mut server = store_with_messages(&uid).await;
+    server.kill9().await; // not closed cleanly: redb checks (and repairs) as it opens
+    let store = server.store_dir();
+    damage(&store);
+    let dir = store.to_str().expect("utf-8 path");
+    let mut child = common::command()
+        .env("RUST_BACKTRACE", "0")
+        .args([
+            "serve",
+            "--data",
+            dir,
+            "--api-key",
+            "k",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dolores");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = within("a first line or an exit", WAIT, lines.next_line())
+        .await
+        .expect("read stdout");
+    let output = match first {
+        // Repaired to the last sound commit as it opened: a crash's usual outcome.
+        Some(line) => {
+            assert!(line.contains("listening on"), "{line}");
+            let _ = child.kill().await;
+            return;
+        }
+        None => within("the refused start", WAIT, child.wait_with_output())
+            .await
+            .expect("wait"),
+    };
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(
+        said.contains("is damaged") && said.contains("dolores repair --data"),
+        "{said}"
+    );
+}
+
+#[tokio::test]
+async fn an_empty_store_file_is_an_error_not_a_new_store() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("dolores.redb"), b"").expect("empty file");
+    let data = dir.path().to_str().expect("utf-8 path");
+    let serve = dolores(&[
+        "serve",
+        "--data",
+        data,
+        "--api-key",
+        "k",
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let said = String::from_utf8_lossy(&serve.stderr);
+    assert!(!serve.status.success(), "{said}");
+    assert!(said.contains("empty, 0 bytes"), "{said}");
 }

@@ -87,6 +87,18 @@ enum Command {
     },
     /// Load-test servers on loopback: open listeners, publish, measure delivery
     Bench(bench::BenchArgs),
+    /// Check the embedded store in --data without changing it (stop the server first)
+    Check {
+        /// The data dir [default: ./dolores-data]
+        #[arg(long, env = "DOLORES_DATA")]
+        data: Option<std::path::PathBuf>,
+    },
+    /// Repair the embedded store in --data in place (stop the server first)
+    Repair {
+        /// The data dir [default: ./dolores-data]
+        #[arg(long, env = "DOLORES_DATA")]
+        data: Option<std::path::PathBuf>,
+    },
 }
 
 /// Runs the command line; returns the process exit code.
@@ -95,6 +107,18 @@ pub fn main() -> ExitCode {
     // One TLS crypto provider for the process: the server's HTTPS and the clients'
     // (reqwest is built without one of its own). Fails only if one is already set.
     let _ = tokio_rustls::rustls::crypto::ring::default_provider().install_default();
+    // One line per panic (a backtrace only when RUST_BACKTRACE asks): the store's
+    // panics on a damaged file are caught and answered as errors, and must not fill
+    // the log with a backtrace for every failed read.
+    std::panic::set_hook(Box::new(|info| {
+        let backtrace = std::backtrace::Backtrace::capture();
+        match backtrace.status() {
+            std::backtrace::BacktraceStatus::Captured => {
+                eprintln!("dolores: internal error: {info}\n{backtrace}");
+            }
+            _ => eprintln!("dolores: internal error: {info}"),
+        }
+    }));
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
@@ -131,6 +155,8 @@ pub fn main() -> ExitCode {
                 options,
             } => client::token(settings(&options)?, uid, tracks, ttl).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Check { data } => check_store(data, false),
+            Command::Repair { data } => check_store(data, true),
         }
     });
     // Don't wait for blocking reads still running (a listen that was cut, say).
@@ -139,6 +165,24 @@ pub fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(format!("{e:#}")),
     }
+}
+
+/// `dolores check` and `dolores repair`.
+fn check_store(data: Option<std::path::PathBuf>, repair: bool) -> anyhow::Result<()> {
+    let dir = data.unwrap_or_else(|| crate::config::DEFAULT_DATA.into());
+    let sound = crate::engine::check_embedded(&dir, repair)?;
+    match (sound, repair) {
+        (true, _) => println!("{}: the store is sound", dir.display()),
+        (false, true) => println!("{}: the store was damaged and is repaired", dir.display()),
+        (false, false) => {
+            anyhow::bail!(
+                "{}: the store is damaged but can be repaired: run `dolores repair --data {}`",
+                dir.display(),
+                dir.display()
+            )
+        }
+    }
+    Ok(())
 }
 
 fn settings(options: &Options) -> anyhow::Result<Settings> {

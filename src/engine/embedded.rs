@@ -53,16 +53,96 @@ pub(crate) struct RedbStorage {
     path: PathBuf,
 }
 
+/// What to do about a damaged file, said with every error that names one.
+fn repair_hint(path: &Path) -> String {
+    let dir = path.parent().unwrap_or(path).display();
+    format!(
+        "stop the server and run `dolores repair --data {dir}` (or move {} away to start empty)",
+        path.display()
+    )
+}
+
+fn corrupt(path: &Path, what: &str) -> EngineError {
+    EngineError::Corrupt(format!(
+        "the store file {} is damaged ({what}): {}",
+        path.display(),
+        repair_hint(path)
+    ))
+}
+
+/// Opens (or creates) the file. redb checks and repairs a file that was not closed
+/// cleanly as it opens; a file it cannot make sense of is an error that says so,
+/// never a panic.
 fn open_database(path: &Path) -> Result<Database> {
-    Database::builder()
-        .set_cache_size(CACHE_BYTES)
-        .create(path)
-        .map_err(|e| match storage_error(&e) {
+    if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+        // redb would take an empty file for a new store: the messages it held are gone,
+        // and starting empty must be a choice, not an accident.
+        return Err(corrupt(path, "it is empty, 0 bytes"));
+    }
+    let opened =
+        std::panic::catch_unwind(|| Database::builder().set_cache_size(CACHE_BYTES).create(path));
+    match opened {
+        Ok(Ok(db)) => Ok(db),
+        Ok(Err(e)) => Err(match storage_error(&e) {
             EngineError::Full(_) => {
                 EngineError::Full(format!("cannot open {}: {e}", path.display()))
             }
+            _ if e.to_string().to_ascii_lowercase().contains("corrupt") => {
+                corrupt(path, &e.to_string())
+            }
             _ => EngineError::Storage(format!("cannot open {}: {e}", path.display())),
-        })
+        }),
+        Err(panic) => Err(corrupt(path, &super::local::panic_text(&*panic))),
+    }
+}
+
+/// See `engine::check_embedded`.
+pub(crate) fn check(dir: &Path, repair: bool) -> Result<bool> {
+    let path = dir.join(FILE_NAME);
+    if !path.exists() {
+        return Err(EngineError::Storage(format!(
+            "no store at {}",
+            path.display()
+        )));
+    }
+    let target = if repair {
+        path.clone()
+    } else {
+        // Check a copy: redb repairs what it can while it checks.
+        let copy = std::env::temp_dir().join(format!("dolores-check-{}.redb", std::process::id()));
+        std::fs::copy(&path, &copy).map_err(|e| {
+            EngineError::Storage(format!("cannot copy {} to check it: {e}", path.display()))
+        })?;
+        copy
+    };
+    let result = check_file(&path, &target);
+    if !repair {
+        let _ = std::fs::remove_file(&target);
+    }
+    result
+}
+
+/// Checks (and repairs) `target`, reporting as `path`.
+fn check_file(path: &Path, target: &Path) -> Result<bool> {
+    if std::fs::metadata(target).is_ok_and(|m| m.len() == 0) {
+        return Err(corrupt(path, "it is empty, 0 bytes"));
+    }
+    let checked = std::panic::catch_unwind(|| -> std::result::Result<bool, String> {
+        let mut db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .open(target)
+            .map_err(|e| e.to_string())?;
+        db.check_integrity().map_err(|e| e.to_string())
+    });
+    match checked {
+        Ok(Ok(sound)) => Ok(sound),
+        Ok(Err(e)) if e.contains("already open") => Err(EngineError::Storage(format!(
+            "{} is in use: stop the server first ({e})",
+            path.display()
+        ))),
+        Ok(Err(e)) => Err(corrupt(path, &e)),
+        Err(panic) => Err(corrupt(path, &super::local::panic_text(&*panic))),
+    }
 }
 
 impl RedbStorage {
@@ -111,6 +191,10 @@ impl Storage for RedbStorage {
 
     fn write(&self) -> Result<RedbTxn> {
         Ok(RedbTxn(self.db()?.begin_write().map_err(storage_error)?))
+    }
+
+    fn corrupt(&self, what: &str) -> EngineError {
+        corrupt(&self.path, what)
     }
 
     /// Opens the file again: the handle that saw the I/O error is closed first (redb

@@ -90,6 +90,10 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn read(&self) -> Result<Self::Snap<'_>>;
     /// Begins the (only) write transaction.
     fn write(&self) -> Result<Self::Txn<'_>>;
+    /// The error for a storage that panicked: `what` is the panic's message.
+    fn corrupt(&self, what: &str) -> EngineError {
+        EngineError::Corrupt(format!("the store failed: {what}"))
+    }
     /// Gets ready to write again after a failed commit (a storage that cannot go on
     /// after an I/O error reopens its file here). Called by the writer before its next
     /// commit; an error means "not yet".
@@ -108,6 +112,18 @@ enum Op {
     Close(oneshot::Sender<()>),
 }
 
+/// The exit status when the writer fails beyond repair (EX_SOFTWARE).
+const WRITER_FAILED_EXIT: i32 = 70;
+
+/// A panic's message, as text.
+pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".to_owned())
+}
+
 /// Deliveries recorded but not yet committed: uid → (cursor, last seen). An entry leaves
 /// the map only after the commit that wrote it, so a reader that looks at the map before
 /// and after it reads its snapshot never misses an ack (see `LocalEngine::listener`).
@@ -122,6 +138,8 @@ pub(crate) struct LocalEngine<S: Storage> {
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set while the last commit failed: `/healthz` says so until one succeeds.
     failing: Arc<AtomicBool>,
+    /// Set once a read found the file damaged.
+    corrupt: AtomicBool,
 }
 
 impl<S: Storage> std::fmt::Debug for LocalEngine<S> {
@@ -178,6 +196,7 @@ impl<S: Storage> LocalEngine<S> {
             acks,
             writer: Mutex::new(writer),
             failing,
+            corrupt: AtomicBool::new(false),
         }
     }
 
@@ -199,7 +218,17 @@ impl<S: Storage> LocalEngine<S> {
         &self,
         f: impl FnOnce(&S::Snap<'_>) -> Result<T> + Send + 'static,
     ) -> Result<T> {
-        f(&self.storage.read()?)
+        // A damaged file can make the storage panic mid-read (redb does on a page that
+        // fails its checks): that is a 503 naming the file, not a dropped connection.
+        let storage = &self.storage;
+        let read = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(&storage.read()?)))
+            .unwrap_or_else(|panic| Err(storage.corrupt(&panic_text(&*panic))));
+        if let Err(EngineError::Corrupt(_)) = &read {
+            // Sticky: a damaged file does not mend itself; `/healthz` says so until the
+            // server is restarted on a repaired store.
+            self.corrupt.store(true, Ordering::Relaxed);
+        }
+        read
     }
 
     fn pending_ack(&self, uid: &str) -> Option<(Position, u64)> {
@@ -213,7 +242,7 @@ impl<S: Storage> LocalEngine<S> {
 #[async_trait::async_trait]
 impl<S: Storage> Engine for LocalEngine<S> {
     fn healthy(&self) -> bool {
-        !self.failing.load(Ordering::Relaxed)
+        !self.failing.load(Ordering::Relaxed) && !self.corrupt.load(Ordering::Relaxed)
     }
 
     fn kind(&self) -> &'static str {
@@ -357,7 +386,17 @@ impl<S: Storage> Writer<S> {
                 }
             }
             closing = ops.iter().any(|op| matches!(op, Op::Close(_)));
-            self.commit(ops);
+            let committed =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit(ops)));
+            if let Err(panic) = committed {
+                // The storage broke in a way it cannot report (a damaged file): nothing
+                // can be written any more. End the process with an error, so that a
+                // supervisor restarts it (and the store is checked as it opens), rather
+                // than stay up refusing every write while looking healthy.
+                let error = self.storage.corrupt(&panic_text(&*panic));
+                tracing::error!("{error}; the writer stopped, exiting");
+                std::process::exit(WRITER_FAILED_EXIT);
+            }
         }
         // Whatever is still queued is refused: its callers see `Closed`.
         ops_rx.close();

@@ -240,6 +240,9 @@ pub enum EngineError {
     /// The disk is full: nothing can be written until space is freed.
     #[error("the disk is full: {0}")]
     Full(String),
+    /// The store's file is damaged (bit rot, a torn copy): it names the file.
+    #[error("{0}")]
+    Corrupt(String),
     /// The engine is shutting down and takes no more work.
     #[error("the store is shutting down")]
     Closed,
@@ -342,6 +345,14 @@ pub async fn open_redis(
 }
 
 /// Opens (or creates) the durable embedded engine in `dir`.
+/// Checks the embedded store in `dir` without changing it (a copy is checked), or
+/// repairs it in place when `repair`: `Ok(true)` when it was sound, `Ok(false)` when it
+/// was repaired. For `dolores check` and `dolores repair`, with the server stopped.
+pub fn check_embedded(dir: &std::path::Path, repair: bool) -> Result<bool> {
+    embedded::check(dir, repair)
+}
+
+/// Opens the embedded store in `dir` (creating it if missing).
 pub fn open_embedded(
     dir: &std::path::Path,
     limits: Limits,
