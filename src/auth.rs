@@ -169,4 +169,13 @@ mod tests {
         headers.insert("authorization", "Bearer k".parse().expect("header"));
         assert!(check_api_key("k", &headers).is_ok());
     }
+
+    proptest::proptest! {
+        /// Whatever comes as `?token=`: no panic, and never accepted without the secret.
+        #[test]
+        fn any_token_text_is_refused_without_panic(token in "\\PC{0,200}|[A-Za-z0-9_\\-]{1,40}\\.[A-Za-z0-9_\\-]{1,80}\\.[A-Za-z0-9_\\-]{0,60}") {
+            let tokens = Tokens::new("s3cret");
+            proptest::prop_assert!(tokens.verify(&token, "listener-1").is_err());
+        }
+    }
 }

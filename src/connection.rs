@@ -314,3 +314,51 @@ impl AsyncWrite for Prefixed {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{Direct, parse_direct};
+
+    proptest::proptest! {
+        /// Whatever a client sends first: no panic.
+        #[test]
+        fn any_bytes_are_parsed_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
+            let _ = parse_direct(&bytes, "");
+            let _ = parse_direct(&bytes, "/dolores");
+        }
+
+        /// Only a complete GET of a stream endpoint under the base path is taken here;
+        /// everything else goes to hyper, which answers (or refuses) it.
+        #[test]
+        fn only_complete_stream_requests_go_direct(
+            method in "GET|POST|get|HEAD",
+            path in "/(listen|ws|poll|api/v1/update|dolores/listen|dolores/ws)/[a-zA-Z0-9%._\\\\-]{0,20}(\\\\?[a-z_=&0-9]{0,20})?",
+            base in "|/dolores",
+            upgrade in proptest::bool::ANY,
+            complete in proptest::bool::ANY,
+        ) {
+            let mut head = format!("{method} {path} HTTP/1.1\r\nHost: x\r\n");
+            if upgrade {
+                head.push_str("Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n");
+            }
+            if complete {
+                head.push_str("\r\n");
+            }
+            match parse_direct(head.as_bytes(), &base) {
+                None => {}
+                Some((endpoint, parsed)) => {
+                    proptest::prop_assert!(complete);
+                    proptest::prop_assert_eq!(method.as_str(), "GET");
+                    let route = parsed.target.strip_prefix(base.as_str()).unwrap_or("");
+                    match endpoint {
+                        Direct::Sse => proptest::prop_assert!(route.starts_with("/listen/")),
+                        Direct::Ws => {
+                            proptest::prop_assert!(upgrade);
+                            proptest::prop_assert!(route.starts_with("/ws/"));
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

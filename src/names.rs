@@ -77,4 +77,22 @@ mod tests {
         assert!(check_uid("ünicode12").is_err());
         assert!(check_uid(&"u".repeat(129)).is_err());
     }
+
+    proptest::proptest! {
+        /// Any string: no panic, and the verdict is the rule as written in the contract.
+        #[test]
+        fn track_check_is_the_rule(track in "\\PC{0,300}|[\\s\\S]{0,20}") {
+            let rule = !track.is_empty()
+                && track.len() <= MAX_TRACK_BYTES
+                && !track.chars().any(|c| c.is_control() || c.is_whitespace());
+            proptest::prop_assert_eq!(check_track(&track).is_ok(), rule);
+        }
+
+        #[test]
+        fn uid_check_is_the_rule(uid in "[A-Za-z0-9._\\-]{0,140}|\\PC{0,20}") {
+            let rule = (MIN_UID_CHARS..=MAX_UID_CHARS).contains(&uid.chars().count())
+                && uid.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            proptest::prop_assert_eq!(check_uid(&uid).is_ok(), rule);
+        }
+    }
 }

@@ -330,3 +330,37 @@ where
     let _ = socket.write_all(answer.as_bytes()).await;
     let _ = socket.shutdown().await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{ListenQuery, resume_cursor};
+    use axum::http::{HeaderMap, HeaderValue};
+
+    proptest::proptest! {
+        /// Any `Last-Event-ID` or `last_event_id`: no panic; a cursor exactly when it is
+        /// an id this server gives out (a decimal position), else a 400.
+        #[test]
+        fn event_ids_are_positions_or_refused(id in "\\PC{0,24}|[0-9]{1,22}", in_header in proptest::bool::ANY) {
+            let mut headers = HeaderMap::new();
+            let mut query = ListenQuery::default();
+            if in_header {
+                match HeaderValue::from_str(&id) {
+                    Ok(value) => { headers.insert("last-event-id", value); }
+                    Err(_) => return Ok(()),
+                }
+            } else {
+                query.last_event_id = Some(id.clone());
+            }
+            let cursor = resume_cursor(&query, &headers);
+            let sent = if in_header { id.trim().to_owned() } else { id.clone() };
+            match cursor {
+                Ok(None) => proptest::prop_assert!(sent.is_empty()),
+                Ok(Some(pos)) => proptest::prop_assert_eq!(Ok(pos), sent.parse::<u64>()),
+                Err(e) => {
+                    proptest::prop_assert_eq!(e.code, "bad_event_id");
+                    proptest::prop_assert!(sent.parse::<u64>().is_err());
+                }
+            }
+        }
+    }
+}

@@ -31,7 +31,7 @@ mod opcode {
 }
 
 /// What a listener sent, once a whole frame has come.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Inbound {
     /// A ping: answer with a pong carrying the same payload.
     Ping(Vec<u8>),
@@ -42,7 +42,7 @@ pub(super) enum Inbound {
 }
 
 /// A frame that breaks the protocol, and the close code it earns.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) enum Violation {
     /// 1002: a frame RFC 6455 does not allow.
     Protocol(&'static str),
@@ -436,5 +436,48 @@ mod tests {
         assert_eq!(short(Opcode::Ping, b""), [0x89, 0]);
         assert_eq!(short(Opcode::Pong, &[7; 200]).len(), 2 + 125);
         assert_eq!(short(Opcode::Text, b"{}"), [0x81, 2, b'{', b'}']);
+    }
+
+    proptest::proptest! {
+        /// Whatever a client sends: no panic, and the reader never holds more than one
+        /// frame's worth beyond the limit.
+        #[test]
+        fn any_bytes_are_read_or_refused_without_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let mut reader = Reader::new(1024);
+            reader.buffer.extend_from_slice(&bytes);
+            for _ in 0..64 {
+                match reader.parse() {
+                    Ok(Some(_)) => continue,
+                    Ok(None) | Err(_) => break,
+                }
+            }
+        }
+
+        /// A well-formed client frame is read the same however it is split.
+        #[test]
+        fn frames_split_anywhere_read_the_same(
+            op in proptest::sample::select(vec![0x89u8, 0x8A, 0x82, 0x88]),
+            payload in proptest::collection::vec(proptest::num::u8::ANY, 0..125),
+            cut in 0usize..200,
+        ) {
+            let payload = if op == 0x88 { vec![0x03, 0xE8] } else { payload };
+            let frame = masked(op, &payload);
+            let whole = read_all(&frame);
+            let cut = cut.min(frame.len());
+            let mut reader = Reader::new(64 * 1024);
+            reader.buffer.extend_from_slice(&frame[..cut]);
+            let early = reader.parse();
+            if cut < frame.len() {
+                proptest::prop_assert_eq!(early, Ok(None));
+            }
+            reader.buffer.extend_from_slice(&frame[cut..]);
+            let late = if cut < frame.len() { reader.parse() } else { Ok(None) };
+            let got = match (cut < frame.len(), late) {
+                (true, Ok(Some(inbound))) => vec![Ok(inbound)],
+                (true, other) => vec![other.map(|_| Inbound::Ignored)],
+                (false, _) => whole.clone(),
+            };
+            proptest::prop_assert_eq!(got, whole);
+        }
     }
 }
