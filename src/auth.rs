@@ -33,8 +33,9 @@ pub fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
         .to_str()
         .ok()
         .and_then(|v| {
-            v.strip_prefix("Bearer ")
-                .or_else(|| v.strip_prefix("bearer "))
+            // The scheme is case-insensitive (RFC 9110 §11.1): `BEARER`, `bearer`, …
+            let (scheme, rest) = v.split_once(' ')?;
+            scheme.eq_ignore_ascii_case("bearer").then_some(rest)
         })
         .unwrap_or("")
         .trim();
@@ -55,6 +56,13 @@ pub struct Claims {
     pub sub: String,
     /// Expiry, seconds since the Unix epoch.
     pub exp: u64,
+    /// When it was issued, seconds since the Unix epoch (every token Dolores or its
+    /// clients mint has it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<u64>,
+    /// Not valid before, seconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nbf: Option<u64>,
     /// Tracks the listener is connected to when it opens its stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracks: Option<Vec<String>>,
@@ -80,6 +88,7 @@ impl Tokens {
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECONDS;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        validation.validate_nbf = true;
         Self {
             encoding: EncodingKey::from_secret(secret.as_bytes()),
             decoding: DecodingKey::from_secret(secret.as_bytes()),
@@ -94,9 +103,12 @@ impl Tokens {
         tracks: Option<Vec<String>>,
         ttl_seconds: u64,
     ) -> Result<String, jsonwebtoken::errors::Error> {
+        let now = crate::engine::now_ms() / 1000;
         let claims = Claims {
             sub: uid.to_owned(),
-            exp: crate::engine::now_ms() / 1000 + ttl_seconds,
+            exp: now + ttl_seconds,
+            iat: Some(now),
+            nbf: None,
             tracks,
         };
         jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.encoding)
@@ -109,12 +121,25 @@ impl Tokens {
                 ErrorKind::ExpiredSignature => {
                     ApiError::unauthorized("token_expired", "the listener token has expired")
                 }
+                ErrorKind::ImmatureSignature => ApiError::unauthorized(
+                    "token_not_yet_valid",
+                    "the listener token is not valid yet (nbf)",
+                ),
                 _ => ApiError::unauthorized(
                     "bad_token",
                     format!("the listener token is not valid here: {e}"),
                 ),
             })?
             .claims;
+        // A token that lives longer than a week is a key that cannot be taken back:
+        // refused whoever signed it (measured from `iat`, or from now without one).
+        let issued = claims.iat.unwrap_or_else(|| crate::engine::now_ms() / 1000);
+        if claims.exp > issued + MAX_TOKEN_TTL_SECONDS + LEEWAY_SECONDS {
+            return Err(ApiError::unauthorized(
+                "token_too_long",
+                "the listener token lives longer than 7 days; mint shorter ones",
+            ));
+        }
         if claims.sub != uid {
             return Err(ApiError::unauthorized(
                 "token_wrong_listener",

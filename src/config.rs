@@ -240,10 +240,9 @@ impl Settings {
                 .or(file.redis_prefix)
                 .unwrap_or(d.redis_prefix),
             api_key: o.api_key.or(file.api_key).filter(|k| !k.is_empty()),
-            token_secret: o
-                .token_secret
-                .or(file.token_secret)
-                .filter(|s| !s.is_empty()),
+            // An empty secret is a mistake (an unset variable), not "no auth": refused
+            // in `check`, never taken as auth turned off.
+            token_secret: o.token_secret.or(file.token_secret),
             heartbeat: o
                 .heartbeat
                 .or(duration(&path, "heartbeat", file.heartbeat)?)
@@ -310,6 +309,15 @@ impl Settings {
         }
         if !(16..=16 * 1024 * 1024).contains(&self.max_message_bytes) {
             return invalid("max_message_bytes must be between 16 and 16777216");
+        }
+        if self
+            .token_secret
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            return invalid(
+                "token_secret is empty: set a secret, or leave the setting out to run without listener tokens",
+            );
         }
         if self.memory && self.redis.is_some() {
             return invalid("choose --memory or --redis, not both");

@@ -298,3 +298,91 @@ async fn without_a_token_secret_no_token_is_needed_or_checked() {
         .await
         .expect("a token is ignored");
 }
+
+#[tokio::test]
+async fn tokens_are_refused_before_nbf_and_when_they_live_longer_than_a_week() {
+    let server = server().await;
+    let uid = uid("claims");
+    server.connect(&uid, ":data").await;
+    let now = now();
+    let later = sign(
+        &json!({"sub": uid, "exp": now + 600, "iat": now, "nbf": now + 300}),
+        SECRET,
+        Algorithm::HS256,
+    );
+    let refused = open(&server, &uid, Some(&later))
+        .await
+        .expect_err("not yet");
+    assert_error(&refused.answer(), 401, "token_not_yet_valid");
+
+    let long = sign(
+        &json!({"sub": uid, "exp": now + 8 * 24 * 3600, "iat": now}),
+        SECRET,
+        Algorithm::HS256,
+    );
+    let refused = open(&server, &uid, Some(&long))
+        .await
+        .expect_err("too long");
+    assert_error(&refused.answer(), 401, "token_too_long");
+    // Without iat, the week counts from now.
+    let long = sign(
+        &json!({"sub": uid, "exp": now + 8 * 24 * 3600}),
+        SECRET,
+        Algorithm::HS256,
+    );
+    let refused = open(&server, &uid, Some(&long))
+        .await
+        .expect_err("too long");
+    assert_error(&refused.answer(), 401, "token_too_long");
+
+    let fine = sign(
+        &json!({"sub": uid, "exp": now + 6 * 24 * 3600, "iat": now, "nbf": now - 10}),
+        SECRET,
+        Algorithm::HS256,
+    );
+    assert!(open(&server, &uid, Some(&fine)).await.is_ok());
+}
+
+#[tokio::test]
+async fn minted_tokens_carry_iat() {
+    let server = server().await;
+    let (status, body) = server.api("tokens", json!({"uid": uid("minted")})).await;
+    assert_eq!(status, StatusCode::OK);
+    let claims = payload(body["token"].as_str().expect("token"));
+    let iat = claims["iat"].as_u64().expect("iat");
+    assert!(iat.abs_diff(now()) < 60, "{claims}");
+}
+
+#[tokio::test]
+async fn an_empty_token_secret_is_refused_at_start() {
+    let output = common::command()
+        .args([
+            "serve",
+            "--memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--token-secret",
+            "",
+        ])
+        .output()
+        .await
+        .expect("run");
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{said}");
+    assert!(said.contains("token_secret is empty"), "{said}");
+}
+
+#[tokio::test]
+async fn the_bearer_scheme_is_any_letter_case() {
+    let server = server().await;
+    for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+        let response = server
+            .client()
+            .get(format!("{}/api/v1/stats", server.url()))
+            .header("authorization", format!("{scheme} {}", server.api_key()))
+            .send()
+            .await
+            .expect("stats");
+        assert_eq!(response.status(), StatusCode::OK, "{scheme}");
+    }
+}
