@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from harness import DoloresServer, ServerFailed
@@ -56,3 +57,15 @@ def test_a_server_that_dies_on_its_own_fails_the_test_at_teardown(tmp_path):
     with pytest.raises(ServerFailed) as caught:
         server.close()
     assert "run 1 exited by itself with -9" in str(caught.value)
+
+
+def test_a_run_that_panicked_fails_the_test_at_teardown():
+    server = DoloresServer().start()
+    assert server.stop() == 0
+    # A panic cannot be provoked from outside: write one into the run's stderr, as
+    # Rust's panic hook would (once the run has ended, so it writes over nothing).
+    with open(Path(server._tmp) / "stderr-1", "a") as stderr:
+        stderr.write("thread 'tokio-runtime-worker' panicked at src/hub.rs:1:1:\nboom\n")
+    with pytest.raises(ServerFailed) as caught:
+        server.close()
+    assert "run 1 panicked" in str(caught.value) and "boom" in str(caught.value)
