@@ -21,9 +21,7 @@ def poll(server: DoloresServer, uid: str, last_event_id: str = "", wait: float =
     params = {"timeout": str(wait)}
     if last_event_id:
         params["last_event_id"] = last_event_id
-    response = httpx.get(f"{server.url}/poll/{uid}", params=params, timeout=wait + 10)
-    response.raise_for_status()
-    return response.json()
+    return dict(server.get_json(f"/poll/{uid}", params=params, timeout=wait + 10))
 
 
 def test_the_installed_package_is_the_one_under_test():

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 
-import httpx
 import pytest
 from django.core import checks
 from django.db import transaction
@@ -243,7 +242,7 @@ def test_update_on_commit_publishes_after_the_commit_only(backend, server, uid, 
         with transaction.atomic():
             note = Note.objects.create(text="saved")
             update_on_commit(track, {"note": note.pk, "change": "created"})
-            queue = httpx.get(f"{server.url}/poll/{uid}", params={"timeout": "0.5"}).json()
+            queue = server.get_json(f"/poll/{uid}", params={"timeout": "0.5"})
             assert queue["events"] == [], "nothing before the commit"
         event = next(events)
         assert (event.track, event.message) == (track, {"note": note.pk, "change": "created"})

@@ -174,17 +174,28 @@ def test_keeps_trying_while_the_server_is_down(tmp_path, uid, track):
 
 def test_a_silent_stream_is_reopened(tmp_path, uid, track):
     """A stream that says nothing for idle_timeout (a half-open connection) is dropped
-    and reopened from the last id."""
-    from harness import DoloresServer
+    and reopened from the last id. The requests are counted on the wire, by a proxy
+    in front of the server: the reopen must come within a few idle timeouts (well
+    before the client's 10 s request timeout could cause one)."""
+    from harness import DoloresServer, Forwarder
 
     server = DoloresServer(data=tmp_path / "data", heartbeat="60s").start()
+    proxy = Forwarder(server.port, record_requests=True)
+
+    def listens() -> list:
+        return [line for line in list(proxy.requests) if line.startswith(f"GET /listen/{uid}?")]
+
     try:
-        with Client(server.url, api_key=API_KEY) as c:
+        with Client(f"http://127.0.0.1:{proxy.port}", api_key=API_KEY) as c:
             c.connect(uid, track)
             events = Collector(c.listen(uid, idle_timeout=0.5))
             first = c.update(track, 1)
             assert events.next().id == first
-            time.sleep(1.5)  # at least one reopen happens here
+            opened = len(wait_until(listens, what="the first /listen"))
+            # Nothing is said on the stream now (the heartbeat is a minute away): after
+            # 0.5 s of silence the client gives up on it and opens another.
+            wait_until(lambda: len(listens()) > opened, timeout=5, what=f"a reopened /listen (saw {proxy.requests})")
+            assert f"last_event_id={first}" in listens()[-1].split(" ")[1], listens()
             second = c.update(track, 2)
             assert events.next() == Event(second, track, 2)
             events.quiet(0.3)
@@ -192,6 +203,7 @@ def test_a_silent_stream_is_reopened(tmp_path, uid, track):
             c.update(track, 3)  # ends the reader blocked on the silent stream
             events.close()
     finally:
+        proxy.close()
         server.close()
 
 
@@ -217,6 +229,28 @@ def test_a_brand_new_listener_takes_its_queue_by_poll_before_streaming(client, s
         finally:
             events.close()
             http.close()
+
+
+def test_a_listener_shows_its_token_and_never_the_api_key():
+    seen = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        if request.url.path.startswith("/poll/"):
+            return httpx.Response(200, json={"events": [], "last_event_id": "7"})
+        return httpx.Response(404, json={"error": {"code": "unknown_listener", "message": "gone"}})
+
+    http = httpx.Client(transport=httpx.MockTransport(answer))
+    with Client("http://dolores.test", api_key="the-api-key", http_client=http) as c:
+        with pytest.raises(DoloresError) as caught:
+            for _ in c.listen("valid-uid-123", token="the-token"):
+                pass
+    http.close()
+    assert caught.value.code == "unknown_listener"
+    assert [r.url.path for r in seen] == ["/poll/valid-uid-123", "/listen/valid-uid-123"]
+    assert [r.url.params.get("token") for r in seen] == ["the-token", "the-token"]
+    assert seen[1].url.params.get("last_event_id") == "7"
+    assert not [r for r in seen if "authorization" in r.headers]
 
 
 def test_a_server_url_with_a_path_reaches_a_server_under_a_base_path(uid, track):

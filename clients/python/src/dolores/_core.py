@@ -44,6 +44,8 @@ USER_AGENT = f"dolores-python/{VERSION}"
 #: A listener token, or something that gives one for a uid (called again whenever the
 #: server says the token has expired).
 TokenSource = Union[str, Callable[[str], str]]
+#: One item of ``update_many``: a ``(track, message)`` pair or a ``{"track", "message"}`` dict.
+Update = Union[Tuple[str, Any], Sequence[Any], Mapping[str, Any]]
 
 _UID = re.compile(r"[A-Za-z0-9._-]{8,128}", re.ASCII)
 _LINE_END = re.compile(r"\r\n|\r|\n")
@@ -121,6 +123,17 @@ def timeout_of(timeout: Union[float, httpx.Timeout, None]) -> httpx.Timeout:
     if timeout is None:
         return httpx.Timeout(None)
     return httpx.Timeout(timeout, connect=min(timeout, 5.0))
+
+
+def stream_timeout(timeout: httpx.Timeout, idle_timeout: float) -> httpx.Timeout:
+    """The client's timeouts for a listener's stream, but for reading: a read waits at
+    most ``idle_timeout`` (heartbeats keep a live stream under it)."""
+    return httpx.Timeout(connect=timeout.connect, read=idle_timeout, write=timeout.write, pool=timeout.pool)
+
+
+def listener_headers() -> Dict[str, str]:
+    """The headers of a listener's requests: a listener shows its token, never the api key."""
+    return base_headers(None)
 
 
 # ---- names and tokens --------------------------------------------------------------
@@ -206,7 +219,7 @@ def encode_body(body: Any) -> bytes:
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode("utf-8")
 
 
-def updates_body(updates: Iterable[Union[Tuple[str, Any], Sequence[Any], Mapping[str, Any]]]) -> List[Dict[str, Any]]:
+def updates_body(updates: Iterable[Update]) -> List[Dict[str, Any]]:
     items: List[Dict[str, Any]] = []
     for i, update in enumerate(updates):
         if isinstance(update, Mapping):
@@ -433,8 +446,9 @@ class ListenState:
         return self._token
 
     def needs_token_call(self) -> bool:
-        """True when the next token must come from the caller's function (the async
-        loop calls it itself, since it may be a coroutine function)."""
+        """True when the next token must come from the caller's function. The listening
+        loop calls it itself (``_concurrency.call_token`` / ``acall_token``: for the
+        async client it may be a coroutine function) and hands the answer to ``provide``."""
         return self._token is None and callable(self.token_source)
 
     def provide(self, token: Any) -> None:

@@ -1,21 +1,23 @@
-"""The asyncio client: ``AsyncClient``, the awaitable twin of ``Client``."""
+"""The asyncio client: ``AsyncClient`` and the ``AsyncListener`` its ``listen()`` returns."""
+# The source of client.py too: clients/python/scripts/unasync.py writes it from this file.
 
 from __future__ import annotations
 
 import asyncio
-import inspect
 import logging
 from typing import Any, AsyncGenerator, AsyncIterator, Dict, Iterable, List, Optional, Union
 from urllib.parse import quote
 
 import httpx
 
+from ._concurrency import AsyncStop, acall_token
 from ._core import (
     DEFAULT_TOKEN_TTL,
     Event,
     ListenState,
     SSEParser,
     TokenSource,
+    Update,
     backoff_delay,
     base_headers,
     encode_body,
@@ -23,16 +25,17 @@ from ._core import (
     error_from_response,
     event_from_sse,
     listen_params,
+    listener_headers,
     never_sent,
     read_json,
     resolve_settings,
     retry_status,
     sign_token,
+    stream_timeout,
     timeout_of,
     token_body,
     updates_body,
 )
-from .client import Update
 
 __all__ = ["AsyncClient", "AsyncListener"]
 
@@ -40,12 +43,22 @@ log = logging.getLogger("dolores")
 
 
 class AsyncClient:
-    """``Client`` for asyncio: the same arguments and methods, awaitable.
+    """A connection to a Dolores server's backend API, for the tasks of one event loop;
+    keeps a pool of connections, so make one and share it (or use it as a context
+    manager).
 
-    >>> async with AsyncClient() as client:
-    ...     await client.update(":data", "contact 42 changed")
-    ...     async for event in client.listen(uid):
-    ...         ...
+    ``server``, ``api_key`` and ``token_secret`` default from ``DOLORES_SERVER``,
+    ``DOLORES_API_KEY`` and ``DOLORES_TOKEN_SECRET`` (``server`` finally from
+    ``http://127.0.0.1:8007``). ``timeout`` bounds each request, in seconds (or an
+    ``httpx.Timeout``). A request that cannot get through (connection refused, 503
+    while the server restarts or its store is busy) is tried again ``retries`` times,
+    after ``backoff`` seconds doubling each time; a 4xx never is. ``update`` and
+    ``update_many`` are only sent again when the first try cannot have reached the
+    server, so a retry never publishes twice.
+
+    >>> async with AsyncClient("http://127.0.0.1:8007", api_key="…") as client:
+    ...     await client.update(":data", {"contact": 42})
+    '17'
     """
 
     def __init__(
@@ -76,6 +89,8 @@ class AsyncClient:
     def __repr__(self) -> str:
         return f"AsyncClient({self.server!r})"
 
+    # ---- lifecycle -----------------------------------------------------------------
+
     async def aclose(self) -> None:
         """Closes the pooled connections (not an ``http_client`` passed in)."""
         if self._own_http:
@@ -87,13 +102,17 @@ class AsyncClient:
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
 
+    # ---- the backend API -----------------------------------------------------------
+
     async def update(self, track: str, message: Any) -> str:
-        """See ``Client.update``."""
+        """Publishes ``message`` (any JSON value) to ``track``; returns its event id once
+        the server has stored it."""
         answer = await self._call("POST", "/api/v1/update", {"track": track, "message": message}, idempotent=False)
         return str(answer["id"])
 
     async def update_many(self, updates: Iterable[Update]) -> List[str]:
-        """See ``Client.update_many``."""
+        """Publishes several messages at once, all or nothing: ``[(track, message), …]``
+        (or ``{"track", "message"}`` dicts), at most 1000. Returns their ids in order."""
         items = updates_body(updates)
         if not items:
             return []
@@ -101,12 +120,15 @@ class AsyncClient:
         return [str(i) for i in answer["ids"]]
 
     async def connect(self, uid: str, track: str) -> List[str]:
-        """See ``Client.connect``."""
+        """Subscribes listener ``uid`` to ``track`` (creating the listener if new) and
+        returns its tracks. Messages published from now on reach it."""
         answer = await self._call("POST", "/api/v1/connect", {"uid": uid, "track": track})
         return list(answer["tracks"])
 
     async def disconnect(self, uid: str, track: Optional[str] = None) -> List[str]:
-        """See ``Client.disconnect``."""
+        """Unsubscribes ``uid`` from ``track`` and returns its tracks; without ``track``
+        forgets the listener. Raises ``DoloresError`` 404 ``unknown_listener`` for a
+        uid the server does not know."""
         body: Dict[str, Any] = {"uid": uid}
         if track is not None:
             body["track"] = track
@@ -114,15 +136,18 @@ class AsyncClient:
         return list(answer["tracks"])
 
     async def listener(self, uid: str) -> Dict[str, Any]:
-        """See ``Client.listener``."""
+        """What the server knows of a listener: ``uid``, ``tracks``, ``online`` (open
+        streams), ``last_seen``."""
         return dict(await self._call("GET", f"/api/v1/listeners/{quote(uid, safe='')}"))
 
     async def stats(self) -> Dict[str, Any]:
-        """See ``Client.stats``."""
+        """The server's counts (listeners, streams by transport, messages…)."""
         return dict(await self._call("GET", "/api/v1/stats"))
 
     async def token(self, uid: str, tracks: Optional[Iterable[str]] = None, ttl: int = DEFAULT_TOKEN_TTL) -> str:
-        """See ``Client.token``."""
+        """A listener token for ``uid``, valid ``ttl`` seconds, connecting the listener
+        to ``tracks`` when it opens its stream. Signed here when the token secret is
+        known (no request), else minted by the server."""
         if self.token_secret:
             return sign_token(self.token_secret, uid, tracks, ttl)
         body = token_body(uid, tracks, ttl)
@@ -136,12 +161,27 @@ class AsyncClient:
         *,
         idle_timeout: float = 50.0,
     ) -> "AsyncListener":
-        """See ``Client.listen``; iterate with ``async for``. ``token`` may also be an
-        ``async`` function."""
+        """The events of listener ``uid``, as an async iterator of ``Event``, forever.
+
+        It resumes by itself after drops and server restarts, naming the last id it
+        delivered, so nothing is lost or doubled. ``token`` is a listener token or a
+        function ``(uid) -> token``, plain or ``async`` (asked again when one expires);
+        without it, tokens are signed here when the secret is known. ``last_event_id``
+        resumes after an id you kept. A stream silent for ``idle_timeout`` seconds (the
+        server sends a heartbeat every 20 s) is taken as dead and reopened. A reset
+        comes as an ``Event`` with ``reset=True``. Errors that retrying cannot fix (401
+        bad token, 404 unknown listener) raise ``DoloresError``.
+
+        >>> async with client.listen(uid) as events:
+        ...     async for event in events:
+        ...         print(event.track, event.message)
+        """
         state = ListenState(
             uid, token, self.token_secret, last_event_id, ListenState.FIRST_DELAY, ListenState.MOST_DELAY
         )
-        return AsyncListener(self, state, idle_timeout)
+        return AsyncListener(self._http, self.server, state, stream_timeout(self.timeout, idle_timeout))
+
+    # ---- plumbing ------------------------------------------------------------------
 
     async def _call(self, method: str, path: str, body: Any = None, *, idempotent: bool = True) -> Any:
         content = None if body is None else encode_body(body)
@@ -170,15 +210,21 @@ class AsyncClient:
 
 class AsyncListener(AsyncIterator[Event]):
     """What ``AsyncClient.listen()`` returns: an async iterator of ``Event`` that
-    reconnects and resumes by itself. Stop it with ``aclose()`` (or by cancelling the
-    task that iterates it); ``last_event_id`` is the id of the last event delivered."""
+    reconnects and resumes by itself. ``last_event_id`` is the id of the last event
+    delivered (keep it to resume later); ``aclose()`` stops it (from another task too:
+    the iterator then ends at the next heartbeat or event at the latest).
+    Cancelling the task that iterates it stops it at once.
+    """
 
-    def __init__(self, client: AsyncClient, state: ListenState, idle_timeout: float) -> None:
-        self._client = client
+    def __init__(self, http: httpx.AsyncClient, server: str, state: ListenState, timeout: httpx.Timeout) -> None:
+        # What it needs of the client is handed to it, and nothing else: it never
+        # reaches into the client (and never sends the api key).
+        self._http = http
+        self._server = server
         self._state = state
-        self._idle_timeout = idle_timeout
-        self._stopped = False
-        self._wake: Optional[asyncio.Event] = None
+        self._timeout = timeout
+        self._headers = listener_headers()
+        self._stop = AsyncStop()
         self._events = self._run()
 
     @property
@@ -196,13 +242,12 @@ class AsyncListener(AsyncIterator[Event]):
         return await self._events.__anext__()
 
     async def aclose(self) -> None:
-        self._stopped = True
-        if self._wake is not None:
-            self._wake.set()
+        """Stops listening: the iteration ends and the stream is closed."""
+        self._stop.set()
         try:
             await self._events.aclose()
-        except RuntimeError:
-            pass  # being iterated by another task, which sees the flag and ends
+        except (RuntimeError, ValueError):
+            pass  # being iterated elsewhere (a thread, a task), which sees the flag and ends
 
     async def __aenter__(self) -> "AsyncListener":
         return self
@@ -210,36 +255,23 @@ class AsyncListener(AsyncIterator[Event]):
     async def __aexit__(self, *exc_info: Any) -> None:
         await self.aclose()
 
-    async def _sleep(self, delay: float) -> None:
-        self._wake = asyncio.Event()
-        try:
-            await asyncio.wait_for(self._wake.wait(), delay)
-        except asyncio.TimeoutError:
-            pass
-
     async def _run(self) -> AsyncGenerator[Event, None]:
-        client, state = self._client, self._state
-        stream_timeout = httpx.Timeout(
-            connect=client.timeout.connect,
-            read=self._idle_timeout,
-            write=client.timeout.write,
-            pool=client.timeout.pool,
-        )
-        headers = dict(client._headers)
-        headers.pop("Authorization", None)
+        state = self._state
         path = quote(state.uid, safe="")
-        while not self._stopped:
+        while not self._stop.is_set():
             delay = 0.0
             try:
                 if state.needs_token_call():
-                    token = state.token_source(state.uid)  # type: ignore[operator,misc]
-                    state.provide(await token if inspect.isawaitable(token) else token)
+                    state.provide(await acall_token(state.token_source, state.uid))  # type: ignore[arg-type]
                 token = state.token()
                 if state.cursor is None:
-                    response = await client._http.get(
-                        f"{client.server}/poll/{path}",
+                    # A listener without a cursor of its own would resume from the
+                    # server's, which counts what was written to a stream, not what
+                    # arrived: one immediate poll takes the queue so far and its cursor.
+                    response = await self._http.get(
+                        f"{self._server}/poll/{path}",
                         params=listen_params(token, None, timeout="0"),
-                        headers=headers,
+                        headers=self._headers,
                     )
                     if response.status_code != 200:
                         delay = state.refused(error_from_response(response.status_code, response.content))
@@ -247,13 +279,12 @@ class AsyncListener(AsyncIterator[Event]):
                         for event in state.poll_events(read_json(200, response.content)):
                             yield event
                 else:
-                    sse_headers = dict(headers, Accept="text/event-stream")
-                    async with client._http.stream(
+                    async with self._http.stream(
                         "GET",
-                        f"{client.server}/listen/{path}",
+                        f"{self._server}/listen/{path}",
                         params=listen_params(token, state.cursor),
-                        headers=sse_headers,
-                        timeout=stream_timeout,
+                        headers=dict(self._headers, Accept="text/event-stream"),
+                        timeout=self._timeout,
                     ) as response:
                         if response.status_code != 200:
                             await response.aread()
@@ -264,7 +295,7 @@ class AsyncListener(AsyncIterator[Event]):
                             parser = SSEParser()
                             opened = False
                             async for chunk in response.aiter_bytes():
-                                if self._stopped:
+                                if self._stop.is_set():
                                     return
                                 if not opened:
                                     opened = True
@@ -279,5 +310,5 @@ class AsyncListener(AsyncIterator[Event]):
             except httpx.HTTPError as exc:
                 delay = state.failed()
                 log.info("dolores: listener %s lost its stream (%r); reconnecting in %.2f s", state.uid, exc, delay)
-            if delay > 0 and not self._stopped:
-                await self._sleep(delay)
+            if delay > 0 and await self._stop.wait(delay):
+                return
