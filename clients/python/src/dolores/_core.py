@@ -192,10 +192,12 @@ def sign_token(
     *,
     now: Optional[float] = None,
 ) -> str:
-    """A listener token (an HS256 JWT: ``sub`` = uid, ``exp``, optional ``tracks``)
-    signed with the server's token secret, exactly like ``POST /api/v1/tokens``."""
+    """A listener token (an HS256 JWT: ``sub`` = uid, ``iat``, ``exp``, optional
+    ``tracks``) signed with the server's token secret, exactly like
+    ``POST /api/v1/tokens``."""
     listed = check_token_request(uid, tracks, ttl)
-    claims: Dict[str, Any] = {"sub": uid, "exp": int(now if now is not None else time.time()) + ttl}
+    issued = int(now if now is not None else time.time())
+    claims: Dict[str, Any] = {"sub": uid, "iat": issued, "exp": issued + ttl}
     if listed is not None:
         claims["tracks"] = listed
     signing_input = _b64(_compact({"alg": "HS256", "typ": "JWT"})) + "." + _b64(_compact(claims))
