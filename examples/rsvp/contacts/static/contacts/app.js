@@ -242,8 +242,9 @@ export async function start(Dolores, config) {
     for (const tr of rows.values()) tr.remove();
     empty.hidden = contacts.length > 0;
     const coming = contacts.filter((c) => c.attending === "yes");
+    const people = coming.reduce((n, c) => n + 1 + c.guests, 0);
     summary.textContent = contacts.length
-      ? `${coming.length} coming, ${coming.reduce((n, c) => n + 1 + c.guests, 0)} people in all`
+      ? `${coming.length} coming, ${people} ${people === 1 ? "person" : "people"} in all`
       : "";
   };
   store.watch(render);
