@@ -304,6 +304,9 @@ mod tests {
         let published = json["published"].as_array().expect("an array");
         assert_eq!(published.len(), HISTORY_SAMPLES);
         assert!(published.iter().all(|n| n == 1), "{published:?}");
-        assert_eq!(json["delivered"].as_array().map(Vec::len), Some(HISTORY_SAMPLES));
+        assert_eq!(
+            json["delivered"].as_array().map(Vec::len),
+            Some(HISTORY_SAMPLES)
+        );
     }
 }

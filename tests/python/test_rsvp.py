@@ -304,6 +304,13 @@ def test_every_open_browser_sees_the_list_change_live(rsvp):
             width = phone.evaluate("document.documentElement.scrollWidth")
             assert width <= 390, f"at 390 px the page is {width} px wide"
             phone.screenshot(path=str(SCREENSHOTS / "rsvp-phone.png"), full_page=True)
+            # And a row being edited there.
+            row(phone, "Grace Hopper").get_by_role("button", name="Edit").click()
+            expect(phone.locator("#contacts tbody tr[data-editing] input[name=guests]")).to_have_value("3")
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"at 390 px, editing, the page is {width} px wide"
+            phone.screenshot(path=str(SCREENSHOTS / "rsvp-phone-editing.png"), full_page=True)
+            phone.get_by_role("button", name="Cancel").click()
         except BaseException:
             SCREENSHOTS.mkdir(exist_ok=True)
             for name, page in pages.items():

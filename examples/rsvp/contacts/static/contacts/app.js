@@ -190,8 +190,8 @@ function editRow(tr, contact) {
   actions.className = "actions";
   actions.append(button("Save", "save"), " ", button("Cancel", "cancel"));
   tr.replaceChildren(
-    input("name", contact.name, { maxLength: 100 }),
-    input("email", contact.email, { type: "email" }),
+    input("name", contact.name, { maxLength: 100, placeholder: "Name" }),
+    input("email", contact.email, { type: "email", placeholder: "Email (optional)" }),
     selectCell,
     input("guests", String(contact.guests), { type: "number", min: 0, max: 20 }),
     actions,
