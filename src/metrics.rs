@@ -2,6 +2,10 @@
 //!
 //! Everything here is an atomic bump on the hot path; the store's counts (listeners,
 //! tracks, messages) are read from the engine only when someone asks.
+//!
+//! The status page's chart also needs the recent past: [`History`] keeps the last
+//! [`HISTORY_SAMPLES`] seconds of published and delivered counts, sampled once a second
+//! off the hot path by a task that [`Metrics::keep_history`] starts.
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
@@ -10,7 +14,19 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
 use crate::engine::StoreCounts;
+
+/// Seconds of history `/status` serves: the five minutes the status page's chart shows.
+/// Two counts a second, so the whole ring is under 5 KB.
+pub const HISTORY_SAMPLES: usize = 300;
+/// One sample a second: fine enough to see the publish a person just made.
+pub const HISTORY_EVERY: Duration = Duration::from_secs(1);
 
 /// A listener transport.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -59,6 +75,47 @@ pub struct Metrics {
     listeners: Gauge,
     tracks: Gauge,
     stored: Gauge,
+    history: Mutex<History>,
+}
+
+/// Messages published and delivered in each of the last [`HISTORY_SAMPLES`] samples,
+/// oldest first. A bounded ring: the oldest sample goes when a new one comes.
+#[derive(Debug, Default)]
+pub struct History {
+    /// The totals at the last sample, to count what happened since.
+    totals: (u64, u64),
+    /// When the last sample was taken, ms since the Unix epoch.
+    until_ms: u64,
+    published: VecDeque<u64>,
+    delivered: VecDeque<u64>,
+}
+
+impl History {
+    /// Records the totals as of `now_ms`: what grew since the last sample.
+    fn push(&mut self, published: u64, delivered: u64, now_ms: u64) {
+        let (last_published, last_delivered) = self.totals;
+        self.published
+            .push_back(published.saturating_sub(last_published));
+        self.delivered
+            .push_back(delivered.saturating_sub(last_delivered));
+        while self.published.len() > HISTORY_SAMPLES {
+            self.published.pop_front();
+            self.delivered.pop_front();
+        }
+        self.totals = (published, delivered);
+        self.until_ms = now_ms;
+    }
+
+    /// `{"every_seconds", "until_ms", "published": [n…], "delivered": [n…]}`, oldest
+    /// first; the last sample ends at `until_ms`.
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "every_seconds": HISTORY_EVERY.as_secs(),
+            "until_ms": self.until_ms,
+            "published": self.published,
+            "delivered": self.delivered,
+        })
+    }
 }
 
 /// Counts one open stream for as long as it lives.
@@ -128,6 +185,7 @@ impl Default for Metrics {
             listeners,
             tracks,
             stored,
+            history: Mutex::default(),
         }
     }
 }
@@ -171,6 +229,44 @@ impl Metrics {
         self.published.get()
     }
 
+    /// Takes one sample of the history (see [`History`]).
+    pub fn sample_history(&self, now_ms: u64) {
+        let (published, delivered) = (self.published_total(), self.delivered_total());
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(published, delivered, now_ms);
+    }
+
+    /// The recent history as JSON, for `/status`.
+    pub fn history_json(&self) -> serde_json::Value {
+        self.history
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .json()
+    }
+
+    /// Samples the history every [`HISTORY_EVERY`] until `shutdown`, or until the
+    /// metrics are dropped (the task holds them weakly, so it never keeps them alive).
+    pub fn keep_history(metrics: &Arc<Metrics>, shutdown: CancellationToken) {
+        let metrics: Weak<Metrics> = Arc::downgrade(metrics);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HISTORY_EVERY);
+            // A late tick (a busy machine) folds its counts into the next sample.
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let Some(metrics) = metrics.upgrade() else {
+                    return;
+                };
+                metrics.sample_history(crate::engine::now_ms());
+            }
+        });
+    }
+
     /// The Prometheus text exposition, with the store's counts as of now.
     pub fn render(&self, counts: StoreCounts) -> String {
         self.listeners.set(counts.listeners as i64);
@@ -181,5 +277,36 @@ impl Metrics {
             text.clear();
         }
         text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_counts_what_happened_in_each_sample_and_keeps_five_minutes() {
+        let metrics = Metrics::default();
+        metrics.sample_history(1_000);
+        metrics.committed(3, 0.001);
+        metrics.delivered(5);
+        metrics.sample_history(2_000);
+        metrics.sample_history(3_000);
+        let json = metrics.history_json();
+        assert_eq!(json["published"], serde_json::json!([0, 3, 0]));
+        assert_eq!(json["delivered"], serde_json::json!([0, 5, 0]));
+        assert_eq!(json["until_ms"], 3_000);
+        for second in 0..HISTORY_SAMPLES as u64 + 10 {
+            metrics.committed(1, 0.001);
+            metrics.sample_history(4_000 + second * 1_000);
+        }
+        let json = metrics.history_json();
+        let published = json["published"].as_array().expect("an array");
+        assert_eq!(published.len(), HISTORY_SAMPLES);
+        assert!(published.iter().all(|n| n == 1), "{published:?}");
+        assert_eq!(
+            json["delivered"].as_array().map(Vec::len),
+            Some(HISTORY_SAMPLES)
+        );
     }
 }

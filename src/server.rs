@@ -110,6 +110,9 @@ impl AppState {
             engine::open_embedded(&settings.data, limits, tail)?
         };
         let tokens = settings.token_secret.as_deref().map(Tokens::new);
+        let shutdown = CancellationToken::new();
+        // The status page's chart starts with the last five minutes, not empty.
+        Metrics::keep_history(&metrics, shutdown.clone());
         Ok(Self(Arc::new(Shared {
             engine,
             hub,
@@ -117,7 +120,7 @@ impl AppState {
             settings,
             api_key,
             tokens,
-            shutdown: CancellationToken::new(),
+            shutdown,
             started: Instant::now(),
         })))
     }

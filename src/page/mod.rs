@@ -1,7 +1,7 @@
 //! What the server shows a browser besides the listener endpoints: the status page at
-//! `/` (with its "try it" panel), `/status` (the public numbers it draws), and the
-//! JavaScript client at `/dolores.js`. All of it is compiled into the binary: no
-//! build step, no CDN.
+//! `/` (with its "try it" panel), `/status` (the public numbers it draws, and the last
+//! five minutes of them for its chart), and the JavaScript client at `/dolores.js`.
+//! All of it is compiled into the binary: no build step, no CDN.
 
 use axum::extract::State;
 use axum::http::header;
@@ -32,7 +32,10 @@ pub async fn client_js() -> Response {
         .into_response()
 }
 
-/// `GET /status`: the same counts as `/api/v1/stats` (and `/metrics`), without a key.
+/// `GET /status`: the same counts as `/api/v1/stats` (and `/metrics`), without a key,
+/// and the last five minutes of published and delivered counts for the chart.
 pub async fn status(State(state): State<AppState>) -> Result<Response, ApiError> {
-    Ok(axum::Json(crate::api::stats_json(&state).await?).into_response())
+    let mut status = crate::api::stats_json(&state).await?;
+    status["history"] = state.metrics.history_json();
+    Ok(axum::Json(status).into_response())
 }

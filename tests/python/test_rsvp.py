@@ -224,6 +224,9 @@ def test_every_open_browser_sees_the_list_change_live(rsvp):
             def row(page, name):
                 return page.locator("#contacts tbody tr", has_text=name)
 
+            # The form's fields are labelled, the guests field too.
+            expect(a.get_by_label("Guests", exact=True)).to_have_value("0")
+
             # 1. A adds a contact: B and C show it, no reload.
             a.fill("#add [name=name]", "Ada Lovelace")
             a.fill("#add [name=email]", "ada@example.com")
@@ -255,6 +258,8 @@ def test_every_open_browser_sees_the_list_change_live(rsvp):
             dolores.restart()
             row(b, "Ada Lovelace").get_by_role("button", name="Remove").click()
             expect(row(a, "Ada Lovelace")).to_have_count(0)
+            # Grace alone, without guests: one person, in the singular.
+            expect(a.locator("#summary")).to_have_text("1 coming, 1 person in all")
             expect(row(b, "Grace Hopper")).to_have_count(1)
             for page in (a, b):
                 expect(page.locator("#status")).to_have_text("live")
@@ -282,6 +287,7 @@ def test_every_open_browser_sees_the_list_change_live(rsvp):
             editing.get_by_role("button", name="Save").click()
             for page in (a, b):
                 expect(row(page, "Grace Hopper").locator("td").nth(3)).to_have_text("3")
+                expect(page.locator("#summary")).to_have_text("1 coming, 4 people in all")
 
             for name, page in pages.items():
                 assert page.evaluate("window.neverReloaded") is True, f"{name} was reloaded"
@@ -289,6 +295,22 @@ def test_every_open_browser_sees_the_list_change_live(rsvp):
             SCREENSHOTS.mkdir(exist_ok=True)
             for name, page in pages.items():
                 page.screenshot(path=str(SCREENSHOTS / f"rsvp-{name}.png"))
+
+            # A phone, 390 px wide: the form and the list fit, nothing scrolls sideways.
+            phone = pages["phone"] = browser.new_context(viewport={"width": 390, "height": 844}).new_page()
+            phone.goto(site.url + "/")
+            expect(phone.locator("#status")).to_have_text("live")
+            expect(row(phone, "Grace Hopper")).to_have_count(1)
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"at 390 px the page is {width} px wide"
+            phone.screenshot(path=str(SCREENSHOTS / "rsvp-phone.png"), full_page=True)
+            # And a row being edited there.
+            row(phone, "Grace Hopper").get_by_role("button", name="Edit").click()
+            expect(phone.locator("#contacts tbody tr[data-editing] input[name=guests]")).to_have_value("3")
+            width = phone.evaluate("document.documentElement.scrollWidth")
+            assert width <= 390, f"at 390 px, editing, the page is {width} px wide"
+            phone.screenshot(path=str(SCREENSHOTS / "rsvp-phone-editing.png"), full_page=True)
+            phone.get_by_role("button", name="Cancel").click()
         except BaseException:
             SCREENSHOTS.mkdir(exist_ok=True)
             for name, page in pages.items():

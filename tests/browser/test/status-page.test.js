@@ -26,13 +26,57 @@ after(async () => {
   if (data) data.remove();
 });
 
+/** Reads /status until its history has counted `published` messages. */
+async function waitForHistory(published) {
+  const deadline = Date.now() + WAIT_MS;
+  for (;;) {
+    const status = JSON.parse((await dolores.request("GET", "/status")).text);
+    const sum = status.history.published.reduce((a, b) => a + b, 0);
+    if (sum >= published) return status;
+    if (Date.now() > deadline) throw new Error(`/status history never counted ${published} published: ${JSON.stringify(status.history)}`);
+    await new Promise((resolve) => setTimeout(resolve, 100));
+  }
+}
+
+/** The page fits its width (nothing to scroll sideways), and the chart's axis labels sit
+ * outside the plot, so no bar can cover them. */
+async function checkLayout(page, width) {
+  const layout = await page.evaluate(() => {
+    const box = (el) => el.getBoundingClientRect().toJSON();
+    return {
+      scrollWidth: document.documentElement.scrollWidth,
+      chart: box(document.getElementById("chart")),
+      labels: [...document.querySelectorAll(".chart .axis span, .chart .scale span")].map(box),
+    };
+  });
+  assert.ok(layout.scrollWidth <= width, `at ${width} px the page is ${layout.scrollWidth} px wide`);
+  for (const label of layout.labels) {
+    const overlaps = label.top < layout.chart.bottom && label.bottom > layout.chart.top;
+    assert.ok(!overlaps, `an axis label overlaps the chart: ${JSON.stringify({ label, chart: layout.chart })}`);
+  }
+}
+
 test("the page at / shows the running server and its try-it panel delivers live", async () => {
+  // Published before anyone opens the page: the chart must show it at once.
+  await dolores.publish(":before-the-page", ["one", "two", "three", "four"]);
+  const status = await waitForHistory(4);
+  assert.equal(status.history.every_seconds, 1);
+  assert.ok(status.history.published.length <= 300 && status.history.published.length === status.history.delivered.length);
+
   const page = await browser.newPage({ viewport: { width: 1100, height: 800 } });
   const errors = [];
   page.on("pageerror", (e) => errors.push(e.message));
   await page.goto(`${dolores.url}/`);
   await page.waitForFunction(() => document.getElementById("summary").textContent.includes("engine"), null, { timeout: WAIT_MS });
   assert.match(await page.textContent("#summary"), /^v\d+\.\d+\.\d+ · embedded engine · up /);
+  // The first refresh draws the last five minutes: the four messages are a bar already.
+  assert.ok((await page.$$("#chart rect")).length >= 1, "the chart starts empty");
+  assert.match(await page.textContent("#chart-max"), /^\d+(\.\d)?\/s$/);
+
+  // No key typed: the page says to type it, rather than "wrong key".
+  await page.click("#publish");
+  await page.waitForFunction(() => document.getElementById("result").textContent !== "", null, { timeout: WAIT_MS });
+  assert.match(await page.textContent("#result"), /^type the api key/);
 
   // A wrong key is refused with the server's own words.
   await page.fill("#key", "not-the-key");
@@ -68,7 +112,21 @@ test("the page at / shows the running server and its try-it panel delivers live"
     });
   // The page's listener uses the client's default transport, "auto": a WebSocket.
   assert.match(await page.textContent("#streams-by"), /ws 1/);
+  // One of each, in the singular.
+  assert.equal(await page.textContent("#listeners-label"), "listener");
+  assert.match(await page.textContent("#streams-by"), /^open stream \(/);
+  await checkLayout(page, 1100);
   await page.screenshot({ path: path.join(shots, "status-page.png") });
   assert.deepEqual(errors, []);
   await page.close();
+
+  // A phone, 390 px wide: one column, nothing wider than the screen.
+  const phone = await browser.newPage({ viewport: { width: 390, height: 844 } });
+  phone.on("pageerror", (e) => errors.push(e.message));
+  await phone.goto(`${dolores.url}/`);
+  await phone.waitForFunction(() => document.querySelectorAll("#chart rect").length > 0, null, { timeout: WAIT_MS });
+  await checkLayout(phone, 390);
+  await phone.screenshot({ path: path.join(shots, "status-page-phone.png"), fullPage: true });
+  assert.deepEqual(errors, []);
+  await phone.close();
 });

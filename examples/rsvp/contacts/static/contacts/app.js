@@ -190,8 +190,8 @@ function editRow(tr, contact) {
   actions.className = "actions";
   actions.append(button("Save", "save"), " ", button("Cancel", "cancel"));
   tr.replaceChildren(
-    input("name", contact.name, { maxLength: 100 }),
-    input("email", contact.email, { type: "email" }),
+    input("name", contact.name, { maxLength: 100, placeholder: "Name" }),
+    input("email", contact.email, { type: "email", placeholder: "Email (optional)" }),
     selectCell,
     input("guests", String(contact.guests), { type: "number", min: 0, max: 20 }),
     actions,
@@ -242,8 +242,9 @@ export async function start(Dolores, config) {
     for (const tr of rows.values()) tr.remove();
     empty.hidden = contacts.length > 0;
     const coming = contacts.filter((c) => c.attending === "yes");
+    const people = coming.reduce((n, c) => n + 1 + c.guests, 0);
     summary.textContent = contacts.length
-      ? `${coming.length} coming, ${coming.reduce((n, c) => n + 1 + c.guests, 0)} people in all`
+      ? `${coming.length} coming, ${people} ${people === 1 ? "person" : "people"} in all`
       : "";
   };
   store.watch(render);
