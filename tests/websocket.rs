@@ -191,8 +191,23 @@ async fn websocket_from_a_foreign_origin_is_refused_unless_allowed() {
             .insert("origin", origin.parse().expect("header"));
         request
     };
-    let refused = tokio_tungstenite::connect_async(from("http://evil.test")).await;
-    assert!(refused.is_err(), "a foreign origin must not get a socket");
+    match within(
+        "the refusal",
+        WAIT,
+        tokio_tungstenite::connect_async(from("http://evil.test")),
+    )
+    .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403, "{response:?}");
+            let body: Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                    .unwrap_or_else(|e| panic!("a JSON error ({e}): {response:?}"));
+            assert_eq!(body["error"]["code"], "origin_not_allowed", "{body}");
+        }
+        Err(other) => panic!("refused with 403, not {other:?}"),
+        Ok(_) => panic!("a foreign origin must not get a socket"),
+    }
     let (mut socket, _) = tokio_tungstenite::connect_async(from("http://allowed.test"))
         .await
         .expect("allowed");

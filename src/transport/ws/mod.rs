@@ -74,27 +74,6 @@ pub fn accept_key(headers: &HeaderMap) -> Option<String> {
     Some(tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
-/// Refuses a page at a foreign origin, and says so in the log: behind a proxy that
-/// does not forward the host, every same-origin page lands here, and the operator needs
-/// to see why.
-fn origin_refused(state: &AppState, request: &ListenRequest) -> ApiError {
-    let client = request.client(state);
-    let origin = request
-        .headers
-        .get("origin")
-        .map(|o| o.to_str().unwrap_or("?"));
-    tracing::warn!(
-        "refused a WebSocket from {client} at origin {:?}: neither this server ({:?}) nor in cors_origins",
-        origin.unwrap_or_default(),
-        client.host.as_deref().unwrap_or_default(),
-    );
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "origin_not_allowed",
-        "this page's origin is not in cors_origins",
-    )
-}
-
 /// The handler of `/ws/{uid}` on the framework path.
 pub async fn listen(
     State(state): State<AppState>,
@@ -120,8 +99,8 @@ pub async fn listen(
         )
         .into_response();
     };
-    if !super::origin_allowed(&state, &request) {
-        return origin_refused(&state, &request).into_response();
+    if let Err(refused) = super::check_origin(&state, &request, "a WebSocket") {
+        return refused.into_response();
     }
     let opened = super::open(&state, &request).await;
     tokio::spawn(async move {
@@ -153,9 +132,7 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
         let accept = accept_key(&request.headers).ok_or_else(|| {
             ApiError::bad_field("not_websocket", "this endpoint takes a WebSocket")
         })?;
-        if !super::origin_allowed(&state, &request) {
-            return Err(origin_refused(&state, &request));
-        }
+        super::check_origin(&state, &request, "a WebSocket")?;
         Ok((accept, super::open(&state, &request).await))
     })
     .await;
