@@ -44,6 +44,9 @@ pub struct Options {
     /// Time between heartbeat comments on open streams, like 20s [default: 20s]
     #[arg(long, env = "DOLORES_HEARTBEAT", value_parser = humantime::parse_duration)]
     pub heartbeat: Option<Duration>,
+    /// How long a WebSocket write may wait for a reader that takes nothing before it is closed with 4008, like 30s [default: 30s]
+    #[arg(long, env = "DOLORES_SLOW_READER_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub slow_reader_timeout: Option<Duration>,
     /// How long messages are kept for listeners that are away, like 24h [default: 24h]
     #[arg(long, env = "DOLORES_RETENTION", value_parser = humantime::parse_duration)]
     pub retention: Option<Duration>,
@@ -92,6 +95,7 @@ struct FileSettings {
     api_key: Option<String>,
     token_secret: Option<String>,
     heartbeat: Option<String>,
+    slow_reader_timeout: Option<String>,
     retention: Option<String>,
     max_stored_messages: Option<u64>,
     listener_ttl: Option<String>,
@@ -123,6 +127,9 @@ pub struct Settings {
     pub token_secret: Option<String>,
     /// Heartbeat interval on open streams.
     pub heartbeat: Duration,
+    /// How long a WebSocket write may wait for its reader before the socket is closed
+    /// with 4008.
+    pub slow_reader_timeout: Duration,
     /// How long messages are kept.
     pub retention: Duration,
     /// Most messages kept.
@@ -155,6 +162,8 @@ impl Default for Settings {
             token_secret: None,
             // Below the 30–60 s idle timeouts of common proxies and load balancers.
             heartbeat: Duration::from_secs(20),
+            // Generous: a phone on a bad network is slow, not gone.
+            slow_reader_timeout: Duration::from_secs(30),
             // A day covers a laptop closed overnight.
             retention: Duration::from_secs(24 * 3600),
             // About 100 MB of small messages: plenty of backlog, bounded disk.
@@ -247,6 +256,14 @@ impl Settings {
                 .heartbeat
                 .or(duration(&path, "heartbeat", file.heartbeat)?)
                 .unwrap_or(d.heartbeat),
+            slow_reader_timeout: o
+                .slow_reader_timeout
+                .or(duration(
+                    &path,
+                    "slow_reader_timeout",
+                    file.slow_reader_timeout,
+                )?)
+                .unwrap_or(d.slow_reader_timeout),
             retention: o
                 .retention
                 .or(duration(&path, "retention", file.retention)?)
@@ -300,6 +317,9 @@ impl Settings {
         }
         if self.head_timeout < Duration::from_millis(100) {
             return invalid("head_timeout must be at least 100ms");
+        }
+        if self.slow_reader_timeout < Duration::from_millis(100) {
+            return invalid("slow_reader_timeout must be at least 100ms");
         }
         if self.retention.is_zero() || self.listener_ttl.is_zero() {
             return invalid("retention and listener_ttl must be longer than zero");
@@ -370,6 +390,29 @@ mod tests {
         assert_eq!(s.heartbeat, Duration::from_secs(5));
         assert_eq!(s.max_stored_messages, 10);
         assert_eq!(s.retention, Duration::from_secs(86400));
+    }
+
+    #[test]
+    fn slow_reader_timeout_comes_from_the_file_and_is_checked() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("dolores.toml");
+        std::fs::write(&path, "slow_reader_timeout = \"2s\"\n").expect("write");
+        let options = Options {
+            config: Some(path),
+            ..Options::default()
+        };
+        let s = Settings::resolve(&options).expect("valid");
+        assert_eq!(s.slow_reader_timeout, Duration::from_secs(2));
+        assert_eq!(
+            Settings::default().slow_reader_timeout,
+            Duration::from_secs(30)
+        );
+        let too_short = Options {
+            slow_reader_timeout: Some(Duration::from_millis(10)),
+            ..options
+        };
+        let e = Settings::resolve(&too_short).unwrap_err().to_string();
+        assert!(e.contains("slow_reader_timeout"), "{e}");
     }
 
     #[test]

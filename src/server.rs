@@ -144,7 +144,11 @@ pub fn app(state: AppState) -> Router {
         .route("/ws/{uid}", get(ws::listen).options(preflight))
         .route("/poll/{uid}", get(poll::listen).options(preflight))
         .route("/dolores.js", get(page::client_js).options(preflight))
-        .layer(cors(&state.settings.cors_origins));
+        .layer(cors(&state.settings.cors_origins))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            no_cors_for_foreign_pages,
+        ));
     let routes = Router::new()
         .merge(backend)
         .merge(listeners)
@@ -198,6 +202,34 @@ fn cors(origins: &[String]) -> CorsLayer {
         .allow_methods([Method::GET, Method::OPTIONS])
         .allow_headers([HeaderName::from_static("last-event-id")])
         .max_age(Duration::from_secs(3600))
+}
+
+/// A page at an origin not in `cors_origins` gets none of the CORS headers: tower-http
+/// leaves out only `Access-Control-Allow-Origin`, and lists the allowed methods and
+/// headers in a preflight to anyone.
+async fn no_cors_for_foreign_pages(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let foreign = request
+        .headers()
+        .get(axum::http::header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .is_some_and(|origin| !crate::transport::origin_listed(&state, origin));
+    let mut response = next.run(request).await;
+    if foreign {
+        let headers = response.headers_mut();
+        let cors: Vec<HeaderName> = headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("access-control-allow-"))
+            .cloned()
+            .collect();
+        for name in cors {
+            headers.remove(name);
+        }
+    }
+    response
 }
 
 /// Answers a preflight the CORS layer let through (an origin it does not allow).

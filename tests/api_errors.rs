@@ -533,11 +533,19 @@ async fn token_calls_without_a_secret_or_with_a_bad_ttl_are_400() {
     assert_eq!(status, StatusCode::OK, "{body}");
 }
 
-/// GETs each of `paths`; returns those answered with anything but 200 or a JSON 4xx
-/// error.
-async fn not_json_errors(server: &Server, paths: &[String]) -> Vec<String> {
+/// What an odd request must be answered with.
+#[derive(Debug, Clone, Copy)]
+enum Answer {
+    /// A JSON error with this status and code.
+    Error(u16, &'static str),
+    /// An event stream (the oddity is harmless, like an unknown query parameter).
+    Stream,
+}
+
+/// GETs each path; returns those not answered exactly as expected.
+async fn wrong_answers(server: &Server, cases: &[(String, Answer)]) -> Vec<String> {
     let mut wrong = Vec::new();
-    for path in paths {
+    for (path, expected) in cases {
         let response = server
             .client()
             .get(format!("{}{path}", server.url()))
@@ -547,12 +555,34 @@ async fn not_json_errors(server: &Server, paths: &[String]) -> Vec<String> {
             .await
             .expect("send");
         let status = response.status();
-        if status != StatusCode::OK {
-            let text = response.text().await.unwrap_or_default();
-            let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-            if !status.is_client_error() || !body["error"]["code"].is_string() {
-                wrong.push(format!("{path}: {status} {text:?}"));
+        let kind = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned();
+        let right = match expected {
+            Answer::Stream => status == StatusCode::OK && kind == "text/event-stream",
+            Answer::Error(want, code) => {
+                let text = response.text().await.unwrap_or_default();
+                let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+                let right = status.as_u16() == *want
+                    && body["error"]["code"] == *code
+                    && body["error"]["message"]
+                        .as_str()
+                        .is_some_and(|m| !m.is_empty());
+                if !right {
+                    wrong.push(format!(
+                        "{path}: expected {expected:?}, got {status} {text:?}"
+                    ));
+                }
+                continue;
             }
+        };
+        if !right {
+            wrong.push(format!(
+                "{path}: expected {expected:?}, got {status} {kind}"
+            ));
         }
     }
     wrong
@@ -565,20 +595,35 @@ async fn odd_listener_requests_are_answered_in_json_never_500() {
     server.connect(&u, ":data").await;
     let client = server.client();
     let odd = [
-        format!("/listen/{u}?last_event_id=1&last_event_id=2"),
-        format!("/listen/{u}?token=a&token=b"),
-        format!("/listen/{u}?last_event_id=%FF"),
-        format!("/listen/{u}?%zz"),
-        "/listen/%FF%FE%FD%FC%FB%FA%F9%F8".to_owned(),
-        "/api/v1/listeners/%FF%FE%FD%FC%FB%FA%F9%F8".to_owned(),
-        format!("/listen/{}", "u".repeat(10_000)),
+        (
+            format!("/listen/{u}?last_event_id=1&last_event_id=2"),
+            Answer::Error(400, "bad_request"),
+        ),
+        (
+            format!("/listen/{u}?token=a&token=b"),
+            Answer::Error(400, "bad_request"),
+        ),
+        (
+            format!("/listen/{u}?last_event_id=%FF"),
+            Answer::Error(400, "bad_event_id"),
+        ),
+        // An unknown parameter is ignored.
+        (format!("/listen/{u}?%zz"), Answer::Stream),
+        (
+            "/listen/%FF%FE%FD%FC%FB%FA%F9%F8".to_owned(),
+            Answer::Error(400, "bad_uid"),
+        ),
+        (
+            "/api/v1/listeners/%FF%FE%FD%FC%FB%FA%F9%F8".to_owned(),
+            Answer::Error(400, "bad_uid"),
+        ),
+        (
+            format!("/listen/{}", "u".repeat(10_000)),
+            Answer::Error(400, "bad_uid"),
+        ),
     ];
-    let wrong = not_json_errors(&server, &odd).await;
-    assert!(
-        wrong.is_empty(),
-        "not a JSON 4xx error:\n{}",
-        wrong.join("\n")
-    );
+    let wrong = wrong_answers(&server, &odd).await;
+    assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
     // A Last-Event-ID that is not even text.
     let response = client
         .get(server.listen_url(&u, ""))
@@ -600,16 +645,23 @@ async fn odd_websocket_and_long_poll_requests_are_answered_in_json_never_500() {
     server.connect(&u, ":data").await;
     let mut odd = Vec::new();
     for endpoint in ["poll", "ws"] {
-        odd.push(format!("/{endpoint}/{u}?last_event_id=1&last_event_id=2"));
-        odd.push(format!("/{endpoint}/{u}?token=a&token=b"));
-        odd.push(format!("/{endpoint}/%FF%FE%FD%FC%FB%FA%F9%F8"));
-        odd.push(format!("/{endpoint}/short"));
+        odd.push((
+            format!("/{endpoint}/{u}?last_event_id=1&last_event_id=2"),
+            Answer::Error(400, "bad_request"),
+        ));
+        odd.push((
+            format!("/{endpoint}/{u}?token=a&token=b"),
+            Answer::Error(400, "bad_request"),
+        ));
+        odd.push((
+            format!("/{endpoint}/%FF%FE%FD%FC%FB%FA%F9%F8"),
+            Answer::Error(400, "bad_uid"),
+        ));
     }
-    let wrong = not_json_errors(&server, &odd).await;
-    assert!(
-        wrong.is_empty(),
-        "not a JSON 4xx error:\n{}",
-        wrong.join("\n")
-    );
+    odd.push(("/poll/short".to_owned(), Answer::Error(400, "bad_uid")));
+    // A plain GET is not a WebSocket, whatever its uid.
+    odd.push(("/ws/short".to_owned(), Answer::Error(400, "not_websocket")));
+    let wrong = wrong_answers(&server, &odd).await;
+    assert!(wrong.is_empty(), "wrong answers:\n{}", wrong.join("\n"));
     still_works(&server).await;
 }

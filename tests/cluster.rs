@@ -348,3 +348,68 @@ async fn a_paused_redis_gives_503_not_a_hang_and_then_catches_up() {
         "in order, nothing twice: {seen:?}"
     );
 }
+
+/// A WebSocket whose stream cannot read the store closes with 1011, and a new one
+/// opens once the store answers again. The fault is real: Redis paused for writes
+/// still answers the listener lookup (a plain read), but not the replay, which runs as
+/// a script (Redis holds every script that may write).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_closes_1011_when_the_store_fails_under_it() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let redis = OwnRedis::start().await;
+    let prefix = prefix("ws1011");
+    let a = node(&redis.url(), &prefix, &[]).await;
+    let uid = uid("storeless");
+    a.connect(&uid, ":data").await;
+    let id = a.publish(":data", json!("kept")).await;
+    let url = format!("ws://{}/ws/{uid}", a.addr());
+
+    assert_eq!(
+        redis.command(&["CLIENT", "PAUSE", "6000", "WRITE"]).await,
+        "OK"
+    );
+    let (mut socket, _) = within(
+        "the handshake while Redis is paused",
+        WAIT,
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    .expect("upgraded: the listener lookup is a read");
+    let close = within("the close frame", WAIT, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("a close code");
+    assert_eq!(
+        (u16::from(close.code), close.reason.as_str()),
+        (1011, "store_unavailable")
+    );
+
+    assert_eq!(redis.command(&["CLIENT", "UNPAUSE"]).await, "OK");
+    let (mut socket, _) = within(
+        "the handshake after the pause",
+        WAIT,
+        tokio_tungstenite::connect_async(url.as_str()),
+    )
+    .await
+    .expect("upgraded");
+    let frame = within("the kept message", WAIT, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => return text,
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+                other => panic!("expected the message, got {other:?}"),
+            }
+        }
+    })
+    .await;
+    let frame: serde_json::Value = serde_json::from_str(&frame).expect("json");
+    assert_eq!(common::id_of(&frame["id"]), id, "{frame}");
+}

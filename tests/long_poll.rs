@@ -173,16 +173,28 @@ async fn a_poll_answers_at_once_when_the_server_shuts_down() {
     let uid = uid("poll-shutdown");
     server.connect(&uid, ":data").await;
     let url = format!("{}/poll/{uid}?timeout=30", server.url());
-    let pending = tokio::spawn(async move { reqwest::get(url).await.map(|r| r.status()) });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let pending = tokio::spawn(async move {
+        let response = reqwest::get(url).await?;
+        let status = response.status();
+        response.text().await.map(|body| (status, body))
+    });
+    // The poll is waiting in the server, not merely sent.
+    common::eventually("the poll to be open", WAIT, || async {
+        (server.stats().await["streams"]["poll"] == 1).then_some(())
+    })
+    .await;
     let started = Instant::now();
     let status = server.terminate().await;
     assert!(status.success(), "{status:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
-    let answered = within("the pending poll", WAIT, pending)
+    let (status, body) = within("the pending poll", WAIT, pending)
         .await
-        .expect("task");
-    assert_eq!(answered.expect("an answer, not a cut connection"), 200);
+        .expect("task")
+        .expect("an answer, not a cut connection");
+    assert_eq!(status, 200, "{body}");
+    // The whole answer: no events, and the cursor to come back with.
+    let body: Value = serde_json::from_str(&body).expect("a JSON answer");
+    assert_eq!(body, json!({"events": [], "last_event_id": "0"}));
 }
 
 #[tokio::test]

@@ -93,15 +93,21 @@ async fn sigterm_while_publishing_keeps_every_acknowledged_message() {
                     .json(&json!({"track": ":data", "message": message}))
                     .send()
                     .await;
+                // A request that gets no answer at all is one the server never read: sent
+                // on a kept-alive connection as the server closed it, idle, or to a
+                // listener already closed. (One it has read is answered: see
+                // `an_update_in_flight_when_sigterm_comes_is_answered_and_kept`.)
                 let Ok(response) = sent else { return };
                 if response.status() != StatusCode::OK {
                     // 503 while shutting down is fine; nothing after it is acknowledged.
                     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
                     return;
                 }
-                let Ok(body) = response.json::<Value>().await else {
-                    return;
-                };
+                // Once answered, the answer is whole: a 200 is never cut.
+                let body = response
+                    .json::<Value>()
+                    .await
+                    .unwrap_or_else(|e| panic!("a 200 with its body cut: {e}"));
                 acked
                     .lock()
                     .await
@@ -176,4 +182,110 @@ async fn sigterm_with_a_reader_that_never_reads_still_exits_0_in_time() {
         started.elapsed()
     );
     drop(stuck);
+}
+
+/// Reads one HTTP/1.1 answer head (up to the blank line) off a raw socket.
+async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        common::within("an answer head", common::WAIT, stream.read_exact(&mut byte))
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the answer was cut ({e}) after {:?}",
+                    String::from_utf8_lossy(&head)
+                )
+            });
+        head.push(byte[0]);
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_update_in_flight_when_sigterm_comes_is_answered_and_kept() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut server = Server::start().await;
+    let u = uid("midflight");
+    server.connect(&u, ":data").await;
+    // A large batch, sent in two halves around the signal.
+    let updates: Vec<Value> = (0..200)
+        .map(|i| json!({"track": ":data", "message": {"i": i, "pad": "p".repeat(1000)}}))
+        .collect();
+    let body = serde_json::to_vec(&json!({"updates": updates})).expect("json");
+    let mut stream = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    // `Expect: 100-continue`: the server says `100 Continue` once the handler reads the
+    // body, so the request is known to be in flight before the signal is sent.
+    let head = format!(
+        "POST /api/v1/update HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
+        server.addr(),
+        server.api_key(),
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.expect("send head");
+    let proceed = read_head(&mut stream).await;
+    assert!(proceed.starts_with("HTTP/1.1 100"), "{proceed}");
+    let half = body.len() / 2;
+    stream.write_all(&body[..half]).await.expect("first half");
+
+    let (addr, sigterm) = (server.addr().to_owned(), Instant::now());
+    let exit = tokio::spawn(async move {
+        let status = server.terminate_within(Duration::from_secs(10)).await;
+        (server, status)
+    });
+    // The server is shutting down (its port refuses connections) before the rest of the
+    // body is sent.
+    common::eventually("the port to close", common::WAIT, || async {
+        tokio::net::TcpStream::connect(&addr)
+            .await
+            .is_err()
+            .then_some(())
+    })
+    .await;
+    stream.write_all(&body[half..]).await.expect("second half");
+    let answer = read_head(&mut stream).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let length: usize = answer
+        .to_ascii_lowercase()
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("a content-length: {answer}"));
+    let mut json_body = vec![0u8; length];
+    common::within(
+        "the answer's body",
+        common::WAIT,
+        stream.read_exact(&mut json_body),
+    )
+    .await
+    .expect("the whole body");
+    let answer: Value = serde_json::from_slice(&json_body).expect("json");
+    let ids: Vec<u64> = answer["ids"]
+        .as_array()
+        .expect("ids")
+        .iter()
+        .map(common::id_of)
+        .collect();
+    assert_eq!(ids.len(), 200, "{answer}");
+    let (mut server, status) = common::within("the exit", common::WAIT, exit)
+        .await
+        .expect("exit task");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    assert!(
+        sigterm.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        sigterm.elapsed()
+    );
+
+    // What was answered is kept.
+    server.restart().await;
+    let mut sse = Sse::open(&server.listen_url(&u, "?last_event_id=0"), None)
+        .await
+        .expect("open");
+    let events = sse.events(200).await;
+    assert_eq!(common::positions(&events), ids);
 }

@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{Server, WAIT, uid, within};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
@@ -191,8 +193,23 @@ async fn websocket_from_a_foreign_origin_is_refused_unless_allowed() {
             .insert("origin", origin.parse().expect("header"));
         request
     };
-    let refused = tokio_tungstenite::connect_async(from("http://evil.test")).await;
-    assert!(refused.is_err(), "a foreign origin must not get a socket");
+    match within(
+        "the refusal",
+        WAIT,
+        tokio_tungstenite::connect_async(from("http://evil.test")),
+    )
+    .await
+    {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 403, "{response:?}");
+            let body: Value =
+                serde_json::from_slice(response.body().as_deref().unwrap_or_default())
+                    .unwrap_or_else(|e| panic!("a JSON error ({e}): {response:?}"));
+            assert_eq!(body["error"]["code"], "origin_not_allowed", "{body}");
+        }
+        Err(other) => panic!("refused with 403, not {other:?}"),
+        Ok(_) => panic!("a foreign origin must not get a socket"),
+    }
     let (mut socket, _) = tokio_tungstenite::connect_async(from("http://allowed.test"))
         .await
         .expect("allowed");
@@ -367,4 +384,150 @@ async fn websocket_ping_flood_from_a_client_that_never_reads_is_held_back() {
         sent / (1024 * 1024)
     );
     assert!(server.healthy().await);
+}
+
+#[tokio::test]
+async fn websocket_pings_every_heartbeat() {
+    let server = Server::start_args(&["--heartbeat", "200ms"]).await;
+    let uid = uid("wsheartbeat");
+    server.connect(&uid, ":p").await;
+    let mut socket = open(&server, &uid, "").await;
+    let window = Duration::from_millis(2100);
+    let mut pings = 0;
+    // Ends only if the socket closes.
+    let read = async {
+        while let Some(frame) = socket.next().await {
+            match frame.expect("frame") {
+                Message::Ping(payload) => {
+                    assert!(payload.is_empty(), "{payload:?}");
+                    pings += 1;
+                }
+                other => panic!("only pings on an idle socket, got {other:?}"),
+            }
+        }
+    };
+    let closed = tokio::time::timeout(window, read).await;
+    assert!(closed.is_err(), "the socket closed within {window:?}");
+    // Ten heartbeats fit in 2.1 s; a busy machine may delay a few, never add one.
+    assert!((7..=10).contains(&pings), "{pings} pings in {window:?}");
+}
+
+/// Reads server frames (unmasked; any length) until a close; returns the text frames
+/// before it and the close's code and reason. Panics if the stream ends first or a
+/// frame is cut.
+async fn frames_until_close(tcp: &mut tokio::net::TcpStream) -> (Vec<Value>, u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut texts = Vec::new();
+    loop {
+        let mut header = [0u8; 2];
+        within("a frame header", WAIT, tcp.read_exact(&mut header))
+            .await
+            .unwrap_or_else(|e| panic!("a frame header after {} frames: {e}", texts.len()));
+        let len = match header[1] & 0x7F {
+            126 => {
+                let mut len = [0u8; 2];
+                tcp.read_exact(&mut len).await.expect("16-bit length");
+                usize::from(u16::from_be_bytes(len))
+            }
+            127 => {
+                let mut len = [0u8; 8];
+                tcp.read_exact(&mut len).await.expect("64-bit length");
+                usize::try_from(u64::from_be_bytes(len)).expect("length fits")
+            }
+            short => usize::from(short),
+        };
+        let mut payload = vec![0u8; len];
+        within("a frame payload", WAIT, tcp.read_exact(&mut payload))
+            .await
+            .unwrap_or_else(|e| panic!("frame {} was cut: {e}", texts.len()));
+        match header[0] {
+            0x81 => texts.push(
+                serde_json::from_slice(&payload)
+                    .unwrap_or_else(|e| panic!("text frame {} is JSON: {e}", texts.len())),
+            ),
+            0x88 => {
+                let code = u16::from_be_bytes([payload[0], payload[1]]);
+                let reason = String::from_utf8_lossy(&payload[2..]).into_owned();
+                return (texts, code, reason);
+            }
+            0x89 => {}
+            other => panic!(
+                "unexpected frame type {other:#x} after {} frames",
+                texts.len()
+            ),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_closes_4008_a_reader_that_takes_nothing_for_the_slow_reader_timeout() {
+    use tokio::io::AsyncWriteExt;
+    // From the environment (the flag is `--slow-reader-timeout`, the file key
+    // `slow_reader_timeout`).
+    let server = Server::config()
+        .memory()
+        .env("DOLORES_SLOW_READER_TIMEOUT", "500ms")
+        .start()
+        .await;
+    let uid = uid("wsslow");
+    server.connect(&uid, ":p").await;
+    // A socket with a small receive buffer that reads nothing after the handshake.
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small buffer");
+    let mut tcp = socket
+        .connect(server.addr().parse().expect("addr"))
+        .await
+        .expect("connect");
+    let request = format!(
+        "GET /ws/{uid} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+        server.addr()
+    );
+    tcp.write_all(request.as_bytes()).await.expect("send head");
+    common::eventually("the socket open", WAIT, || async {
+        (server.stats().await["streams"]["ws"] == 1).then_some(())
+    })
+    .await;
+    // Large messages until the server's writes stall for longer than the timeout.
+    let padding = "w".repeat(16 * 1024);
+    let said = format!("closing the WebSocket of {uid} with 4008");
+    let mut published = 0;
+    while !server.stderr_text().contains(&said) {
+        assert!(
+            published < 2000,
+            "{published} messages and no 4008; log:\n{}",
+            server.stderr_text()
+        );
+        let updates: Vec<(&str, Value)> = (0..16).map(|_| (":p", json!(padding))).collect();
+        server.publish_batch(&updates).await;
+        published += 16;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Read it all now: whole frames in order (the one the timeout cut is finished), then
+    // the close frame with the reason.
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        tokio::io::AsyncReadExt::read_exact(&mut tcp, &mut byte)
+            .await
+            .expect("the 101 answer");
+        head.push(byte[0]);
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"));
+    let (texts, code, reason) = frames_until_close(&mut tcp).await;
+    assert_eq!((code, reason.as_str()), (4008, "slow reader"));
+    assert!(!texts.is_empty(), "some frames came before the timeout");
+    let ids = ids(&texts);
+    assert!(
+        ids.windows(2).all(|w| w[0] < w[1]),
+        "in order, once: {ids:?}"
+    );
+    assert!(
+        texts.iter().all(|t| t["message"] == json!(padding)),
+        "whole messages"
+    );
+    common::eventually("the socket counted closed", WAIT, || async {
+        (server.stats().await["streams"]["ws"] == 0).then_some(())
+    })
+    .await;
 }

@@ -410,10 +410,10 @@ async fn a_closed_engine_refuses_work(f: impl Factory) {
     ));
 }
 
+/// For the engines that keep a store (embedded, Redis: `persistent_engine_suite!`); the
+/// memory engine's opposite is [`a_memory_engine_opened_again_starts_empty`].
 async fn everything_acknowledged_survives_a_reopen(f: impl Factory) {
-    if !f.persists() {
-        return;
-    }
+    assert!(f.persists(), "only for engines that keep a store");
     let engine = f.open(limits(), Arc::new(RecordingTail::default()));
     engine
         .connect("listener-1", vec![":a".into()])
@@ -478,5 +478,70 @@ engine_suite!(
     retention_and_listener_ttl_clean_up,
     concurrent_appends_are_each_stored_once,
     a_closed_engine_refuses_work,
-    everything_acknowledged_survives_a_reopen,
 );
+
+/// The tests of a store that outlives its engine: embedded and Redis only.
+macro_rules! persistent_engine_suite {
+    ($($name:ident),* $(,)?) => {
+        mod redis_engine_store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::$name(super::RedisFactory::new()).await;
+                }
+            )*
+        }
+        mod embedded_engine_store {
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    super::$name(super::Embedded(dir)).await;
+                }
+            )*
+        }
+    };
+}
+
+persistent_engine_suite!(everything_acknowledged_survives_a_reopen);
+
+/// `--memory` keeps nothing: a new engine knows no listener and starts the log again
+/// (what the README promises: queues lost on restart).
+#[tokio::test]
+async fn a_memory_engine_opened_again_starts_empty() {
+    let engine = Memory.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    engine
+        .append(vec![update(":a", "1"), update(":a", "2")])
+        .await
+        .expect("append");
+    assert_eq!(queue(&engine, "listener-1", 0).await.len(), 2);
+    drop(engine);
+    let engine = Memory.open(limits(), Arc::new(RecordingTail::default()));
+    assert!(
+        engine
+            .listener("listener-1")
+            .await
+            .expect("lookup")
+            .is_none(),
+        "a new memory engine knows no listener"
+    );
+    assert!(
+        engine
+            .replay("listener-1", 0, 10)
+            .await
+            .expect("replay")
+            .is_none()
+    );
+    assert_eq!(
+        engine
+            .append(vec![update(":a", "3")])
+            .await
+            .expect("append"),
+        vec![1]
+    );
+    engine.close().await;
+}

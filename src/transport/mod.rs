@@ -55,6 +55,33 @@ pub fn origin_allowed(state: &AppState, request: &ListenRequest) -> bool {
     request.client(state).same_origin(origin) || origin_listed(state, origin)
 }
 
+/// Refuses a page at a foreign origin with 403 `origin_not_allowed`, the same on every
+/// listener endpoint: what a foreign page cannot read it must not be able to cause
+/// either (a poll from it would move the listener's cursor, a stream would keep the
+/// listener alive). `what` names the request in the log, which says why: behind a
+/// proxy that does not forward the host, every same-origin page lands here, and the
+/// operator needs to see it.
+pub fn check_origin(state: &AppState, request: &ListenRequest, what: &str) -> Result<(), ApiError> {
+    if origin_allowed(state, request) {
+        return Ok(());
+    }
+    let client = request.client(state);
+    let origin = request
+        .headers
+        .get("origin")
+        .map(|o| o.to_str().unwrap_or("?"));
+    tracing::warn!(
+        "refused {what} from {client} at origin {:?}: neither this server ({:?}) nor in cors_origins",
+        origin.unwrap_or_default(),
+        client.host.as_deref().unwrap_or_default(),
+    );
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "origin_not_allowed",
+        "this page's origin is not in cors_origins",
+    ))
+}
+
 /// Whether `origin` is one of `cors_origins` (`*` lists every origin).
 pub fn origin_listed(state: &AppState, origin: &str) -> bool {
     state

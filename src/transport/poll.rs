@@ -4,7 +4,8 @@
 //! is there (with everything else already waiting), or with no events after `timeout`
 //! seconds. Unlike the streams, a poll does not move the listener's delivered cursor
 //! when it answers: the *next* request's `last_event_id` acknowledges, so an answer
-//! lost on the way is sent again.
+//! lost on the way is sent again. That is why a page at a foreign origin is refused
+//! before anything else (`check_origin`): its poll would acknowledge for the listener.
 
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ pub async fn listen(
     State(state): State<AppState>,
     request: ListenRequest,
 ) -> Result<Response, ApiError> {
+    // Before anything else: a poll acknowledges, and a foreign page must not.
+    super::check_origin(&state, &request, "a long poll")?;
     let timeout = match request.query.timeout.as_deref() {
         None | Some("") => DEFAULT_TIMEOUT,
         Some(t) => t

@@ -27,9 +27,6 @@ use crate::server::AppState;
 /// How long a browser waits before reconnecting after the stream drops, in ms. Short,
 /// because a reconnect costs little and resumes exactly.
 const RETRY_MS: u32 = 2000;
-/// Longest a write may wait for a reader that takes nothing, as for WebSocket.
-/// Generous: a phone on a bad network is slow, not gone.
-const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes written as one chunk: coalescing stops here so one write stays small.
 const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
@@ -38,6 +35,7 @@ pub async fn listen(
     State(state): State<AppState>,
     request: ListenRequest,
 ) -> Result<Response, ApiError> {
+    super::check_origin(&state, &request, "an SSE stream")?;
     let deliveries = super::open(&state, &request).await?;
     let stream = SseStream::new(state, deliveries);
     let body = Body::from_stream(futures_util::stream::unfold(stream, |mut s| async move {
@@ -161,6 +159,7 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     // stream went from ~4.5 to ~4.1 KB of server memory, measured with 19,000).
     let opened = Box::pin(async {
         let request = super::direct_request(head, &state.settings.base_path, "/listen/")?;
+        super::check_origin(&state, &request, "an SSE stream")?;
         super::open(&state, &request).await
     })
     .await;
@@ -176,6 +175,8 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     } else {
         ""
     };
+    // A reader that takes nothing for this long is stuck, as for WebSocket (4008).
+    let slow_reader_timeout = state.settings.slow_reader_timeout;
     let mut stream = SseStream::new(state, deliveries);
     // The response head and the body's first chunk in one write: one system call less
     // for every stream that opens.
@@ -226,7 +227,7 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
                     };
                     // A reader that takes nothing for this long is stuck, not slow: the
                     // stream ends and the client resumes from its last id when it can.
-                    match tokio::time::timeout(WRITE_STALL_TIMEOUT, write).await {
+                    match tokio::time::timeout(slow_reader_timeout, write).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) | Err(_) => return,
                     }

@@ -280,6 +280,37 @@ pub(super) fn close(code: u16, reason: &str) -> Vec<u8> {
     short(Opcode::Close, &payload)
 }
 
+/// Where the server frame that holds byte `at` of `frames` (whole unmasked frames, one
+/// after the other) ends: a write cut off at `at` is back on a frame boundary once the
+/// bytes up to there are written. `at` itself when it is already on a boundary.
+pub(super) fn frame_end(frames: &[u8], at: usize) -> usize {
+    let mut end = 0;
+    while end < at {
+        let Some(&len7) = frames.get(end + 1) else {
+            return frames.len();
+        };
+        let (header, payload) = match len7 & 0x7F {
+            126 => (
+                4,
+                frames
+                    .get(end + 2..end + 4)
+                    .map_or(0, |b| usize::from(u16::from_be_bytes([b[0], b[1]]))),
+            ),
+            127 => (
+                10,
+                frames.get(end + 2..end + 10).map_or(0, |b| {
+                    let mut length = [0u8; 8];
+                    length.copy_from_slice(b);
+                    usize::try_from(u64::from_be_bytes(length)).unwrap_or(usize::MAX)
+                }),
+            ),
+            short => (2, usize::from(short)),
+        };
+        end = end.saturating_add(header).saturating_add(payload);
+    }
+    end.min(frames.len())
+}
+
 /// The short frames the server sends.
 #[derive(Debug, Clone, Copy)]
 #[repr(u8)]
@@ -297,6 +328,25 @@ pub(super) enum Opcode {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cut_write_ends_at_the_end_of_the_frame_it_cut() {
+        let long = vec![b'x'; 300];
+        let mut frames = short(Opcode::Ping, b"");
+        let second = frames.len();
+        // A 300-byte text frame: a 16-bit length.
+        frames.extend_from_slice(&[0x81, 126, 0x01, 0x2C]);
+        frames.extend_from_slice(&long);
+        let third = frames.len();
+        frames.extend(short(Opcode::Text, b"tail"));
+        assert_eq!(frame_end(&frames, 0), 0);
+        assert_eq!(frame_end(&frames, 1), second);
+        assert_eq!(frame_end(&frames, second), second);
+        assert_eq!(frame_end(&frames, second + 1), third);
+        assert_eq!(frame_end(&frames, third - 1), third);
+        assert_eq!(frame_end(&frames, third + 2), frames.len());
+        assert_eq!(frame_end(&frames, frames.len()), frames.len());
+    }
 
     /// A client frame: masked with a fixed key.
     fn masked(b0: u8, payload: &[u8]) -> Vec<u8> {

@@ -7,8 +7,10 @@
 //! Close codes say why, because a browser cannot read the HTTP status of a failed
 //! handshake: a stream that cannot open (bad token, unknown listener, bad request) is
 //! upgraded and closed at once with `4000 + HTTP status` and the error code as reason;
-//! 1001 is a shutdown, 4008 a reader too slow to take its frames; 1011 a store failure;
-//! 1002 and 1007 a client that broke the protocol.
+//! 1001 is a shutdown, 4008 a reader that took no frame for `slow_reader_timeout` (the
+//! frame the timeout cut is finished first, so the close frame can be read); 1011 a
+//! store failure; 1002 and 1007 a client that broke the protocol. A page at a foreign
+//! origin is refused with 403 before the upgrade, as on every listener endpoint.
 //!
 //! Two ways in, one socket loop: a WebSocket that is its connection's first request is
 //! upgraded directly on the socket ([`serve_direct`], called by `connection`), holding
@@ -23,7 +25,7 @@ use std::time::Duration;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use bytes::{BufMut, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -41,9 +43,6 @@ mod frame;
 
 /// Largest frame a listener may send: it only ever needs control frames.
 pub const MAX_INBOUND_BYTES: usize = 64 * 1024;
-/// How long a write may wait for the reader before the socket is closed as too slow.
-/// Generous: a phone on a bad network is slow, not gone.
-const SLOW_READER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Most bytes written at once when several messages are ready, like SSE's largest
 /// chunk.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -74,27 +73,6 @@ pub fn accept_key(headers: &HeaderMap) -> Option<String> {
     Some(tungstenite::handshake::derive_accept_key(key.as_bytes()))
 }
 
-/// Refuses a page at a foreign origin, and says so in the log: behind a proxy that
-/// does not forward the host, every same-origin page lands here, and the operator needs
-/// to see why.
-fn origin_refused(state: &AppState, request: &ListenRequest) -> ApiError {
-    let client = request.client(state);
-    let origin = request
-        .headers
-        .get("origin")
-        .map(|o| o.to_str().unwrap_or("?"));
-    tracing::warn!(
-        "refused a WebSocket from {client} at origin {:?}: neither this server ({:?}) nor in cors_origins",
-        origin.unwrap_or_default(),
-        client.host.as_deref().unwrap_or_default(),
-    );
-    ApiError::new(
-        StatusCode::FORBIDDEN,
-        "origin_not_allowed",
-        "this page's origin is not in cors_origins",
-    )
-}
-
 /// The handler of `/ws/{uid}` on the framework path.
 pub async fn listen(
     State(state): State<AppState>,
@@ -120,8 +98,8 @@ pub async fn listen(
         )
         .into_response();
     };
-    if !super::origin_allowed(&state, &request) {
-        return origin_refused(&state, &request).into_response();
+    if let Err(refused) = super::check_origin(&state, &request, "a WebSocket") {
+        return refused.into_response();
     }
     let opened = super::open(&state, &request).await;
     tokio::spawn(async move {
@@ -153,9 +131,7 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
         let accept = accept_key(&request.headers).ok_or_else(|| {
             ApiError::bad_field("not_websocket", "this endpoint takes a WebSocket")
         })?;
-        if !super::origin_allowed(&state, &request) {
-            return Err(origin_refused(&state, &request));
-        }
+        super::check_origin(&state, &request, "a WebSocket")?;
         Ok((accept, super::open(&state, &request).await))
     })
     .await;
@@ -180,12 +156,36 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
 /// Sends a close frame (waiting at most a second for a reader that does not read),
 /// then ends the connection.
 async fn close<W: AsyncWrite + Unpin>(writer: &mut W, code: u16, reason: &str) {
+    close_after(writer, &[], code, reason).await;
+}
+
+/// Writes `rest` (the end of a frame already partly written), then a close frame, then
+/// ends the connection; all of it within a second for a reader that does not read.
+async fn close_after<W: AsyncWrite + Unpin>(writer: &mut W, rest: &[u8], code: u16, reason: &str) {
     let frame = frame::close(code, reason);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        writer.write_all(rest).await?;
         writer.write_all(&frame).await?;
         writer.shutdown().await
     })
     .await;
+}
+
+/// Writes all of `bytes`, counting in `written` how much went out: when a slow reader's
+/// timeout cuts the write off, the count says where the cut frame ends.
+async fn write_counted<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    bytes: &[u8],
+    written: &mut usize,
+) -> std::io::Result<()> {
+    while *written < bytes.len() {
+        let n = writer.write(&bytes[*written..]).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        *written += n;
+    }
+    writer.flush().await
 }
 
 /// What the socket loop writes next.
@@ -241,38 +241,51 @@ async fn serve<R, W>(
             },
             _ = heartbeat.tick() => Out::Frame(frame::short(Opcode::Ping, b"")),
         };
-        let write = async {
-            match out {
-                Out::Messages(first) => {
-                    let first = first.ws_frame();
-                    // The common case, one message ready: its shared frame as it is.
-                    let Some(second) = deliveries.take_ready() else {
-                        writer.write_all(&first).await?;
-                        state.metrics.delivered(1);
-                        return writer.flush().await;
-                    };
-                    let mut chunk = BytesMut::with_capacity(first.len() * 4);
-                    chunk.put(first);
-                    chunk.put(second.ws_frame());
-                    let mut count = 2;
-                    while chunk.len() < WRITE_BATCH_BYTES {
-                        let Some(next) = deliveries.take_ready() else {
-                            break;
-                        };
-                        chunk.put(next.ws_frame());
-                        count += 1;
+        let (bytes, delivered) = match out {
+            Out::Messages(first) => {
+                let first = first.ws_frame();
+                // The common case, one message ready: its shared frame as it is.
+                match deliveries.take_ready() {
+                    None => (first, 1),
+                    Some(second) => {
+                        let mut chunk = BytesMut::with_capacity(first.len() * 4);
+                        chunk.put(first);
+                        chunk.put(second.ws_frame());
+                        let mut count = 2;
+                        while chunk.len() < WRITE_BATCH_BYTES {
+                            let Some(next) = deliveries.take_ready() else {
+                                break;
+                            };
+                            chunk.put(next.ws_frame());
+                            count += 1;
+                        }
+                        (chunk.freeze(), count)
                     }
-                    writer.write_all(&chunk).await?;
-                    state.metrics.delivered(count);
                 }
-                Out::Frame(frame) => writer.write_all(&frame).await?,
             }
-            writer.flush().await
+            Out::Frame(frame) => (Bytes::from(frame), 0),
         };
-        match tokio::time::timeout(SLOW_READER_TIMEOUT, write).await {
-            Ok(Ok(())) => deliveries.ack(),
+        let mut written = 0;
+        let write = write_counted(&mut writer, &bytes, &mut written);
+        match tokio::time::timeout(state.settings.slow_reader_timeout, write).await {
+            Ok(Ok(())) => {
+                if delivered > 0 {
+                    state.metrics.delivered(delivered);
+                }
+                deliveries.ack();
+            }
             Ok(Err(_)) => return,
-            Err(_) => break (CLOSE_SLOW_READER, "slow reader"),
+            Err(_) => {
+                tracing::info!(
+                    "closing the WebSocket of {} with {CLOSE_SLOW_READER}: it took no frame for {:?}",
+                    deliveries.uid(),
+                    state.settings.slow_reader_timeout
+                );
+                // The close frame goes after the end of the frame the timeout cut, or
+                // the reader would take it for the rest of that frame.
+                let rest = &bytes[written..frame::frame_end(&bytes, written)];
+                return close_after(&mut writer, rest, CLOSE_SLOW_READER, "slow reader").await;
+            }
         }
     };
     close(&mut writer, code, reason).await;
