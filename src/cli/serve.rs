@@ -1,7 +1,7 @@
 //! `dolores serve`: binds, finds or makes the api key, and runs the server until
 //! Ctrl-C or SIGTERM.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
@@ -15,6 +15,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(colours())
         .init();
     let tls = settings
         .tls
@@ -66,6 +67,12 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     drop(out);
     crate::notify::ready(&format!("listening on {url}"));
     server::run(listener, state, tls, shutdown_signal()).await
+}
+
+/// Colours in the log only on a terminal, and not there either when `NO_COLOR` is set
+/// (no-color.org): a log in a file or the journal must not fill with escape codes.
+fn colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Room for connections the kernel has accepted but the server has not taken yet: a
