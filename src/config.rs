@@ -83,11 +83,53 @@ pub struct Options {
     pub config: Option<PathBuf>,
 }
 
+/// Which server a client subcommand (`update`, `connect`, `disconnect`, `listen`,
+/// `token`) talks to. Only the client options are in their `--help`; the server's
+/// settings that change its URL (a TLS certificate, a base path) still come from the
+/// environment and the config file, so that a config file names the server it describes.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ClientOptions {
+    /// The server to talk to: a URL like http://127.0.0.1:8007 or https://push.example/dolores, or host:port [default: the config file's server, else its listen, else 127.0.0.1:8007]
+    // `--listen` is what these subcommands took before: kept, hidden, for old scripts.
+    #[arg(long, alias = "listen", env = "DOLORES_SERVER", value_name = "URL")]
+    pub server: Option<String>,
+    /// A dolores.toml to read server (or listen), api_key, token_secret and data from
+    #[arg(long, env = "DOLORES_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+/// The backend's api key, for the client subcommands that call the backend API.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct KeyOptions {
+    /// The backend's api key [default: the key a local server generated in DATA/api-key]
+    #[arg(long, env = "DOLORES_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Data dir of a local server, where it keeps the api key it generated [default: ./dolores-data]
+    #[arg(long, env = "DOLORES_DATA")]
+    pub data: Option<PathBuf>,
+}
+
+impl Options {
+    /// The options the `DOLORES_*` variables give, with no flags.
+    fn from_env() -> Result<Self, ConfigError> {
+        use clap::{Args, FromArgMatches};
+        Self::augment_args(clap::Command::new("dolores"))
+            .try_get_matches_from(["dolores"])
+            .and_then(|matches| Self::from_arg_matches(&matches))
+            .map_err(|e| {
+                let text = e.to_string();
+                let line = text.lines().next().unwrap_or_default();
+                ConfigError::Invalid(line.trim_start_matches("error: ").to_owned())
+            })
+    }
+}
+
 /// The keys of `dolores.toml`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileSettings {
     listen: Option<String>,
+    server: Option<String>,
     data: Option<PathBuf>,
     memory: Option<bool>,
     redis: Option<String>,
@@ -113,6 +155,9 @@ struct FileSettings {
 pub struct Settings {
     /// Address to listen on or to reach.
     pub listen: String,
+    /// The server the client subcommands talk to, when not the one at `listen`: a URL
+    /// or `host:port`.
+    pub server: Option<String>,
     /// The data dir.
     pub data: PathBuf,
     /// Nothing on disk.
@@ -154,6 +199,7 @@ impl Default for Settings {
     fn default() -> Self {
         Self {
             listen: DEFAULT_LISTEN.into(),
+            server: None,
             data: DEFAULT_DATA.into(),
             memory: false,
             redis: None,
@@ -186,12 +232,14 @@ impl Default for Settings {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The config file cannot be read.
-    #[error("cannot read {path}: {source}")]
+    // Not a `source` field: anyhow's `{:#}` prints the source after the Display, and
+    // the Display already says why (it would read "… (os error 2): … (os error 2)").
+    #[error("cannot read {path}: {error}")]
     Read {
         /// The file.
         path: PathBuf,
         /// Why.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// The config file is not valid.
     #[error("{path}: {message}")]
@@ -228,19 +276,20 @@ impl Settings {
         let mut file = FileSettings::default();
         let path = options.config.clone().unwrap_or_default();
         if let Some(config) = &options.config {
-            let text = std::fs::read_to_string(config).map_err(|source| ConfigError::Read {
+            let text = std::fs::read_to_string(config).map_err(|error| ConfigError::Read {
                 path: config.clone(),
-                source,
+                error,
             })?;
             file = toml::from_str(&text).map_err(|e| ConfigError::File {
                 path: config.clone(),
-                message: e.to_string(),
+                message: toml_message(&text, &e),
             })?;
         }
         let d = Settings::default();
         let o = options.clone();
         let settings = Settings {
             listen: o.listen.or(file.listen).unwrap_or(d.listen),
+            server: file.server.filter(|s| !s.is_empty()),
             data: o.data.or(file.data).unwrap_or(d.data),
             memory: o.memory.or(file.memory).unwrap_or(d.memory),
             redis: o.redis.or(file.redis).filter(|r| !r.is_empty()),
@@ -280,9 +329,11 @@ impl Settings {
                 .max_message_bytes
                 .or(file.max_message_bytes)
                 .unwrap_or(d.max_message_bytes),
+            // "https://a.example, https://b.example" means two origins, spaces aside.
             cors_origins: o
                 .cors_origins
                 .or(file.cors_origins)
+                .map(|list| list.iter().map(|o| o.trim().to_owned()).collect())
                 .unwrap_or(d.cors_origins),
             tls: match (o.tls_cert.or(file.tls_cert), o.tls_key.or(file.tls_key)) {
                 (Some(cert), Some(key)) => Some(crate::tls::CertFiles { cert, key }),
@@ -307,6 +358,31 @@ impl Settings {
             },
         };
         settings.check()?;
+        Ok(settings)
+    }
+
+    /// Resolves the settings of a client subcommand: its own options (flags and their
+    /// variables) over the other `DOLORES_*` variables over the config file over the
+    /// defaults. The server is `--server` (`DOLORES_SERVER`), else the file's `server`,
+    /// else the one at `listen`.
+    pub fn resolve_client(
+        client: &ClientOptions,
+        key: Option<&KeyOptions>,
+        token_secret: Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let env = Options::from_env()?;
+        let key = key.cloned().unwrap_or_default();
+        let options = Options {
+            config: client.config.clone(),
+            api_key: key.api_key,
+            data: key.data,
+            token_secret,
+            ..env
+        };
+        let mut settings = Self::resolve(&options)?;
+        if let Some(server) = client.server.clone().filter(|s| !s.is_empty()) {
+            settings.server = Some(server);
+        }
         Ok(settings)
     }
 
@@ -342,14 +418,27 @@ impl Settings {
         if self.memory && self.redis.is_some() {
             return invalid("choose --memory or --redis, not both");
         }
+        check_listen(&self.listen)?;
+        for origin in &self.cors_origins {
+            check_origin(origin)?;
+        }
+        // Only a dir can hold the store and the key file; a file would fail later, in a
+        // message about the store.
+        if !self.memory && self.data.exists() && !self.data.is_dir() {
+            return Err(ConfigError::Invalid(format!(
+                "data = {}: that is a file; the data dir must be a directory (or not exist yet)",
+                self.data.display()
+            )));
+        }
         Ok(())
     }
 
-    /// The base URL a client uses to reach the server at `listen`: a URL given as
-    /// `listen` as it is (its path is where the server is), else `http://` + the
-    /// address + `base_path`.
+    /// The base URL a client uses to reach the server at `server`, else at `listen`: a
+    /// URL as it is (its path is where the server is), else `http://` + the address +
+    /// `base_path`.
     pub fn server_url(&self) -> String {
-        let listen = self.listen.trim_end_matches('/');
+        let listen = self.server.as_deref().unwrap_or(&self.listen);
+        let listen = listen.trim_end_matches('/');
         if listen.starts_with("http://") || listen.starts_with("https://") {
             return listen.to_owned();
         }
@@ -365,6 +454,92 @@ impl Settings {
     pub fn api_key_file(&self) -> PathBuf {
         self.data.join(API_KEY_FILE)
     }
+}
+
+/// A toml error on one line: the line it is on and what is wrong (toml's own text
+/// quotes the file over several lines).
+fn toml_message(text: &str, error: &toml::de::Error) -> String {
+    let what = error.message().lines().collect::<Vec<_>>().join(" ");
+    match error.span() {
+        Some(span) => {
+            let before = text.get(..span.start).unwrap_or(text);
+            let number = before.matches('\n').count() + 1;
+            let line = text.lines().nth(number - 1).unwrap_or_default().trim();
+            format!("line {number}, `{line}`: {what}")
+        }
+        None => what,
+    }
+}
+
+/// `listen` is an address with a port, `host:port`; a lone port or a URL never binds.
+fn check_listen(listen: &str) -> Result<(), ConfigError> {
+    let invalid = |why: String| Err(ConfigError::Invalid(format!("listen = {listen:?}: {why}")));
+    if !listen.is_empty() && listen.bytes().all(|b| b.is_ascii_digit()) {
+        return invalid(format!(
+            "a port alone; write it as 127.0.0.1:{listen} (or 0.0.0.0:{listen} for every interface)"
+        ));
+    }
+    if listen.contains("://") {
+        return invalid(
+            "a URL; write the address to listen on, like 127.0.0.1:8007 (the client \
+             subcommands name a server with --server URL)"
+                .into(),
+        );
+    }
+    let Some((host, port)) = listen.rsplit_once(':') else {
+        return invalid("no port; write it as host:port, like 127.0.0.1:8007".into());
+    };
+    if host.is_empty() {
+        return invalid(format!("no host; write it as 127.0.0.1:{port}"));
+    }
+    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+        return invalid("write an IPv6 address in brackets, like [::1]:8007".into());
+    }
+    if port.parse::<u16>().is_err() {
+        return invalid(format!(
+            "{port:?} is not a port (0 to 65535); write it as host:port, like 127.0.0.1:8007"
+        ));
+    }
+    Ok(())
+}
+
+/// An entry of `cors_origins` is `*` or what a browser sends as `Origin`:
+/// `scheme://host[:port]`, nothing after. Anything else matches no page ever.
+fn check_origin(origin: &str) -> Result<(), ConfigError> {
+    let invalid = |why: String| {
+        Err(ConfigError::Invalid(format!(
+            "cors_origins {origin:?}: {why}"
+        )))
+    };
+    // `null` is what sandboxed pages and file:// pages send.
+    if origin == "*" || origin == "null" {
+        return Ok(());
+    }
+    let Some((scheme, rest)) = origin.split_once("://") else {
+        let bare = origin.trim_end_matches('/');
+        return invalid(format!(
+            "no scheme; a browser sends its origin with one: write it as http://{bare} (or \
+             https://{bare})"
+        ));
+    };
+    if scheme != "http" && scheme != "https" {
+        return invalid(format!(
+            "a browser origin starts with http:// or https://, not {scheme}://"
+        ));
+    }
+    // A trailing slash is forgiven where origins are compared; a path never matches.
+    let host = rest.strip_suffix('/').unwrap_or(rest);
+    if host.is_empty() || host.contains(['/', '?', '#', ' ', '*']) {
+        let hint = host.split(['/', '?', '#']).next().unwrap_or_default();
+        return invalid(if host.contains('*') {
+            "* works only alone, for every origin; list each origin otherwise".into()
+        } else if hint.is_empty() {
+            "no host; write it like https://app.example".into()
+        } else {
+            format!("an origin has no path: write it as {scheme}://{hint}")
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -461,5 +636,50 @@ mod tests {
             e.contains("trusted_proxies") && e.contains("10.0.0.0/8"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn listen_is_host_and_port() {
+        for good in [
+            "127.0.0.1:0",
+            "0.0.0.0:8007",
+            "[::1]:8007",
+            "localhost:9000",
+        ] {
+            assert!(check_listen(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("9000", "write it as 127.0.0.1:9000"),
+            ("http://127.0.0.1:9000", "a URL"),
+            ("localhost", "no port"),
+            (":9000", "write it as 127.0.0.1:9000"),
+            ("::1:9000", "brackets"),
+            ("127.0.0.1:http", "not a port"),
+            ("127.0.0.1:70000", "not a port"),
+        ] {
+            let e = check_listen(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn cors_origins_are_origins() {
+        for good in ["*", "null", "http://127.0.0.1:8081", "https://app.example/"] {
+            assert!(check_origin(good).is_ok(), "{good}");
+        }
+        for (bad, says) in [
+            ("127.0.0.1:8081", "write it as http://127.0.0.1:8081"),
+            ("app.example/", "write it as http://app.example "),
+            ("ftp://app.example", "not ftp://"),
+            (
+                "https://app.example/page",
+                "write it as https://app.example",
+            ),
+            ("https://*.example", "* works only alone"),
+            ("https://", "no host"),
+        ] {
+            let e = check_origin(bad).unwrap_err().to_string();
+            assert!(e.contains(says), "{bad}: {e}");
+        }
     }
 }

@@ -25,7 +25,7 @@ async fn run_with_data(server: &Server, args: &[&str]) -> Output {
     let data = server.store_dir();
     let data = data.to_str().expect("utf-8 path");
     let mut all = args.to_vec();
-    all.extend(["--listen", server.addr(), "--data", data]);
+    all.extend(["--server", server.addr(), "--data", data]);
     run(&all).await
 }
 
@@ -63,10 +63,8 @@ async fn connect_update_listen_and_disconnect_end_to_end() {
     let answer = json_out(&run_with_data(&server, &["connect", &u, ":cli"]).await);
     assert_eq!(answer, json!({"uid": u, "tracks": [":cli"]}));
 
-    let data = server.store_dir();
     let mut listen = common::command()
-        .args(["listen", &u, "--listen", server.addr(), "--data"])
-        .arg(&data)
+        .args(["listen", &u, "--server", &server.url()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -134,10 +132,9 @@ async fn listen_prints_a_reset_and_resumes_from_last_event_id() {
     for i in 0..4 {
         ids.push(server.publish(":r", json!(i)).await);
     }
-    let key = server.api_key().to_owned();
     let spawn = |extra: Vec<String>| {
         common::command()
-            .args(["listen", &u, "--listen", server.addr(), "--api-key", &key])
+            .args(["listen", &u, "--server", server.addr()])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -191,12 +188,10 @@ async fn client_errors_are_one_line_and_exit_1() {
     let (addr, key) = (server.addr(), server.api_key());
     let with = |args: &[&'static str]| {
         let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-        all.extend([
-            "--listen".into(),
-            addr.to_owned(),
-            "--api-key".into(),
-            key.to_owned(),
-        ]);
+        all.extend(["--server".into(), addr.to_owned()]);
+        if args[0] != "listen" {
+            all.extend(["--api-key".into(), key.to_owned()]);
+        }
         all
     };
     let run_owned = |args: Vec<String>| async move {
@@ -223,19 +218,20 @@ async fn client_errors_are_one_line_and_exit_1() {
     );
     one_line_error(&run(&["token", "bad", "--token-secret", "s"]).await, "uid");
     one_line_error(
-        &run(&["update", ":t", "m", "--listen", addr, "--api-key", "wrong"]).await,
+        &run(&["update", ":t", "m", "--server", addr, "--api-key", "wrong"]).await,
         "wrong_api_key",
     );
 
     // Unreachable server.
     let nowhere = format!("127.0.0.1:{}", closed_port());
-    let output = run(&["update", ":t", "m", "--listen", &nowhere, "--api-key", "k"]).await;
+    let output = run(&["update", ":t", "m", "--server", &nowhere, "--api-key", "k"]).await;
     one_line_error(&output, "cannot reach");
+    one_line_error(&output, "onnection refused");
     let output = run(&[
         "connect",
         "abcdefgh",
         ":t",
-        "--listen",
+        "--server",
         &nowhere,
         "--api-key",
         "k",
@@ -246,7 +242,7 @@ async fn client_errors_are_one_line_and_exit_1() {
     // No key given and none in the data dir.
     let empty = tempfile::tempdir().expect("temp dir");
     let data = empty.path().to_str().expect("utf-8");
-    let output = run(&["update", ":t", "m", "--listen", addr, "--data", data]).await;
+    let output = run(&["update", ":t", "m", "--server", addr, "--data", data]).await;
     one_line_error(&output, "no api key");
 }
 
@@ -312,4 +308,268 @@ async fn serve_makes_an_api_key_on_loopback_keeps_it_private_and_reuses_it() {
     );
     assert_ne!(memory.api_key(), key);
     memory.publish(":k", json!(3)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_subcommands_name_the_server_with_server_or_dolores_server() {
+    let server = Server::start().await;
+    let key = server.api_key();
+    let u = uid("server");
+    // A URL, as `dolores bench` and the Python client take it.
+    let url = server.url();
+    let answer = json_out(&run(&["connect", &u, ":a", "--server", &url, "--api-key", key]).await);
+    assert_eq!(answer["tracks"], json!([":a"]));
+    // host:port.
+    let answer = json_out(
+        &run(&[
+            "connect",
+            &u,
+            ":b",
+            "--server",
+            server.addr(),
+            "--api-key",
+            key,
+        ])
+        .await,
+    );
+    assert_eq!(answer["tracks"], json!([":a", ":b"]));
+    // DOLORES_SERVER, as for the Python client.
+    let output = within(
+        "dolores update",
+        WAIT,
+        common::command()
+            .args(["update", ":a", "hi"])
+            .env("DOLORES_SERVER", &url)
+            .env("DOLORES_API_KEY", key)
+            .output(),
+    )
+    .await
+    .expect("run");
+    assert!(json_out(&output)["id"].is_string(), "{output:?}");
+    // --listen, what these commands took before, still works for old scripts.
+    let answer = json_out(
+        &run(&[
+            "disconnect",
+            &u,
+            ":a",
+            "--listen",
+            server.addr(),
+            "--api-key",
+            key,
+        ])
+        .await,
+    );
+    assert_eq!(answer["tracks"], json!([":b"]));
+    // A flag beats the variable.
+    let nowhere = format!("127.0.0.1:{}", closed_port());
+    let output = within(
+        "dolores connect",
+        WAIT,
+        common::command()
+            .args(["connect", &u, ":c", "--server", &url, "--api-key", key])
+            .env("DOLORES_SERVER", &nowhere)
+            .output(),
+    )
+    .await
+    .expect("run");
+    assert_eq!(json_out(&output)["tracks"], json!([":b", ":c"]));
+    // A config file's `server`, else the address in its `listen` (the server's own file).
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("dolores.toml");
+    for line in [
+        format!("server = \"{url}\""),
+        format!("listen = \"{}\"", server.addr()),
+    ] {
+        std::fs::write(&config, format!("{line}\napi_key = \"{key}\"\n")).expect("write");
+        let config = config.to_str().expect("utf-8");
+        let answer = json_out(&run(&["connect", &u, ":d", "--config", config]).await);
+        assert_eq!(answer["tracks"], json!([":b", ":c", ":d"]), "{line}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_api_key_says_where_it_came_from() {
+    // `dolores serve --api-key …` run where an earlier server left its generated key in
+    // ./dolores-data/api-key: the client subcommands run there pick the stale key up.
+    let server = Server::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("dolores-data")).expect("mkdir");
+    std::fs::write(dir.path().join("dolores-data/api-key"), "stale-key\n").expect("write");
+    let in_dir = |args: &[&str], env: &[(&str, &str)]| {
+        let mut command = common::command();
+        command
+            .current_dir(dir.path())
+            .args(args)
+            .args(["--server", server.addr()]);
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        async move {
+            within("dolores update", WAIT, command.output())
+                .await
+                .expect("run")
+        }
+    };
+    let output = in_dir(&["update", ":t", "m"], &[]).await;
+    one_line_error(&output, "wrong_api_key");
+    one_line_error(
+        &output,
+        "the key came from ./dolores-data/api-key; pass --api-key or set DOLORES_API_KEY",
+    );
+
+    let output = in_dir(&["update", ":t", "m"], &[("DOLORES_API_KEY", "wrong")]).await;
+    one_line_error(&output, "the key came from DOLORES_API_KEY)");
+    let output = in_dir(&["connect", "abcdefgh", ":t", "--api-key", "wrong"], &[]).await;
+    one_line_error(&output, "the key came from --api-key)");
+    let config = dir.path().join("dolores.toml");
+    std::fs::write(&config, "api_key = \"wrong\"\n").expect("write");
+    let config = config.to_str().expect("utf-8");
+    let output = in_dir(&["token", "abcdefgh", "--config", config], &[]).await;
+    one_line_error(
+        &output,
+        &format!("the key came from api_key in {config}; pass --api-key"),
+    );
+
+    // With the right key the same command works.
+    let output = in_dir(
+        &["update", ":t", "m"],
+        &[("DOLORES_API_KEY", server.api_key())],
+    )
+    .await;
+    assert!(json_out(&output)["id"].is_string());
+}
+
+/// `dolores ARGS… --help`.
+async fn help(args: &[&str]) -> String {
+    let mut all = args.to_vec();
+    all.push("--help");
+    let output = run(&all).await;
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).expect("utf-8")
+}
+
+/// The long options a `--help` lists, like `--api-key`.
+fn help_flags(help: &str) -> Vec<String> {
+    help.lines()
+        .filter_map(|line| {
+            let line = line.trim_start();
+            let line = line.strip_prefix("-h, ").unwrap_or(line);
+            let line =
+                line.split_once(", ").map_or(
+                    line,
+                    |(short, long)| {
+                        if short.len() == 2 { long } else { line }
+                    },
+                );
+            line.starts_with("--")
+                .then(|| line.split([' ', '=']).next().unwrap_or_default().to_owned())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_help_lists_only_the_client_options() {
+    for (command, own) in [
+        ("update", &["--string", "--api-key", "--data"][..]),
+        ("connect", &["--api-key", "--data"]),
+        ("disconnect", &["--api-key", "--data"]),
+        ("listen", &["--token", "--last-event-id"]),
+        (
+            "token",
+            &["--track", "--ttl", "--token-secret", "--api-key", "--data"],
+        ),
+    ] {
+        let text = help(&[command]).await;
+        let mut expected: Vec<&str> = own.to_vec();
+        expected.extend(["--server", "--config", "--help"]);
+        let mut listed = help_flags(&text);
+        listed.sort();
+        expected.sort_unstable();
+        assert_eq!(listed, expected, "dolores {command} --help:\n{text}");
+        assert!(text.contains("DOLORES_SERVER"), "{text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dolores_help_lists_what_the_readme_says() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md"))
+        .expect("README.md");
+    let top = help(&[]).await;
+    // "the client subcommands are `dolores update | connect | … | token`"
+    let list = readme
+        .split("`dolores update |")
+        .nth(1)
+        .and_then(|rest| rest.split('`').next())
+        .expect("the README lists the client subcommands");
+    let mut commands: Vec<&str> = list.split('|').map(str::trim).collect();
+    commands.extend(["update", "serve", "bench"]);
+    for command in commands {
+        assert!(
+            top.lines()
+                .any(|l| l.trim_start().starts_with(&format!("{command} "))),
+            "`dolores --help` lists {command}:\n{top}"
+        );
+    }
+    // What the README says `dolores --help` and `dolores serve --help` show.
+    assert!(
+        readme.contains("`dolores serve --help` lists them"),
+        "the README says where the settings are listed"
+    );
+    assert!(
+        top.contains("`dolores serve --help` lists the server's settings"),
+        "{top}"
+    );
+    // Every row of the settings tables: a server setting in `serve --help`, a client
+    // one (said so in its last cell) in the client commands' help.
+    let serve = help_flags(&help(&["serve"]).await);
+    let update = help_flags(&help(&["update"]).await);
+    let rows: Vec<&str> = readme.lines().filter(|l| l.starts_with("| `--")).collect();
+    assert!(rows.len() >= 18, "{rows:?}");
+    for row in rows {
+        let flag = row.split('`').nth(1).expect("a flag");
+        let listed = if row.contains("client subcommands only") {
+            &update
+        } else {
+            &serve
+        };
+        assert!(listed.iter().any(|f| f == flag), "{flag} in --help");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listen_says_why_it_cannot_reach_the_server() {
+    let nowhere = format!("127.0.0.1:{}", closed_port());
+    let mut listen = common::command()
+        .args(["listen", "abcdefgh", "--server", &nowhere])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn dolores listen");
+    let mut lines = BufReader::new(listen.stderr.take().expect("stderr")).lines();
+    let line = within("a line from dolores listen", WAIT, lines.next_line())
+        .await
+        .expect("read")
+        .expect("a line");
+    assert!(
+        line.starts_with(&format!("dolores: cannot reach http://{nowhere}"))
+            && line.contains("onnection refused")
+            && line.ends_with("; retrying"),
+        "{line:?}"
+    );
+    listen.kill().await.expect("kill");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_has_no_colours_when_stderr_is_not_a_terminal() {
+    // An empty NO_COLOR counts as unset (no-color.org), so colours are up to the server.
+    let mut server = Server::config().memory().env("NO_COLOR", "").start().await;
+    // Answering means it runs its loop, SIGTERM handler included.
+    server.stats().await;
+    assert!(server.terminate().await.success());
+    let log = common::eventually("the shutdown lines in the log", WAIT, || {
+        let log = server.stderr_text();
+        std::future::ready(log.contains("bye").then_some(log))
+    })
+    .await;
+    assert!(!log.contains('\u{1b}'), "no escape codes: {log:?}");
 }

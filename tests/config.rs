@@ -242,3 +242,138 @@ async fn bad_settings_are_refused_with_a_clear_message() {
     let stderr = refused(&["--retention", "soon"]).await;
     assert!(stderr.contains("retention"), "{stderr}");
 }
+
+/// Runs `dolores serve ARGS…` (nothing added) and expects it to refuse to start with
+/// one line on stderr; returns that line.
+async fn refused_in_one_line<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    dir: &std::path::Path,
+) -> String {
+    let output = within(
+        "serve to refuse",
+        WAIT,
+        common::command()
+            .current_dir(dir)
+            .arg("serve")
+            .args(args)
+            .output(),
+    )
+    .await
+    .expect("run");
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert!(output.stdout.is_empty(), "it did not start: {output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(stderr.starts_with("dolores: "), "{stderr:?}");
+    stderr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cors_origin_without_a_scheme_is_refused_and_star_is_allowed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = ["--listen", "127.0.0.1:0", "--memory", "--api-key", "k"];
+    let with = |extra: &[&str]| -> Vec<String> {
+        base.iter().chain(extra).map(|s| (*s).to_owned()).collect()
+    };
+    let line = refused_in_one_line(&with(&["--cors-origins", "127.0.0.1:8081"]), dir.path()).await;
+    assert!(line.contains("write it as http://127.0.0.1:8081"), "{line}");
+    let line = refused_in_one_line(
+        &with(&["--cors-origins", "https://a.example,https://b.example/app"]),
+        dir.path(),
+    )
+    .await;
+    assert!(line.contains("write it as https://b.example"), "{line}");
+    // From the file too.
+    let (_file_dir, path) = config_file("cors_origins = [\"app.example\"]\n");
+    let line = refused_in_one_line(
+        &with(&["--config", path.to_str().expect("utf-8")]),
+        dir.path(),
+    )
+    .await;
+    assert!(line.contains("write it as http://app.example"), "{line}");
+
+    // `*` and real origins (a trailing slash is forgiven) start.
+    let server = Server::config()
+        .memory()
+        .args(["--cors-origins", "*"])
+        .start()
+        .await;
+    assert_eq!(server.stats().await["engine"], "memory");
+    let server = Server::config()
+        .memory()
+        .args([
+            "--cors-origins",
+            "http://127.0.0.1:8081,https://app.example/",
+        ])
+        .start()
+        .await;
+    assert_eq!(server.stats().await["engine"], "memory");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_alone_as_listen_is_refused_with_the_address_form() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let line = refused_in_one_line(
+        &["--listen", "9000", "--memory", "--api-key", "k"],
+        dir.path(),
+    )
+    .await;
+    assert!(line.contains("write it as 127.0.0.1:9000"), "{line}");
+    let line = refused_in_one_line(
+        &[
+            "--listen",
+            "http://127.0.0.1:9000",
+            "--memory",
+            "--api-key",
+            "k",
+        ],
+        dir.path(),
+    )
+    .await;
+    assert!(line.contains("like 127.0.0.1:8007"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_that_is_a_file_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("not-a-dir");
+    std::fs::write(&file, "x").expect("write");
+    let file = file.to_str().expect("utf-8");
+    let line = refused_in_one_line(
+        &["--listen", "127.0.0.1:0", "--data", file, "--api-key", "k"],
+        dir.path(),
+    )
+    .await;
+    assert!(line.contains(file) && line.contains("is a file"), "{line}");
+    // Without an api key too (the key would be generated into the data dir).
+    let line = refused_in_one_line(&["--listen", "127.0.0.1:0", "--data", file], dir.path()).await;
+    assert!(line.contains("is a file"), "{line}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_say_their_cause_once_on_one_line() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let base = ["--listen", "127.0.0.1:0", "--memory", "--api-key", "k"];
+    let line = refused_in_one_line(
+        &[&base[..], &["--config", "/nonexistent/dolores.toml"]].concat(),
+        dir.path(),
+    )
+    .await;
+    assert!(
+        line.contains("cannot read /nonexistent/dolores.toml"),
+        "{line}"
+    );
+    assert_eq!(line.matches("os error 2").count(), 1, "{line}");
+    assert_eq!(line.matches("No such file").count(), 1, "{line}");
+
+    // toml quotes the file over several lines; the error says the line instead.
+    let (_file_dir, path) = config_file("heartbeat = \"5s\"\nhartbeat = \"5s\"\n");
+    let config = path.to_str().expect("utf-8");
+    let line = refused_in_one_line(&[&base[..], &["--config", config]].concat(), dir.path()).await;
+    assert!(
+        line.contains(&format!(
+            "{config}: line 2, `hartbeat = \"5s\"`: unknown field `hartbeat`"
+        )),
+        "{line}"
+    );
+}

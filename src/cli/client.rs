@@ -3,7 +3,8 @@
 //! Run beside a local server they find its generated api key in the data dir by
 //! themselves. Every failure is one line and a non-zero exit code.
 
-use std::path::Path;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -11,15 +12,78 @@ use futures_util::StreamExt;
 use serde_json::{Value, json};
 
 use crate::auth::Tokens;
-use crate::config::Settings;
+use crate::config::{ClientOptions, KeyOptions, Settings};
 
 /// Longest a backend call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest pause between reconnects of `listen`.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
 
-fn api_key(settings: &Settings) -> anyhow::Result<String> {
-    api_key_or_file(settings.api_key.as_deref(), &settings.api_key_file())
+/// Where a client's api key came from. A 401 says it: the usual cause is a stale key,
+/// like the file an earlier `dolores serve` generated while this one runs with
+/// `--api-key`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum KeySource {
+    /// `--api-key`.
+    Flag,
+    /// `DOLORES_API_KEY`.
+    Env,
+    /// `api_key` in this config file.
+    ConfigFile(PathBuf),
+    /// The key file a local server generated.
+    Generated(PathBuf),
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Flag => f.write_str("--api-key"),
+            Self::Env => f.write_str("DOLORES_API_KEY"),
+            Self::ConfigFile(path) => write!(f, "api_key in {}", path.display()),
+            Self::Generated(path) => write!(f, "{}", path.display()),
+        }
+    }
+}
+
+/// The server a client subcommand talks to, and the key it was given.
+#[derive(Debug)]
+pub(crate) struct Target {
+    settings: Settings,
+    /// The key given by flag, variable or config file, and which.
+    given: Option<(String, KeySource)>,
+}
+
+impl Target {
+    /// `settings` resolved from `client` and `key` (see `Settings::resolve_client`).
+    pub(crate) fn new(
+        settings: Settings,
+        client: &ClientOptions,
+        key: Option<&KeyOptions>,
+    ) -> Self {
+        let given = settings.api_key.clone().map(|api_key| {
+            let flag_or_env = key.and_then(|k| k.api_key.as_deref()) == Some(api_key.as_str());
+            let source = if !flag_or_env {
+                KeySource::ConfigFile(client.config.clone().unwrap_or_default())
+            } else if std::env::var("DOLORES_API_KEY").ok().as_deref() == Some(api_key.as_str()) {
+                // Given both ways with the same value, either answer is right.
+                KeySource::Env
+            } else {
+                KeySource::Flag
+            };
+            (api_key, source)
+        });
+        Self { settings, given }
+    }
+
+    /// The api key and where it came from: given, else the one a local server generated.
+    fn api_key(&self) -> anyhow::Result<(String, KeySource)> {
+        if let Some(given) = &self.given {
+            return Ok(given.clone());
+        }
+        let file = self.settings.api_key_file();
+        let key = api_key_or_file(None, &file)?;
+        Ok((key, KeySource::Generated(file)))
+    }
 }
 
 /// The api key given, else the one a local server generated into `key_file`.
@@ -37,11 +101,13 @@ pub(super) fn api_key_or_file(given: Option<&str>, key_file: &Path) -> anyhow::R
     }
 }
 
-async fn call(settings: &Settings, path: &str, body: Value) -> anyhow::Result<Value> {
+async fn call(target: &Target, path: &str, body: Value) -> anyhow::Result<Value> {
+    let settings = &target.settings;
     let url = format!("{}/api/v1/{path}", settings.server_url());
+    let (api_key, source) = target.api_key()?;
     let response = reqwest::Client::new()
         .post(&url)
-        .bearer_auth(api_key(settings)?)
+        .bearer_auth(api_key)
         .timeout(CALL_TIMEOUT)
         .json(&body)
         .send()
@@ -55,21 +121,38 @@ async fn call(settings: &Settings, path: &str, body: Value) -> anyhow::Result<Va
         })?;
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
+    if status == reqwest::StatusCode::UNAUTHORIZED {
+        let hint = match source {
+            KeySource::Flag | KeySource::Env => "",
+            KeySource::ConfigFile(_) | KeySource::Generated(_) => {
+                "; pass --api-key or set DOLORES_API_KEY"
+            }
+        };
+        bail!(
+            "{} (HTTP 401; the key came from {source}{hint})",
+            describe_code(&body)
+        );
+    }
     if !status.is_success() {
         bail!("{}", describe_error(status, &body));
     }
     Ok(body)
 }
 
-fn describe_error(status: reqwest::StatusCode, body: &Value) -> String {
+/// `code: message` of an error answer.
+fn describe_code(body: &Value) -> String {
     let code = body["error"]["code"].as_str().unwrap_or("error");
     let message = body["error"]["message"].as_str().unwrap_or("");
-    format!("{code}: {message} (HTTP {})", status.as_u16())
+    format!("{code}: {message}")
+}
+
+fn describe_error(status: reqwest::StatusCode, body: &Value) -> String {
+    format!("{} (HTTP {})", describe_code(body), status.as_u16())
 }
 
 /// `dolores update TRACK MESSAGE`.
 pub(crate) async fn update(
-    settings: Settings,
+    target: Target,
     track: String,
     message: String,
     as_string: bool,
@@ -80,7 +163,7 @@ pub(crate) async fn update(
         serde_json::from_str(&message).unwrap_or(Value::String(message))
     };
     let answer = call(
-        &settings,
+        &target,
         "update",
         json!({"track": track, "message": message}),
     )
@@ -90,15 +173,15 @@ pub(crate) async fn update(
 }
 
 /// `dolores connect UID TRACK`.
-pub(crate) async fn connect(settings: Settings, uid: String, track: String) -> anyhow::Result<()> {
-    let answer = call(&settings, "connect", json!({"uid": uid, "track": track})).await?;
+pub(crate) async fn connect(target: Target, uid: String, track: String) -> anyhow::Result<()> {
+    let answer = call(&target, "connect", json!({"uid": uid, "track": track})).await?;
     println!("{answer}");
     Ok(())
 }
 
 /// `dolores disconnect UID [TRACK]`.
 pub(crate) async fn disconnect(
-    settings: Settings,
+    target: Target,
     uid: String,
     track: Option<String>,
 ) -> anyhow::Result<()> {
@@ -106,14 +189,14 @@ pub(crate) async fn disconnect(
         Some(track) => json!({"uid": uid, "track": track}),
         None => json!({"uid": uid}),
     };
-    let answer = call(&settings, "disconnect", body).await?;
+    let answer = call(&target, "disconnect", body).await?;
     println!("{answer}");
     Ok(())
 }
 
 /// `dolores token UID [--track T]…`.
 pub(crate) async fn token(
-    settings: Settings,
+    target: Target,
     uid: String,
     tracks: Vec<String>,
     ttl: Duration,
@@ -121,13 +204,13 @@ pub(crate) async fn token(
     crate::names::check_uid(&uid)?;
     let tracks = (!tracks.is_empty()).then_some(tracks);
     let ttl = ttl.as_secs().max(1);
-    let token = match &settings.token_secret {
+    let token = match &target.settings.token_secret {
         Some(secret) => Tokens::new(secret)
             .mint(&uid, tracks, ttl)
             .context("cannot sign the token")?,
         None => {
             let answer = call(
-                &settings,
+                &target,
                 "tokens",
                 json!({"uid": uid, "tracks": tracks, "ttl_seconds": ttl}),
             )
@@ -142,11 +225,12 @@ pub(crate) async fn token(
 /// `dolores listen UID`: prints `{"id", "track", "message"}` (or `{"id", "reset": true}`)
 /// per event, one per line; reconnects with the last id after every drop.
 pub(crate) async fn listen(
-    settings: Settings,
+    target: Target,
     uid: String,
     token: Option<String>,
     mut last_id: Option<String>,
 ) -> anyhow::Result<()> {
+    let settings = &target.settings;
     let base = format!("{}/listen/{uid}", settings.server_url());
     let client = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
@@ -187,8 +271,9 @@ pub(crate) async fn listen(
                 eprintln!("dolores: {}; retrying", describe_error(status, &body));
             }
             Err(e) => eprintln!(
-                "dolores: cannot reach {}: {e}; retrying",
-                settings.server_url()
+                "dolores: cannot reach {}: {}; retrying",
+                settings.server_url(),
+                causes(&e)
             ),
         }
         tokio::time::sleep(backoff).await;

@@ -8,15 +8,31 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::config::{Options, Settings};
+use crate::config::{ClientOptions, KeyOptions, Options, Settings};
 
 mod bench;
 mod client;
 mod serve;
 
+/// What `dolores --help` says after the commands: where the settings are listed.
+const AFTER_HELP: &str = "\
+Settings: each is a flag, a DOLORES_* environment variable and a key in the file given
+by --config dolores.toml. `dolores serve --help` lists the server's settings;
+`dolores COMMAND --help` lists a command's own options.
+
+The client commands (update, connect, disconnect, listen, token) talk to the server at
+--server URL (DOLORES_SERVER, default http://127.0.0.1:8007) with --api-key
+(DOLORES_API_KEY); beside a local server they find the key it generated in
+./dolores-data/api-key.";
+
 /// The whole command line.
 #[derive(Debug, Parser)]
-#[command(name = "dolores", version, about = "A small realtime push server")]
+#[command(
+    name = "dolores",
+    version,
+    about = "A small realtime push server",
+    after_help = AFTER_HELP
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -39,7 +55,9 @@ enum Command {
         #[arg(long)]
         string: bool,
         #[command(flatten)]
-        options: Options,
+        client: ClientOptions,
+        #[command(flatten)]
+        key: KeyOptions,
     },
     /// Subscribe listener UID to TRACK (creates the listener)
     Connect {
@@ -48,7 +66,9 @@ enum Command {
         /// The track
         track: String,
         #[command(flatten)]
-        options: Options,
+        client: ClientOptions,
+        #[command(flatten)]
+        key: KeyOptions,
     },
     /// Unsubscribe UID from TRACK, or forget the listener when TRACK is left out
     Disconnect {
@@ -57,7 +77,9 @@ enum Command {
         /// The track
         track: Option<String>,
         #[command(flatten)]
-        options: Options,
+        client: ClientOptions,
+        #[command(flatten)]
+        key: KeyOptions,
     },
     /// Print each event of listener UID as a JSON line as it arrives; resumes after drops
     Listen {
@@ -70,7 +92,7 @@ enum Command {
         #[arg(long)]
         last_event_id: Option<String>,
         #[command(flatten)]
-        options: Options,
+        client: ClientOptions,
     },
     /// Make a listener token for UID (signed locally when the token secret is known)
     Token {
@@ -82,8 +104,13 @@ enum Command {
         /// How long the token is valid, like 1h
         #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
         ttl: Duration,
+        /// Secret to sign the token with here, instead of asking the server
+        #[arg(long, env = "DOLORES_TOKEN_SECRET", hide_env_values = true)]
+        token_secret: Option<String>,
         #[command(flatten)]
-        options: Options,
+        client: ClientOptions,
+        #[command(flatten)]
+        key: KeyOptions,
     },
     /// Load-test servers on loopback: open listeners, publish, measure delivery
     Bench(bench::BenchArgs),
@@ -130,30 +157,38 @@ pub fn main() -> ExitCode {
                 track,
                 message,
                 string,
-                options,
-            } => client::update(settings(&options)?, track, message, string).await,
+                client,
+                key,
+            } => client::update(target(&client, Some(&key), None)?, track, message, string).await,
             Command::Connect {
                 uid,
                 track,
-                options,
-            } => client::connect(settings(&options)?, uid, track).await,
+                client,
+                key,
+            } => client::connect(target(&client, Some(&key), None)?, uid, track).await,
             Command::Disconnect {
                 uid,
                 track,
-                options,
-            } => client::disconnect(settings(&options)?, uid, track).await,
+                client,
+                key,
+            } => client::disconnect(target(&client, Some(&key), None)?, uid, track).await,
             Command::Listen {
                 uid,
                 token,
                 last_event_id,
-                options,
-            } => client::listen(settings(&options)?, uid, token, last_event_id).await,
+                client,
+            } => client::listen(target(&client, None, None)?, uid, token, last_event_id).await,
             Command::Token {
                 uid,
                 tracks,
                 ttl,
-                options,
-            } => client::token(settings(&options)?, uid, tracks, ttl).await,
+                token_secret,
+                client,
+                key,
+            } => {
+                let target = target(&client, Some(&key), token_secret)?;
+                client::token(target, uid, tracks, ttl).await
+            }
             Command::Bench(args) => bench::run(args).await,
             Command::Check { data } => check_store(data, false),
             Command::Repair { data } => check_store(data, true),
@@ -187,6 +222,16 @@ fn check_store(data: Option<std::path::PathBuf>, repair: bool) -> anyhow::Result
 
 fn settings(options: &Options) -> anyhow::Result<Settings> {
     Ok(Settings::resolve(options)?)
+}
+
+/// What a client subcommand needs: the settings and where its api key comes from.
+fn target(
+    client: &ClientOptions,
+    key: Option<&KeyOptions>,
+    token_secret: Option<String>,
+) -> anyhow::Result<client::Target> {
+    let settings = Settings::resolve_client(client, key, token_secret)?;
+    Ok(client::Target::new(settings, client, key))
 }
 
 fn fail(message: String) -> ExitCode {

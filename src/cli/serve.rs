@@ -1,7 +1,7 @@
 //! `dolores serve`: binds, finds or makes the api key, and runs the server until
 //! Ctrl-C or SIGTERM.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 
 use anyhow::{Context, bail};
@@ -15,6 +15,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(colours())
         .init();
     let tls = settings
         .tls
@@ -43,6 +44,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{addr}{}", settings.base_path);
     let state = AppState::open(settings, api_key.clone()).await?;
+    let shutdown = shutdown_signal();
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -65,7 +67,13 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     out.flush()?;
     drop(out);
     crate::notify::ready(&format!("listening on {url}"));
-    server::run(listener, state, tls, shutdown_signal()).await
+    server::run(listener, state, tls, shutdown).await
+}
+
+/// Colours in the log only on a terminal, and not there either when `NO_COLOR` is set
+/// (no-color.org): a log in a file or the journal must not fill with escape codes.
+fn colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
 /// Room for connections the kernel has accepted but the server has not taken yet: a
@@ -135,24 +143,29 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on Ctrl-C or SIGTERM. The handlers are installed when this is called, not
+/// when the future is first polled: a supervisor may send SIGTERM as soon as the server
+/// says it listens, and that must be a clean shutdown, not the default action (death).
+fn shutdown_signal() -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
+    let ctrl_c = tokio::signal::ctrl_c();
+    async move {
+        #[cfg(unix)]
+        let term = async {
+            match term {
+                Ok(mut signal) => {
+                    signal.recv().await;
+                }
+                Err(_) => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! {
+            _ = ctrl_c => {},
+            () = term => {},
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {},
-        () = term => {},
+        crate::notify::stopping();
     }
-    crate::notify::stopping();
 }
