@@ -14,7 +14,7 @@
 //! - [`page`] — the status page at `/`, `/status`, and the JS client at `/dolores.js`.
 //! - [`server`] — wires state and routes, runs and shuts down.
 //! - [`notify`] — tells systemd the server is ready or stopping (`sd_notify`).
-//! - [`connection`] — accepts connections: SSE streams served directly on the socket,
+//! - [`connection`] — accepts connections: SSE and WebSocket streams served directly on the socket,
 //!   everything else through hyper and axum.
 //! - [`tls`] — HTTPS: the certificate and key, checked at start and reloaded when renewed.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
