@@ -60,6 +60,24 @@ export function compareTypes(texts = {}) {
   const dts = moduleOf(dtsFile);
   const isValue = (s) => (s.flags & ts.SymbolFlags.Value) !== 0;
   const show = (t) => checker.typeToString(t, undefined, ts.TypeFormatFlags.NoTruncation);
+  // For two object types: which properties are on one side only or typed differently.
+  const memberDiff = (a, b) => {
+    if (a.isUnion() || b.isUnion()) return "";
+    const pa = new Map(checker.getPropertiesOfType(a).map((p) => [p.name, p]));
+    const pb = new Map(checker.getPropertiesOfType(b).map((p) => [p.name, p]));
+    const out = [];
+    for (const n of pa.keys()) if (!pb.has(n)) out.push(`${n} only in dolores.js`);
+    for (const n of pb.keys()) if (!pa.has(n)) out.push(`${n} only in dolores.d.ts`);
+    for (const [n, p] of pa) {
+      const q = pb.get(n);
+      if (!q) continue;
+      const [ta, tb] = [checker.getTypeOfSymbol(p), checker.getTypeOfSymbol(q)];
+      if (!same(ta, tb)) out.push(`${n}: dolores.js ${show(ta)}, dolores.d.ts ${show(tb)}`);
+    }
+    return out.join("; ");
+  };
+  // A named type written out one level (its members, its union), not just its name.
+  const expand = (t) => checker.typeToString(t, undefined, ts.TypeFormatFlags.NoTruncation | ts.TypeFormatFlags.InTypeAlias);
   // Assignable both ways, and — for object types — the same property names (an optional
   // property more on one side is assignable both ways, yet a drift).
   const names = (t) => checker.getPropertiesOfType(t).map((p) => p.name).sort().join(",");
@@ -74,7 +92,7 @@ export function compareTypes(texts = {}) {
       problems.push(`${name} is a ${isValue(symbol) ? "value" : "type"} in dolores.d.ts, a ${isValue(other) ? "value" : "type"} in dolores.js`);
     } else if (!isValue(symbol)) {
       const [a, b] = [checker.getDeclaredTypeOfSymbol(other), checker.getDeclaredTypeOfSymbol(symbol)];
-      if (!same(a, b)) problems.push(`type ${name} differs: dolores.js ${show(a)}, dolores.d.ts ${show(b)}`);
+      if (!same(a, b)) problems.push(`type ${name} differs: ${memberDiff(a, b) || `dolores.js ${expand(a)}, dolores.d.ts ${expand(b)}`}`);
     }
   }
   for (const [name, symbol] of js) {
