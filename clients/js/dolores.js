@@ -1,3 +1,4 @@
+// @ts-check
 // Dolores — the browser client. One ES module, no dependencies.
 //
 //   import { Dolores } from "http://127.0.0.1:8007/dolores.js";
@@ -20,6 +21,62 @@
 //   back to long-polling.
 // - Failures back off exponentially with jitter; 401/404 stop the client and say why,
 //   except an expired token, which is fetched again from the `token(uid)` option.
+//
+// Types: `// @ts-check` and the JSDoc below are checked by tsc (tests/browser/types/), and
+// dolores.d.ts, the types an app imports, is checked against them (test/types.test.js).
+
+/** Any JSON value: what the app's backend published with `update(track, message)`.
+ * @typedef {string | number | boolean | null | JsonArray | {[key: string]: Json}} Json */
+
+/** (Its own name: tsc takes `Json[]` inside the union above as a circular alias.)
+ * @typedef {Json[]} JsonArray */
+
+/** "connecting", "open" or "closed" (after close() or an error the client cannot fix).
+ * @typedef {"connecting" | "open" | "closed"} Status */
+
+/** How the client reaches the server; "auto" (the default) goes WebSocket → SSE → polling.
+ * @typedef {"auto" | "sse" | "ws" | "poll"} Transport */
+
+/**
+ * @typedef {object} DoloresOptions
+ * @property {string} [server] where Dolores listens; defaults to where this module came from
+ * @property {string} [connectUrl] the app's connect view: POST {"uid"} to connectUrl + track
+ * @property {string} [disconnectUrl] the app's disconnect view, the same way
+ * @property {string | ((uid: string) => string | Promise<string>)} [token] listener token,
+ *   or a function of the uid that makes one (called again when it has expired)
+ * @property {Transport} [transport] default "auto"
+ */
+
+/**
+ * What on("error") reports and connect()/disconnect() reject with: `code` is the
+ * server's, the app's or the client's own; `fatal` when the client stopped because of it.
+ * @typedef {Error & {name: "DoloresError", code: string, status?: number, closeCode?: number, fatal?: boolean}} DoloresError
+ */
+
+/** @typedef {(track: string, message: Json) => void} MessageCallback */
+
+/**
+ * What one connection attempt came to (the outcome kinds); `#run` decides what follows:
+ * - "retry": try again after a backoff — `opened` when it had got through first,
+ *   `network` when the server was not reached, `wsMiss` when a WebSocket never opened;
+ * - "ended": the server ended an open stream on purpose (come back after `retry:`);
+ * - "fatal": stop and report `error`;
+ * - "token_expired": get a new token and try again;
+ * - "bad_cursor": the server cannot read the saved event id: drop it, emit "reset";
+ * - "fallback": "auto" saw SSE held back: long-polling from now on;
+ * - "primed": the first immediate poll of a listener without a cursor is done;
+ * - "aborted": stopped from here (close(), a new start()).
+ * @typedef {{opened?: boolean, network?: boolean, wsMiss?: boolean, cause?: unknown}
+ *   & ({kind: "retry" | "ended" | "token_expired" | "bad_cursor" | "fallback" | "primed" | "aborted"}
+ *     | {kind: "fatal", error: DoloresError})} Outcome
+ */
+
+/** @typedef {"reset" | "status" | "error"} EventName */
+
+/**
+ * What this module keeps in sessionStorage per server (`dolores:<server>`).
+ * @typedef {{uid: string, last: string | null, wsBlocked?: boolean, sseBlocked?: boolean}} Saved
+ */
 
 const UID_ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
 /** 32 characters of a 64-letter alphabet: 192 random bits, unguessable. */
@@ -63,18 +120,30 @@ const UNREACHABLE_AFTER = 3;
  * bring messages of a track before the app has called connect() for it again). */
 const MAX_HELD_MESSAGES = 1000;
 
+/** @type {Set<unknown>} */
 const STATUSES = new Set(["connecting", "open", "closed"]);
+/** @type {readonly unknown[]} */
 const EVENTS = ["reset", "status", "error"];
+/** @type {Set<unknown>} */
 const TRANSPORTS = new Set(["auto", "sse", "ws", "poll"]);
 
-/** Errors the client reports: `code` is the server's (or the app's) error code. */
+/**
+ * Errors the client reports: `code` is the server's (or the app's) error code.
+ * @param {string} code
+ * @param {string} [message]
+ * @param {{status?: number, closeCode?: number, fatal?: boolean, cause?: unknown}} [extra]
+ * @returns {DoloresError}
+ */
 function doloresError(code, message, extra = {}) {
   const error = new Error(message || code);
   error.name = "DoloresError";
-  return Object.assign(error, { code }, extra);
+  return /** @type {DoloresError} */ (Object.assign(error, { code }, extra));
 }
 
-/** Browsers with `reportError` log an exception without stopping the caller's loop. */
+/**
+ * Browsers with `reportError` log an exception without stopping the caller's loop.
+ * @param {unknown} error
+ */
 function report(error) {
   if (typeof globalThis.reportError === "function") globalThis.reportError(error);
   else setTimeout(() => { throw error; });
@@ -87,6 +156,7 @@ function makeUid() {
   return Array.from(bytes, (b) => UID_ALPHABET[b & 63]).join("");
 }
 
+/** @param {unknown} track */
 function checkTrack(track) {
   if (typeof track !== "string" || track.length === 0 || /[\s\u0000-\u001f\u007f]/u.test(track)
       || new TextEncoder().encode(track).length > 256) {
@@ -95,14 +165,17 @@ function checkTrack(track) {
 }
 
 /** The track as URL path segments: slashes stay slashes, `:` and friends stay readable,
- * `?`, `#`, `%` and non-ASCII are escaped. */
+ * `?`, `#`, `%` and non-ASCII are escaped.
+ * @param {string} track */
 function trackPath(track) {
   return track.split("/").map((part) => encodeURIComponent(part)
     .replace(/%(3A|40|3B|2C|3D|2B|24|26)/gi, (s) => decodeURIComponent(s))).join("/");
 }
 
 /** True when `id` is not after `last`. Ids are opaque, but the server's grow in publish
- * order; when both are decimal numbers this guards against a duplicate. */
+ * order; when both are decimal numbers this guards against a duplicate.
+ * @param {string} id
+ * @param {string | null} last */
 function notAfter(id, last) {
   if (last == null || !/^\d+$/.test(id) || !/^\d+$/.test(last)) return false;
   const a = id.replace(/^0+(?=\d)/, "");
@@ -110,10 +183,12 @@ function notAfter(id, last) {
   return a.length < b.length || (a.length === b.length && a <= b);
 }
 
+/** @param {number} ms */
 function jitter(ms) {
   return Math.round(ms * (0.5 + Math.random() / 2));
 }
 
+/** @param {string} name */
 function readCookie(name) {
   if (typeof document === "undefined" || !document.cookie) return null;
   for (const part of document.cookie.split(";")) {
@@ -125,7 +200,8 @@ function readCookie(name) {
   return null;
 }
 
-/** sessionStorage, or nothing where it is unavailable (sandboxed frames, some private modes). */
+/** sessionStorage, or nothing where it is unavailable (sandboxed frames, some private modes).
+ * @returns {Storage | null} */
 function storage() {
   try {
     const s = globalThis.sessionStorage;
@@ -141,6 +217,7 @@ function storage() {
 /** The server's base URL, no trailing slash: `server` (a path like "/dolores" is taken
  * on the page's origin), else the folder this module was served from — the server
  * itself, under its base path when it has one (https://app.example/dolores/dolores.js). */
+/** @param {string | undefined} server */
 function serverUrl(server) {
   try {
     const base = server ? (globalThis.location ? globalThis.location.href : undefined) : import.meta.url;
@@ -150,6 +227,9 @@ function serverUrl(server) {
   }
 }
 
+/** The `{code, message}` of a Dolores (or app) JSON error answer, else null.
+ * @param {Response} response
+ * @returns {Promise<{code: string, message: string} | null>} */
 async function errorCode(response) {
   try {
     const body = await response.json();
@@ -163,27 +243,45 @@ async function errorCode(response) {
  * A listener: one stream from a Dolores server for all the tracks it is connected to.
  */
 export class Dolores {
+  /** @type {string} */
   #server;
+  /** @type {string | null} */
   #connectUrl;
+  /** @type {string | null} */
   #disconnectUrl;
+  /** @type {string | ((uid: string) => string | Promise<string>) | null} */
   #tokenOption;
+  /** @type {Transport} */
   #transportOption;
+  /** @type {"sse" | "ws" | "poll"} */
   #mode;
+  /** @type {Storage | null} */
   #store;
+  /** @type {string} */
   #storeKey;
+  /** @type {string} */
   #uid;
+  /** @type {string | null} */
   #lastId = null;
+  /** @type {string | null} */
   #token = null;
+  /** @type {Map<string, Set<MessageCallback>>} */
   #callbacks = new Map();
+  /** @type {Map<string, Json[]>} */
   #held = new Map();
   #heldCount = 0;
+  /** @type {Set<string>} */
   #dropped = new Set();
+  /** @type {Record<EventName, Set<Function>>} */
   #handlers = { reset: new Set(), status: new Set(), error: new Set() };
+  /** @type {Status} */
   #status = "closed";
   #running = false;
   #generation = 0;
   #closed = false;
+  /** @type {AbortController | null} */
   #controller = null;
+  /** @type {(() => void) | null} */
   #wake = null;
   #failures = 0;
   #tokenRefreshes = 0;
@@ -198,12 +296,7 @@ export class Dolores {
   #onOnline = () => this.#wake && this.#wake();
 
   /**
-   * @param {object} [options]
-   * @param {string} [options.server] where Dolores listens; defaults to where this module came from
-   * @param {string} [options.connectUrl] the app's connect view: POST {"uid"} to connectUrl + track
-   * @param {string} [options.disconnectUrl] the app's disconnect view, the same way
-   * @param {string | ((uid: string) => string | Promise<string>)} [options.token] listener token
-   * @param {"auto" | "sse" | "ws" | "poll"} [options.transport]
+   * @param {DoloresOptions} [options] server, connectUrl, disconnectUrl, token, transport
    */
   constructor(options = {}) {
     const transport = options.transport || "auto";
@@ -218,9 +311,11 @@ export class Dolores {
 
     this.#store = storage();
     this.#storeKey = `dolores:${this.#server}`;
+    /** @type {Partial<Saved> | null} */
     let saved = null;
     try {
-      saved = JSON.parse(this.#store && this.#store.getItem(this.#storeKey));
+      // (JSON.parse(null) is null: nothing saved)
+      saved = JSON.parse(/** @type {string} */ (this.#store && this.#store.getItem(this.#storeKey)));
     } catch {
       saved = null;
     }
@@ -244,6 +339,9 @@ export class Dolores {
    * Subscribes this listener to `track` through the app's connect view (when there is a
    * `connectUrl`) and calls `callback(track, message)` for each of its messages. Opens
    * the stream on the first call. Rejects with the app's error when the view says no.
+   * @param {string} track
+   * @param {MessageCallback} callback
+   * @returns {Promise<void>}
    */
   async connect(track, callback) {
     checkTrack(track);
@@ -266,7 +364,9 @@ export class Dolores {
     if (!this.#closed) this.#start();
   }
 
-  /** Stops the callbacks of `track` and unsubscribes it through the app's disconnect view. */
+  /** Stops the callbacks of `track` and unsubscribes it through the app's disconnect view.
+   * @param {string} track
+   * @returns {Promise<void>} */
   async disconnect(track) {
     checkTrack(track);
     this.#callbacks.delete(track);
@@ -276,9 +376,30 @@ export class Dolores {
   }
 
   /**
+   * @overload
+   * @param {"reset"} event
+   * @param {() => void} listener
+   * @returns {() => void}
+   */
+  /**
+   * @overload
+   * @param {"status"} event
+   * @param {(status: Status) => void} listener
+   * @returns {() => void}
+   */
+  /**
+   * @overload
+   * @param {"error"} event
+   * @param {(error: DoloresError) => void} listener
+   * @returns {() => void}
+   */
+  /**
    * Listens to "reset" (reload your state: something was too old to replay), "status"
    * ("connecting" | "open" | "closed") or "error" (an Error with `code`; `fatal` when the
    * client stopped because of it). Returns a function that removes the listener.
+   * @param {EventName} event
+   * @param {Function} fn
+   * @returns {() => void}
    */
   on(event, fn) {
     if (!EVENTS.includes(event)) throw new TypeError(`on(event): event is one of ${EVENTS.join(", ")}`);
@@ -298,6 +419,8 @@ export class Dolores {
 
   // ---- the connection loop -------------------------------------------------------
 
+  /** @param {boolean | null | undefined} sseBlocked
+   * @returns {"sse" | "ws" | "poll"} */
   #firstMode(sseBlocked) {
     const wanted = this.#transportOption;
     if (wanted !== "auto") return wanted;
@@ -332,7 +455,8 @@ export class Dolores {
   }
 
   /** Stops for a reason the client cannot fix by itself: says why, and stays closed
-   * until the app calls connect() again. */
+   * until the app calls connect() again.
+   * @param {DoloresError} error */
   #stop(error) {
     this.#stopRunning();
     this.#setStatus("closed");
@@ -361,6 +485,7 @@ export class Dolores {
       if (!live()) return;
       const controller = new AbortController();
       this.#controller = controller;
+      /** @type {Outcome} */
       let outcome;
       const priming = this.#lastId == null && this.#mode !== "poll" && !primed;
       try {
@@ -434,6 +559,8 @@ export class Dolores {
    * (and that kept for the session). When SSE cannot reach the server either, the server
    * was the problem: back to WebSockets. SSE held back by a proxy moves on to
    * long-polling (the "fallback" outcome). True when the loop should go on at once.
+   * @param {Outcome} outcome
+   * @returns {boolean}
    */
   #autoStep(outcome) {
     if (this.#mode === "ws") {
@@ -470,7 +597,9 @@ export class Dolores {
     return jitter(delay);
   }
 
-  /** Waits `ms`, or less when the browser comes back online or the client stops. */
+  /** Waits `ms`, or less when the browser comes back online or the client stops.
+   * @param {number} ms
+   * @returns {Promise<void>} */
   #sleep(ms) {
     return new Promise((resolve) => {
       const done = () => {
@@ -483,6 +612,7 @@ export class Dolores {
     });
   }
 
+  /** @returns {Promise<string | null>} */
   async #getToken() {
     const option = this.#tokenOption;
     if (!option) return null;
@@ -503,6 +633,9 @@ export class Dolores {
     this.#setStatus("open");
   }
 
+  /** @param {string} path
+   * @param {string | null} token
+   * @param {Record<string, string | number>} [extra] */
   #url(path, token, extra = {}) {
     const params = new URLSearchParams();
     if (token) params.set("token", token);
@@ -512,7 +645,10 @@ export class Dolores {
     return `${this.#server}${path}${encodeURIComponent(this.#uid)}${query ? `?${query}` : ""}`;
   }
 
-  /** What an HTTP error answer from a listener endpoint means for the loop. */
+  /** What an HTTP error answer from a listener endpoint means for the loop.
+   * @param {Response} response
+   * @param {{sseAuto?: boolean}} [options]
+   * @returns {Promise<Outcome>} */
   async #httpOutcome(response, { sseAuto = false } = {}) {
     const status = response.status;
     const error = await errorCode(response);
@@ -529,9 +665,13 @@ export class Dolores {
 
   // ---- transports ------------------------------------------------------------------
 
-  /** Server-Sent Events over fetch(): resolves with the outcome when the stream ends. */
+  /** Server-Sent Events over fetch(): resolves with the outcome when the stream ends.
+   * @param {AbortController} controller
+   * @param {string | null} token
+   * @returns {Promise<Outcome>} */
   async #runSse(controller, token) {
     const auto = this.#transportOption === "auto";
+    /** @type {() => Outcome} */
     const blocked = () => (auto ? { kind: "fallback" } : { kind: "retry" });
     let stage = "headers";
     let timedOut = false;
@@ -540,6 +680,7 @@ export class Dolores {
       controller.abort();
     };
     let timer = setTimeout(expire, SSE_HEADERS_TIMEOUT_MS);
+    /** @param {number} ms */
     const arm = (ms) => {
       clearTimeout(timer);
       timer = setTimeout(expire, ms);
@@ -596,6 +737,9 @@ export class Dolores {
     }
   }
 
+  /** @param {string} type
+   * @param {string} data
+   * @param {string | null} id */
   #sseEvent(type, data, id) {
     let body;
     try {
@@ -607,7 +751,11 @@ export class Dolores {
     else if (type === "message" && body && typeof body === "object") this.#deliver(id, body.track, body.message);
   }
 
-  /** Long-polling: one request after another, each naming the last id received. */
+  /** Long-polling: one request after another, each naming the last id received.
+   * @param {AbortController} controller
+   * @param {string | null} token
+   * @param {{once?: boolean}} [options] `once`: one immediate request (priming), then "primed"
+   * @returns {Promise<Outcome>} */
   async #runPoll(controller, token, { once = false } = {}) {
     let first = true;
     while (!controller.signal.aborted) {
@@ -662,7 +810,10 @@ export class Dolores {
     return { kind: "aborted" };
   }
 
-  /** WebSocket: resolves with the outcome when the socket closes. */
+  /** WebSocket: resolves with the outcome when the socket closes.
+   * @param {AbortController} controller
+   * @param {string | null} token
+   * @returns {Promise<Outcome>} */
   #runWs(controller, token) {
     if (typeof WebSocket !== "function") {
       return Promise.resolve({ kind: "fatal", error: doloresError("no_websocket", "this browser has no WebSocket") });
@@ -677,13 +828,15 @@ export class Dolores {
         return;
       }
       let opened = false;
-      let grace = null;
+      /** @type {ReturnType<typeof setTimeout> | undefined} */
+      let grace;
       const markOpen = () => {
         if (opened) return;
         opened = true;
         clearTimeout(grace);
         this.#opened();
       };
+      /** @param {Outcome} outcome */
       const finish = (outcome) => {
         clearTimeout(grace);
         socket.onopen = socket.onmessage = socket.onclose = socket.onerror = null;
@@ -718,6 +871,9 @@ export class Dolores {
 
   // ---- delivery --------------------------------------------------------------------
 
+  /** @param {string | number | null | undefined} id
+   * @param {unknown} track
+   * @param {Json} message */
   #deliver(id, track, message) {
     if (id != null) {
       id = String(id);
@@ -739,25 +895,31 @@ export class Dolores {
     }
   }
 
+  /** @param {string | number | null | undefined} id */
   #reset(id) {
     if (id != null) this.#lastId = String(id);
     this.#save();
     this.#emit("reset");
   }
 
+  /** @param {string} track
+   * @param {Json} message */
   #hold(track, message) {
     if (this.#heldCount >= MAX_HELD_MESSAGES) return;
-    if (!this.#held.has(track)) this.#held.set(track, []);
-    this.#held.get(track).push(message);
+    let held = this.#held.get(track);
+    if (!held) this.#held.set(track, (held = []));
+    held.push(message);
     this.#heldCount += 1;
   }
 
+  /** @param {string} track */
   #dropHeld(track) {
     const held = this.#held.get(track);
     if (held) this.#heldCount -= held.length;
     this.#held.delete(track);
   }
 
+  /** @param {string} track */
   #releaseHeld(track) {
     const held = this.#held.get(track);
     const callbacks = this.#callbacks.get(track);
@@ -776,9 +938,13 @@ export class Dolores {
 
   // ---- the app's views, storage, events ---------------------------------------------
 
+  /** @param {string} base
+   * @param {string} track
+   * @returns {Promise<void>} */
   async #post(base, track) {
     const url = new URL(base + trackPath(track), globalThis.location ? globalThis.location.href : this.#server);
     const sameOrigin = !globalThis.location || url.origin === globalThis.location.origin;
+    /** @type {Record<string, string>} */
     const headers = { "Content-Type": "application/json", Accept: "application/json" };
     const csrf = readCookie("csrftoken");
     if (csrf) headers["X-CSRFToken"] = csrf;
@@ -800,9 +966,11 @@ export class Dolores {
     }
   }
 
+  /** @param {boolean} [sseBlocked] */
   #save(sseBlocked) {
     if (!this.#store) return;
     try {
+      /** @type {Saved} */
       const entry = { uid: this.#uid, last: this.#lastId };
       if (this.#wsBlocked) entry.wsBlocked = true;
       if (sseBlocked || this.#mode === "poll" && this.#transportOption === "auto") entry.sseBlocked = true;
@@ -812,12 +980,15 @@ export class Dolores {
     }
   }
 
+  /** @param {Status} status */
   #setStatus(status) {
     if (!STATUSES.has(status) || status === this.#status) return;
     this.#status = status;
     this.#emit("status", status);
   }
 
+  /** @param {EventName} event
+   * @param {unknown} [value] */
   #emit(event, value) {
     for (const fn of [...this.#handlers[event]]) {
       try {
@@ -836,7 +1007,11 @@ function canStreamFetch() {
 }
 
 /** What a WebSocket close code means for the loop. The server refuses with 44xx codes
- * whose reason is the error code, since a browser cannot see a failed handshake's status. */
+ * whose reason is the error code, since a browser cannot see a failed handshake's status.
+ * @param {number} code
+ * @param {string} reason
+ * @param {boolean} opened
+ * @returns {Outcome} */
 function wsOutcome(code, reason, opened) {
   switch (code) {
     case 4401:
@@ -866,18 +1041,24 @@ function wsOutcome(code, reason, opened) {
 
 /** The Server-Sent Events format, as the HTML standard parses it. */
 class SseParser {
+  /** @type {{event: (type: string, data: string, id: string | null) => void, retry: (ms: number) => void}} */
   #sink;
   #buffer = "";
+  /** @type {string[]} */
   #data = [];
   #type = "";
+  /** @type {string | null} */
   #id = null;
   #start = true;
 
+  /** @param {{event: (type: string, data: string, id: string | null) => void, retry: (ms: number) => void}} sink */
   constructor(sink) {
     this.#sink = sink;
   }
 
-  /** Feeds decoded text; `stopped()` ends dispatching early (the client was closed). */
+  /** Feeds decoded text; `stopped()` ends dispatching early (the client was closed).
+   * @param {string} text
+   * @param {() => boolean} stopped */
   push(text, stopped) {
     if (this.#start) {
       if (!text) return;
@@ -904,6 +1085,7 @@ class SseParser {
     this.#buffer = this.#buffer.slice(from);
   }
 
+  /** @param {string} line */
   #line(line) {
     if (line === "") {
       if (this.#data.length) {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the browser tests need, and nothing twice: Debian's Chromium (never a
-# browser build downloaded by a tool), openssl and playwright-core from the lock file.
+# browser build downloaded by a tool), openssl, nginx and Caddy, and from the lock file
+# playwright-core, undici (the harness's HTTP client) and typescript (test/types.test.js).
 # Usage: tests/browser/install.sh   (as root, or with sudo available)
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -36,9 +37,9 @@ if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
   echo "installing node and npm"
   apt_install nodejs npm
 fi
-node_major=$(node -p 'process.versions.node.split(".")[0]')
-if [ "$node_major" -lt 20 ]; then
-  echo "the browser tests need Node.js 20 or newer (node:test with --test-concurrency); found $(node --version)" >&2
+# node:test with --test-concurrency needs 20; undici 7 (lib/harness.js) needs 20.18.1.
+if ! node -e 'const [a, b, c] = process.versions.node.split(".").map(Number); process.exit(a > 20 || (a === 20 && (b > 18 || (b === 18 && c >= 1))) ? 0 : 1)'; then
+  echo "the browser tests need Node.js 20.18.1 or newer; found $(node --version)" >&2
   exit 1
 fi
 

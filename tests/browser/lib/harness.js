@@ -6,7 +6,6 @@ import { execFileSync, spawn } from "node:child_process";
 import { createHash, createHmac } from "node:crypto";
 import { mkdtempSync, readFileSync, rmSync } from "node:fs";
 import http from "node:http";
-import https from "node:https";
 import net from "node:net";
 import { tmpdir } from "node:os";
 import path from "node:path";
@@ -14,6 +13,7 @@ import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 
 import { chromium } from "playwright-core";
+import { Agent, request as undiciRequest } from "undici";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 export const repoRoot = path.resolve(here, "../../..");
@@ -44,22 +44,45 @@ export function tempDir() {
   return { dir, remove: () => rmSync(dir, { recursive: true, force: true }) };
 }
 
-/** One dolores server process; `restart()` brings it back on the same port and data. */
+/** Lines of a server's log kept for error messages (the newest). */
+const LOG_LINES = 400;
+/** How long a fresh server has to print its address and answer `/healthz`. */
+const START_MS = 10000;
+
+/**
+ * One dolores server process; `restart()` brings it back on the same port and data.
+ *
+ * Each incarnation (start, then every restart) has its own undici `Agent`, destroyed
+ * when that process is killed or stopped: no request can ever go out on a kept-alive
+ * socket of an earlier process on the same port (which is how a request right after a
+ * restart once failed with ECONNRESET). `start()` and `restart()` resolve only once
+ * `/healthz` answers 200 through the new agent while the new process is alive. Every
+ * failed call throws with the server's log; `close()` throws when a process exited
+ * without being asked to, exited non-zero on SIGTERM, or panicked.
+ */
 export class DoloresServer {
   constructor(options) {
     this.options = options;
     this.child = null;
     this.url = null;
     this.port = options.port || 0;
+    /** stdout and stderr of every incarnation, each line tagged `[n]`. */
     this.log = [];
+    /** The current incarnation's connection pool (null while no process runs). */
+    this.agent = null;
+    this.incarnation = 0;
+    /** Processes that had been listening and exited without kill()/stop(). */
+    this.unexpectedExits = [];
   }
 
   /**
    * @param {{data?: string, corsOrigins?: string[], tokenSecret?: string, heartbeat?: string, args?: string[],
-   *   tls?: {cert: string, key: string}}} options
+   *   tls?: {cert: string, key: string}, command?: string[]}} options
    *   without `data` the server keeps everything in memory; with `tls` (PEM file paths,
    *   e.g. from `selfSignedCert()`) it serves HTTPS with HTTP/2, and the harness's own
-   *   requests trust exactly that certificate
+   *   requests trust exactly that certificate; `command` (a program and its first
+   *   arguments) runs in place of the binary under test (the harness's own tests use a
+   *   fake server)
    */
   static async start(options = {}) {
     const server = new DoloresServer(options);
@@ -69,7 +92,8 @@ export class DoloresServer {
 
   async #spawn() {
     const o = this.options;
-    const args = ["serve", "--listen", `127.0.0.1:${this.port}`, "--api-key", API_KEY];
+    const [bin, ...before] = o.command || [doloresBin];
+    const args = [...before, "serve", "--listen", `127.0.0.1:${this.port}`, "--api-key", API_KEY];
     args.push(...(o.data ? ["--data", o.data] : ["--memory"]));
     if (o.tokenSecret) args.push("--token-secret", o.tokenSecret);
     if (o.corsOrigins && o.corsOrigins.length) args.push("--cors-origins", o.corsOrigins.join(","));
@@ -78,31 +102,82 @@ export class DoloresServer {
     if (o.args) args.push(...o.args);
     const env = { ...process.env, RUST_LOG: process.env.RUST_LOG || "warn" };
     for (const key of Object.keys(env)) if (key.startsWith("DOLORES_") && key !== "DOLORES_BIN") delete env[key];
-    const child = spawn(doloresBin, args, { env, stdio: ["ignore", "pipe", "pipe"] });
+    this.incarnation += 1;
+    const n = this.incarnation;
+    const child = spawn(bin, args, { env, stdio: ["ignore", "pipe", "pipe"] });
     children.add(child);
     this.child = child;
-    child.on("exit", () => children.delete(child));
-    child.stderr.on("data", (d) => this.log.push(d.toString()));
-    const first = await new Promise((resolve, reject) => {
-      const timer = setTimeout(() => reject(new Error(`dolores did not start in 10 s: ${this.log.join("")}`)), 10000);
-      const lines = createInterface({ input: child.stdout });
-      lines.once("line", (line) => {
-        clearTimeout(timer);
-        resolve(line);
-      });
-      child.once("error", (e) => {
-        clearTimeout(timer);
-        reject(new Error(`cannot run ${doloresBin}: ${e.message} (build it with cargo build, or set DOLORES_BIN)`));
-      });
-      child.once("exit", (code) => {
-        clearTimeout(timer);
-        reject(new Error(`dolores exited with ${code} before listening: ${this.log.join("")}`));
+    /** Set by #signal: this process is being stopped on purpose. */
+    child.onPurpose = false;
+    child.listening = false;
+    const exited = new Promise((resolve) => {
+      child.once("exit", (code, signal) => {
+        children.delete(child);
+        const unasked = child.listening && !child.onPurpose ? " (not asked to)" : "";
+        this.#record(n, `exited with ${describeExit(code, signal)}${unasked}`);
+        if (child.listening && !child.onPurpose) this.unexpectedExits.push({ incarnation: n, code, signal });
+        resolve({ code, signal });
       });
     });
-    const match = /listening on (https?:\/\/[^\s]+)/.exec(first);
-    if (!match) throw new Error(`unexpected first line from dolores: ${first}`);
-    this.url = match[1].replace(/\/$/, "");
-    this.port = Number(new URL(this.url).port);
+    child.exited = exited;
+    const stdout = createInterface({ input: child.stdout });
+    createInterface({ input: child.stderr }).on("line", (line) => this.#record(n, line));
+    const first = new Promise((resolve, reject) => {
+      stdout.once("line", resolve);
+      child.once("error", (e) => reject(new Error(`cannot run ${bin}: ${e.message} (build it with cargo build, or set DOLORES_BIN)`)));
+      exited.then(({ code, signal }) => reject(new Error(`dolores exited with ${describeExit(code, signal)} before listening`)));
+    });
+    stdout.on("line", (line) => this.#record(n, line));
+    try {
+      const line = await within(START_MS, "printing its address", first);
+      const match = /listening on (https?:\/\/[^\s]+)/.exec(line);
+      if (!match) throw new Error(`unexpected first line from dolores: ${line}`);
+      this.url = match[1].replace(/\/$/, "");
+      this.port = Number(new URL(this.url).port);
+      child.listening = true;
+      this.agent = new Agent({
+        connect: o.tls ? { ca: readFileSync(o.tls.cert) } : undefined,
+        headersTimeout: WAIT_MS,
+        bodyTimeout: WAIT_MS,
+      });
+      await within(START_MS, "answering /healthz", this.#healthy(child));
+    } catch (error) {
+      // Nothing of a process that did not come up stays: not it, not its pool.
+      await this.#signal("SIGKILL");
+      throw this.#failure(`dolores (incarnation ${n}) did not start: ${error.message}`, error);
+    }
+  }
+
+  /** Resolves once `/healthz` answers 200 through this incarnation's agent, while
+   * `child` is alive; rejects when it exits first. */
+  async #healthy(child) {
+    for (;;) {
+      if (child.exitCode !== null || child.signalCode !== null) {
+        throw new Error(`exited with ${describeExit(child.exitCode, child.signalCode)} before /healthz answered`);
+      }
+      try {
+        const answer = await this.#send("GET", "/healthz", {});
+        if (answer.status === 200 && child.exitCode === null && child.signalCode === null) return;
+      } catch {
+        // not answering yet
+      }
+      await sleep(50);
+    }
+  }
+
+  #record(n, line) {
+    this.log.push(`[${n}] ${line}`);
+    if (this.log.length > LOG_LINES) this.log.splice(0, this.log.length - LOG_LINES);
+  }
+
+  /** An Error saying `message`, the state of the process and the server's log. */
+  #failure(message, cause) {
+    const child = this.child;
+    const state = !child ? "never started"
+      : child.exitCode !== null || child.signalCode !== null ? `exited with ${describeExit(child.exitCode, child.signalCode)}`
+        : `running as pid ${child.pid}`;
+    const log = this.log.length ? this.log.join("\n") : "(empty)";
+    return new Error(`${message}\n-- dolores (${(this.options.command || [doloresBin]).join(" ")}, incarnation ${this.incarnation}, ${state}); its log:\n${log}\n--`, { cause });
   }
 
   /** SIGKILL: no flush, no goodbye. */
@@ -117,18 +192,32 @@ export class DoloresServer {
 
   async #signal(signal) {
     const child = this.child;
-    if (!child || child.exitCode !== null || child.signalCode !== null) return child && child.exitCode;
-    const exited = new Promise((resolve) => child.once("exit", (code) => resolve(code)));
-    child.kill(signal);
-    const timer = setTimeout(() => child.kill("SIGKILL"), 10000);
-    const code = await exited;
-    clearTimeout(timer);
-    return code;
+    const agent = this.agent;
+    this.agent = null;
+    if (child) {
+      child.onPurpose = true;
+      // (no pid: it never ran, and there is no exit to wait for)
+      if (child.pid !== undefined && child.exitCode === null && child.signalCode === null) {
+        child.kill(signal);
+        const timer = setTimeout(() => child.kill("SIGKILL"), 10000);
+        await child.exited;
+        clearTimeout(timer);
+      }
+    }
+    // Its pool goes with it: the next incarnation's requests open new connections.
+    if (agent) await agent.destroy().catch(() => {});
+    return child && child.exitCode;
   }
 
   /** Starts again on the same port with the same settings (and data dir). The port
    * may take a moment to be free again after a kill. */
   async restart() {
+    if (this.child && this.child.exitCode === null && this.child.signalCode === null) {
+      throw this.#failure("restart() while the server is still running: kill() or stop() it first");
+    }
+    // A process that exited by itself still has its pool: drop it (the exit stays on
+    // record for close()).
+    await this.#signal("SIGKILL");
     let lastError;
     for (let i = 0; i < 50; i += 1) {
       try {
@@ -142,28 +231,25 @@ export class DoloresServer {
     throw lastError;
   }
 
+  /** One request through this incarnation's agent; resolves with `{status, headers, text}`. */
+  async #send(method, route, { headers = {}, body }) {
+    if (!this.agent) throw new Error("the server is not running (killed or stopped, and not restarted)");
+    const answer = await undiciRequest(`${this.url}${route}`, { method, headers, body, dispatcher: this.agent });
+    return { status: answer.statusCode, headers: answer.headers, text: await answer.body.text() };
+  }
+
   /**
-   * One HTTP request to the server, over node:http or node:https. Not `fetch`: over TLS
-   * it must trust the test's self-signed certificate, and only for this server — so the
-   * certificate goes to this request (`ca`), never to the process. Resolves with
-   * `{status, headers, text}`.
+   * One HTTP request to the server, through this incarnation's own undici `Agent` (over
+   * TLS it trusts the test's certificate, and only for this server: the certificate goes
+   * to the agent, never to the process). Resolves with `{status, headers, text}`;
+   * rejects with the server's log when the request fails.
    */
-  request(method, route, { headers = {}, body } = {}) {
-    const url = new URL(`${this.url}${route}`);
-    const tls = url.protocol === "https:";
-    const options = { method, headers, timeout: WAIT_MS };
-    if (tls) options.ca = readFileSync(this.options.tls.cert);
-    return new Promise((resolve, reject) => {
-      const request = (tls ? https : http).request(url, options, (response) => {
-        const chunks = [];
-        response.on("data", (chunk) => chunks.push(chunk));
-        response.on("end", () => resolve({ status: response.statusCode, headers: response.headers, text: Buffer.concat(chunks).toString() }));
-        response.on("error", reject);
-      });
-      request.on("timeout", () => request.destroy(new Error(`${method} ${url} took over ${WAIT_MS} ms`)));
-      request.on("error", reject);
-      request.end(body);
-    });
+  async request(method, route, { headers = {}, body } = {}) {
+    try {
+      return await this.#send(method, route, { headers, body });
+    } catch (error) {
+      throw this.#failure(`${method} ${this.url}${route} failed: ${error.message}${error.code ? ` (${error.code})` : ""}`, error);
+    }
   }
 
   async api(method, route, body) {
@@ -179,7 +265,7 @@ export class DoloresServer {
       json = text;
     }
     if (response.status < 200 || response.status > 299) {
-      const error = new Error(`${method} ${route} answered ${response.status}: ${text}`);
+      const error = this.#failure(`${method} ${route} answered ${response.status}: ${text}`);
       error.status = response.status;
       error.body = json;
       throw error;
@@ -187,18 +273,18 @@ export class DoloresServer {
     return json;
   }
 
-  /** Publishes one message; resolves with its id once stored. */
   /** Waits until the server counts `count` open streams of transport `kind`; resolves with its stats. */
   async waitForStream(kind, count = 1) {
     const deadline = Date.now() + WAIT_MS;
     for (;;) {
       const stats = await this.api("GET", "/api/v1/stats");
       if (stats.streams && stats.streams[kind] >= count) return stats;
-      if (Date.now() > deadline) throw new Error(`not ${count} open ${kind} streams on the server: ${JSON.stringify(stats)}`);
+      if (Date.now() > deadline) throw this.#failure(`not ${count} open ${kind} streams on the server: ${JSON.stringify(stats)}`);
       await sleep(50);
     }
   }
 
+  /** Publishes one message; resolves with its id once stored. */
   async update(track, message) {
     return (await this.api("POST", "/api/v1/update", { track, message })).id;
   }
@@ -214,9 +300,55 @@ export class DoloresServer {
     return this.api("POST", "/api/v1/connect", { uid, track });
   }
 
+  /**
+   * Stops the server (SIGTERM) and throws, with its log, when anything went wrong in
+   * its life: a process that had been listening exited without being asked to (a crash,
+   * a panic that took it down), SIGTERM did not end in exit code 0, or the log shows a
+   * panic (a panicking task does not end the process). A kill() by the test is fine.
+   */
   async close() {
-    await this.stop();
+    const child = this.child;
+    const running = child && child.listening && child.exitCode === null && child.signalCode === null;
+    const code = await this.stop();
+    const problems = this.unexpectedExits.map(({ incarnation, code: c, signal }) =>
+      `incarnation ${incarnation} exited by itself with ${describeExit(c, signal)}`);
+    if (running && code !== 0) {
+      problems.push(`SIGTERM ended in ${describeExit(child.exitCode, child.signalCode)}, not exit code 0`);
+    }
+    if (this.log.some((line) => /panicked at/.test(line))) problems.push("it panicked");
+    if (problems.length) throw this.#failure(`dolores did not end well: ${problems.join("; ")}`);
   }
+}
+
+function describeExit(code, signal) {
+  return code === null ? `signal ${signal}` : `code ${code}`;
+}
+
+/** Rejects with "took over `ms` ms `what`" when `promise` takes longer than `ms`. */
+export function within(ms, what, promise) {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`took over ${ms} ms ${what}`)), ms);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
+}
+
+/**
+ * Runs every step, in order, even when some fail (so nothing is left running), then
+ * throws what failed: for the `after`/`afterEach` hooks, which must not swallow a server
+ * that ended badly.
+ */
+export async function runAll(steps) {
+  const errors = [];
+  for (const step of steps) {
+    try {
+      await step();
+    } catch (error) {
+      errors.push(error);
+    }
+  }
+  if (errors.length === 1) throw errors[0];
+  if (errors.length) throw new AggregateError(errors, errors.map((e) => e.message).join("\n\n"));
 }
 
 export function sleep(ms) {

@@ -3,7 +3,7 @@
 // test/auto-suite.test.js for "auto" (the default).
 
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { after, afterEach, before, describe, test } from "node:test";
 
 import {
   CSRF_TOKEN,
@@ -16,6 +16,7 @@ import {
   launchBrowser,
   messages,
   nowSeconds,
+  runAll,
   signToken,
   sleep,
   tempDir,
@@ -23,6 +24,24 @@ import {
 
 /** Each test is bounded: a hung browser or server fails the test, never the run. */
 const TEST_TIMEOUT_MS = 60000;
+
+/**
+ * Resolves once `dolores` refuses a token expiring at `exp` (seconds) as `token_expired`:
+ * it asks with a probe token of its own (another uid, its own track, the same `exp`), so
+ * no listener of the test is touched. Bounded by the 60 s leeway plus WAIT_MS.
+ */
+async function waitForExpiry(dolores, exp) {
+  const uid = `expiry-probe-${exp}`;
+  const probe = signToken({ uid, tracks: [":expiry-probe"], exp });
+  const deadline = Date.now() + (exp + 60 - nowSeconds()) * 1000 + WAIT_MS;
+  for (;;) {
+    const answer = await dolores.request("GET", `/poll/${uid}?timeout=0&token=${probe}`);
+    if (answer.status === 401 && JSON.parse(answer.text).error.code === "token_expired") return;
+    if (answer.status !== 200) throw new Error(`the expiry probe got ${answer.status}: ${answer.text}`);
+    if (Date.now() > deadline) throw new Error(`a token with exp ${exp} is still taken at ${nowSeconds()}`);
+    await sleep(200);
+  }
+}
 
 /** `stream`: the kind of stream the server counts for this transport ("auto" opens a
  * WebSocket where nothing blocks it). */
@@ -38,10 +57,14 @@ export function transportSuite(transport, { stream = transport } = {}) {
       pageServer = await PageServer.start();
     });
 
+    // After each test, what it started goes, newest first — and a server that exited by
+    // itself, did not exit 0 on SIGTERM or panicked fails that test, with its log.
+    afterEach(async () => {
+      await runAll(cleanups.splice(0).reverse());
+    });
+
     after(async () => {
-      for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});
-      if (browser) await browser.close();
-      if (pageServer) await pageServer.close();
+      await runAll([async () => browser && browser.close(), async () => pageServer && pageServer.close()]);
     });
 
     /** A dolores for this test (memory unless `data`), its page origin allowed by CORS. */
@@ -49,7 +72,8 @@ export function transportSuite(transport, { stream = transport } = {}) {
       const dolores = await DoloresServer.start({ corsOrigins: [pageServer.origin], ...options });
       cleanups.push(() => dolores.close());
       pageServer.dolores = dolores;
-      client = client || await clientUrl(dolores, pageServer);
+      // Each test closes its servers: the page imports the client from the newest one.
+      client = await clientUrl(dolores, pageServer);
       return dolores;
     }
 
@@ -196,15 +220,16 @@ export function transportSuite(transport, { stream = transport } = {}) {
       const data = tempDir();
       cleanups.push(async () => data.remove());
       const dolores = await server({ data: data.dir, tokenSecret: TOKEN_SECRET });
-      // 1st token: expired past the server's 60 s leeway. 2nd: inside the leeway for
-      // a few seconds only, so it opens the stream and has expired by the reconnect.
-      // Later ones: good for 10 minutes. All grant :data (no connect view needed).
-      let shortLivedAt = 0;
+      // 1st token: expired past the server's 60 s leeway. 2nd: minted when the page asks
+      // for it, right before it opens the stream, and inside the leeway for 7-8 s only:
+      // it opens the stream, and has expired by the reconnect. Later ones: good for 10
+      // minutes. All grant :data (no connect view needed).
+      let shortExp = null;
       pageServer.tokens = (uid, n) => {
         if (n === 1) return signToken({ uid, tracks: [":data"], exp: nowSeconds() - 120 });
         if (n === 2) {
-          shortLivedAt = Date.now();
-          return signToken({ uid, tracks: [":data"], exp: nowSeconds() - 56 });
+          shortExp = nowSeconds() - 52;
+          return signToken({ uid, tracks: [":data"], exp: shortExp });
         }
         return signToken({ uid, tracks: [":data"], exp: nowSeconds() + 600 });
       };
@@ -212,14 +237,14 @@ export function transportSuite(transport, { stream = transport } = {}) {
       const tab = await page();
       const uid = await tab.start({ server: dolores.url, token: "view", transport });
       await tab.waitForStatus("open");
-      assert.deepEqual(pageServer.tokenCalls, [uid, uid]);
+      assert.deepEqual(pageServer.tokenCalls, [uid, uid], "the expired token was replaced once, and the second one opened the stream");
       const first = messages("tok", 3);
       await dolores.publish(":data", first);
       await tab.waitForCount(3);
 
-      // Let the second token expire, then make the page reconnect.
-      const left = shortLivedAt + 5000 - Date.now();
-      if (left > 0) await sleep(left);
+      // Wait until the server itself takes the second token's expiry as past (not a
+      // fixed sleep), then make the page reconnect.
+      await waitForExpiry(dolores, shortExp);
       assert.equal(await dolores.stop(), 0, "SIGTERM exits 0");
       await dolores.restart();
       const second = messages("tok-after", 3);

@@ -4,7 +4,7 @@
 // where SSE is held back too — with nothing lost in a switch, and the switch kept for
 // the tab's session.
 import assert from "node:assert/strict";
-import { after, before, describe, test } from "node:test";
+import { after, afterEach, before, describe, test } from "node:test";
 
 import {
   BufferingProxy,
@@ -14,6 +14,7 @@ import {
   clientUrl,
   launchBrowser,
   messages,
+  runAll,
   sleep,
   tempDir,
 } from "../lib/harness.js";
@@ -31,17 +32,22 @@ describe('transport "auto"', () => {
     pageServer = await PageServer.start();
   });
 
+  // What each test started goes after it, newest first; a server that ended badly
+  // (exited by itself, not 0 on SIGTERM, a panic) fails that test, with its log.
+  afterEach(async () => {
+    await runAll(cleanups.splice(0).reverse());
+  });
+
   after(async () => {
-    for (const cleanup of cleanups.reverse()) await cleanup().catch(() => {});
-    if (browser) await browser.close();
-    if (pageServer) await pageServer.close();
+    await runAll([async () => browser && browser.close(), async () => pageServer && pageServer.close()]);
   });
 
   async function server(options = {}) {
     const dolores = await DoloresServer.start({ corsOrigins: [pageServer.origin], ...options });
     cleanups.push(() => dolores.close());
     pageServer.dolores = dolores;
-    client = client || await clientUrl(dolores, pageServer);
+    // Each test closes its servers: the page imports the client from the newest one.
+    client = await clientUrl(dolores, pageServer);
     return dolores;
   }
 

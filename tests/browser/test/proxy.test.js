@@ -7,7 +7,7 @@
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
-import { API_KEY, DoloresServer, PageServer, TestPage, WAIT_MS, launchBrowser, messages } from "../lib/harness.js";
+import { API_KEY, DoloresServer, PageServer, TestPage, WAIT_MS, launchBrowser, messages, runAll } from "../lib/harness.js";
 import { startProxy } from "../lib/proxies.js";
 
 const TEST_TIMEOUT_MS = 60000;
@@ -29,11 +29,13 @@ for (const [kind, file] of [["nginx", "nginx.conf"], ["caddy", "Caddyfile"]]) {
     });
 
     after(async () => {
-      for (const context of contexts) await context.close().catch(() => {});
-      if (browser) await browser.close();
-      if (proxy) await proxy.close();
-      if (dolores) await dolores.close();
-      if (pageServer) await pageServer.close();
+      await runAll([
+        ...contexts.map((context) => () => context.close()),
+        async () => browser && browser.close(),
+        async () => proxy && proxy.close(),
+        async () => dolores && dolores.close(),
+        async () => pageServer && pageServer.close(),
+      ]);
     });
 
     /** The app's page, through the proxy, with the client from Dolores under the prefix

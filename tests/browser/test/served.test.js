@@ -4,7 +4,7 @@ import assert from "node:assert/strict";
 import { readFileSync } from "node:fs";
 import { after, before, test } from "node:test";
 
-import { DoloresServer, PageServer, clientFile } from "../lib/harness.js";
+import { DoloresServer, PageServer, clientFile, runAll } from "../lib/harness.js";
 
 let dolores;
 let pageServer;
@@ -15,15 +15,14 @@ before(async () => {
 });
 
 after(async () => {
-  if (dolores) await dolores.close();
-  if (pageServer) await pageServer.close();
+  await runAll([async () => dolores && dolores.close(), async () => pageServer && pageServer.close()]);
 });
 
 test("the server serves clients/js/dolores.js at /dolores.js, with CORS for allowed origins", async () => {
-  const response = await fetch(`${dolores.url}/dolores.js`, { headers: { Origin: pageServer.origin } });
+  const response = await dolores.request("GET", "/dolores.js", { headers: { Origin: pageServer.origin } });
   assert.equal(response.status, 200, "GET /dolores.js");
-  assert.match(response.headers.get("content-type") || "", /^(text|application)\/javascript/);
-  assert.ok(["*", pageServer.origin].includes(response.headers.get("access-control-allow-origin")),
-    `Access-Control-Allow-Origin: ${response.headers.get("access-control-allow-origin")}`);
-  assert.equal(await response.text(), readFileSync(clientFile, "utf8"), "the binary serves the current clients/js/dolores.js (rebuild it)");
+  assert.match(response.headers["content-type"] || "", /^(text|application)\/javascript/);
+  assert.ok(["*", pageServer.origin].includes(response.headers["access-control-allow-origin"]),
+    `Access-Control-Allow-Origin: ${response.headers["access-control-allow-origin"]}`);
+  assert.equal(response.text, readFileSync(clientFile, "utf8"), "the binary serves the current clients/js/dolores.js (rebuild it)");
 });

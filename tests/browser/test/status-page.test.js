@@ -6,7 +6,7 @@ import { mkdirSync } from "node:fs";
 import path from "node:path";
 import { after, before, test } from "node:test";
 
-import { API_KEY, DoloresServer, WAIT_MS, launchBrowser, tempDir } from "../lib/harness.js";
+import { API_KEY, DoloresServer, WAIT_MS, launchBrowser, runAll, tempDir } from "../lib/harness.js";
 
 const shots = path.join(path.dirname(new URL(import.meta.url).pathname), "..", "screenshots");
 let dolores;
@@ -21,9 +21,7 @@ before(async () => {
 });
 
 after(async () => {
-  if (browser) await browser.close();
-  if (dolores) await dolores.close();
-  if (data) data.remove();
+  await runAll([async () => browser && browser.close(), async () => dolores && dolores.close(), async () => data && data.remove()]);
 });
 
 /** Reads /status until its history has counted `published` messages. */

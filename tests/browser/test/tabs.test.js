@@ -13,6 +13,7 @@ import {
   TestPage,
   launchBrowser,
   messages,
+  runAll,
   selfSignedCert,
   tempDir,
 } from "../lib/harness.js";
@@ -49,10 +50,12 @@ for (const tls of [false, true]) {
     });
 
     after(async () => {
-      if (browser) await browser.close();
-      if (dolores) await dolores.close();
-      if (pageServer) await pageServer.close();
-      if (certs) certs.remove();
+      await runAll([
+        async () => browser && browser.close(),
+        async () => dolores && dolores.close(),
+        async () => pageServer && pageServer.close(),
+        async () => certs && certs.remove(),
+      ]);
     });
 
     // "auto" (the default), and — over HTTP/2 only — SSE, which is what "auto" falls back
