@@ -287,6 +287,48 @@ async fn dolores(args: &[&str]) -> std::process::Output {
     .expect("run dolores")
 }
 
+/// How `dolores serve` on a damaged store went: it started (with the child and its
+/// first line), or it refused (with its stderr, after checking the exit was an error).
+enum Start {
+    Serving(tokio::process::Child, String),
+    Refused(String),
+}
+
+async fn serve_store(dir: &str) -> Start {
+    let mut child = common::command()
+        .env("RUST_BACKTRACE", "0")
+        .args(["serve", "--data", dir, "--api-key", common::API_KEY])
+        .args(["--listen", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn dolores");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = tokio::io::BufReader::new(stdout).lines();
+    let first = within("a first line or an exit", WAIT, lines.next_line())
+        .await
+        .expect("read stdout");
+    match first {
+        Some(line) => Start::Serving(child, line),
+        None => {
+            let output = within("the refused start", WAIT, child.wait_with_output())
+                .await
+                .expect("wait");
+            let said = String::from_utf8_lossy(&output.stderr).into_owned();
+            assert!(!output.status.success(), "{said}");
+            Start::Refused(said)
+        }
+    }
+}
+
+/// The refusal says what is damaged and what to do.
+fn assert_refused_with_what_to_do(said: &str) {
+    assert!(
+        said.contains("is damaged") && said.contains("dolores repair --data"),
+        "{said}"
+    );
+}
+
 /// A server with 300 messages of ~500 bytes for one listener, stopped by `stop`.
 async fn store_with_messages(uid: &str) -> Server {
     let server = Server::start().await;
@@ -327,30 +369,9 @@ async fn a_damaged_store_is_found_by_check_and_answered_503_store_corrupt() {
     // damaged page is a 503 naming the file (or ends the stream), never a panic that
     // takes a connection or the server down, and /healthz stops saying 200. Where the
     // damage is in what redb reads as it opens, the start is refused with what to do.
-    let mut child = common::command()
-        .env("RUST_BACKTRACE", "0")
-        .args(["serve", "--data", dir, "--api-key", common::API_KEY])
-        .args(["--listen", "127.0.0.1:0"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn dolores");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let first = within("a first line or an exit", WAIT, lines.next_line())
-        .await
-        .expect("read stdout");
-    let Some(first) = first else {
-        let output = within("the refused start", WAIT, child.wait_with_output())
-            .await
-            .expect("wait");
-        let said = String::from_utf8_lossy(&output.stderr);
-        assert!(!output.status.success(), "{said}");
-        assert!(
-            said.contains("is damaged") && said.contains("dolores repair --data"),
-            "{said}"
-        );
-        return;
+    let (mut child, first) = match serve_store(dir).await {
+        Start::Serving(child, first) => (child, first),
+        Start::Refused(said) => return assert_refused_with_what_to_do(&said),
     };
     let addr = first
         .split("listening on http://")
@@ -399,43 +420,14 @@ async fn a_damaged_store_left_by_a_crash_is_checked_as_it_opens() {
     let store = server.store_dir();
     damage(&store);
     let dir = store.to_str().expect("utf-8 path");
-    let mut child = common::command()
-        .env("RUST_BACKTRACE", "0")
-        .args([
-            "serve",
-            "--data",
-            dir,
-            "--api-key",
-            "k",
-            "--listen",
-            "127.0.0.1:0",
-        ])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn dolores");
-    let stdout = child.stdout.take().expect("stdout");
-    let mut lines = tokio::io::BufReader::new(stdout).lines();
-    let first = within("a first line or an exit", WAIT, lines.next_line())
-        .await
-        .expect("read stdout");
-    let output = match first {
+    match serve_store(dir).await {
         // Repaired to the last sound commit as it opened: a crash's usual outcome.
-        Some(line) => {
+        Start::Serving(mut child, line) => {
             assert!(line.contains("listening on"), "{line}");
             let _ = child.kill().await;
-            return;
         }
-        None => within("the refused start", WAIT, child.wait_with_output())
-            .await
-            .expect("wait"),
-    };
-    let said = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "{said}");
-    assert!(
-        said.contains("is damaged") && said.contains("dolores repair --data"),
-        "{said}"
-    );
+        Start::Refused(said) => assert_refused_with_what_to_do(&said),
+    }
 }
 
 #[tokio::test]
