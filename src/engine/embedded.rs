@@ -34,11 +34,15 @@ const RECOVER_WAIT_TRIES: usize = 100;
 pub(crate) const FILE_NAME: &str = "dolores.redb";
 
 /// A redb error as the engine's: a full disk (ENOSPC) is told apart, because it heals
-/// once space is freed and the caller should hear exactly that.
+/// once space is freed and the caller should hear exactly that, and so is a damaged
+/// file, which does not.
 fn storage_error(e: impl std::fmt::Display) -> EngineError {
     let text = e.to_string();
     if text.contains("No space left on device") || text.contains("os error 28") {
         EngineError::Full(text)
+    } else if text.to_ascii_lowercase().contains("corrupt") {
+        // A page that fails its check: the file is damaged, which does not heal.
+        EngineError::Corrupt(format!("the store file is damaged: {text}"))
     } else {
         EngineError::Storage(text)
     }
@@ -79,6 +83,10 @@ fn open_database(path: &Path) -> Result<Database> {
         // and starting empty must be a choice, not an accident.
         return Err(corrupt(path, "it is empty, 0 bytes"));
     }
+    // A file that was there and cannot be read as a store is damaged (a torn header
+    // reads short, a bad page fails its check); one that cannot be reached at all
+    // (permissions, another process holding it) is not.
+    let existed = std::fs::metadata(path).is_ok();
     let opened =
         std::panic::catch_unwind(|| Database::builder().set_cache_size(CACHE_BYTES).create(path));
     match opened {
@@ -87,13 +95,20 @@ fn open_database(path: &Path) -> Result<Database> {
             EngineError::Full(_) => {
                 EngineError::Full(format!("cannot open {}: {e}", path.display()))
             }
-            _ if e.to_string().to_ascii_lowercase().contains("corrupt") => {
-                corrupt(path, &e.to_string())
-            }
+            _ if existed && !is_access_problem(&e) => corrupt(path, &e.to_string()),
             _ => EngineError::Storage(format!("cannot open {}: {e}", path.display())),
         }),
         Err(panic) => Err(corrupt(path, &super::local::panic_text(&*panic))),
     }
+}
+
+/// Whether opening failed because the file could not be reached (permissions, another
+/// process holding it), not because of what is in it.
+fn is_access_problem(e: &redb::DatabaseError) -> bool {
+    let text = e.to_string().to_ascii_lowercase();
+    matches!(e, redb::DatabaseError::DatabaseAlreadyOpen)
+        || text.contains("permission denied")
+        || text.contains("read-only file system")
 }
 
 /// See `engine::check_embedded`.
