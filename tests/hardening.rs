@@ -10,6 +10,17 @@ use common::{Server, WAIT, uid, within};
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
+/// A raw socket that has sent `GET /listen/{uid}` (the direct SSE path).
+async fn raw_listen(server: &Server, uid: &str) -> tokio::net::TcpStream {
+    let mut tcp = tokio::net::TcpStream::connect(server.addr())
+        .await
+        .expect("connect");
+    tcp.write_all(format!("GET /listen/{uid} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("send");
+    tcp
+}
+
 #[tokio::test]
 async fn a_head_with_bare_lf_line_ends_is_answered_at_once() {
     let server = Server::start().await;
@@ -37,12 +48,7 @@ async fn bytes_sent_up_an_sse_stream_end_it() {
     let server = Server::start().await;
     let uid = uid("upstream");
     server.connect(&uid, ":u").await;
-    let mut tcp = tokio::net::TcpStream::connect(server.addr())
-        .await
-        .expect("connect");
-    tcp.write_all(format!("GET /listen/{uid} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-        .await
-        .expect("send");
+    let mut tcp = raw_listen(&server, &uid).await;
     let mut head = [0u8; 256];
     let n = within("the stream's head", WAIT, tcp.read(&mut head))
         .await
@@ -70,13 +76,7 @@ async fn stuck_readers_do_not_keep_every_message_alive() {
     for n in 0..4 {
         let uid = uid(&format!("stuck{n}"));
         server.connect(&uid, ":big").await;
-        let mut tcp = tokio::net::TcpStream::connect(server.addr())
-            .await
-            .expect("connect");
-        tcp.write_all(format!("GET /listen/{uid} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-            .await
-            .expect("send");
-        sockets.push(tcp); // never read
+        sockets.push(raw_listen(&server, &uid).await); // never read
     }
     common::eventually("4 open streams", WAIT, || async {
         (server.stats().await["streams"]["sse"] == 4).then_some(())
