@@ -12,6 +12,7 @@
 //!
 //! - `redis` — several nodes on one Redis (`--redis URL`).
 //!
+//! `acks` keeps the delivered cursors not yet written, by one rule for every engine;
 //! `tests` is the shared suite every engine passes.
 
 use std::sync::{Arc, OnceLock};
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+mod acks;
 mod embedded;
 mod local;
 mod memory;
@@ -290,28 +292,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Writes everything pending and stops taking work.
     async fn close(&self);
-}
 
-/// Records in `acks` (uid → (cursor, last seen)) that `uid` was delivered up to `pos`
-/// now; the cursor never goes back. Called per written chunk per stream, so it
-/// allocates nothing for a uid already pending.
-pub(crate) fn record_ack(
-    acks: &std::sync::Mutex<std::collections::HashMap<String, (Position, u64)>>,
-    uid: &str,
-    pos: Position,
-) {
-    let now = now_ms();
-    if let Ok(mut acks) = acks.lock() {
-        match acks.get_mut(uid) {
-            Some(entry) => {
-                entry.0 = entry.0.max(pos);
-                entry.1 = now;
-            }
-            None => {
-                acks.insert(uid.to_owned(), (pos, now));
-            }
-        }
-    }
+    /// Its acks not yet written, for the shared suite to hold a flush.
+    #[cfg(test)]
+    #[allow(private_interfaces, reason = "only the crate's own tests call it")]
+    fn pending_acks(&self) -> &acks::PendingAcks;
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -18,14 +18,15 @@
 //! every message, and every subscription change before the messages that follow it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, Script};
 use tokio_util::sync::CancellationToken;
 
+use super::acks::PendingAcks;
 use super::{
     Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
     Subscription, Tail, Update, now_ms,
@@ -152,7 +153,7 @@ struct Shared {
     keys: Keys,
     scripts: Scripts,
     limits: Limits,
-    acks: Mutex<HashMap<String, (Position, u64)>>,
+    acks: PendingAcks,
     healthy: AtomicBool,
 }
 
@@ -273,7 +274,7 @@ impl RedisEngine {
                 snapshot: Script::new(SNAPSHOT),
             },
             limits,
-            acks: Mutex::default(),
+            acks: PendingAcks::default(),
             healthy: AtomicBool::new(true),
         });
         let stop = CancellationToken::new();
@@ -352,38 +353,39 @@ impl Shared {
         Ok(left.map(|flat| parse_listener(uid, flat).track_names()))
     }
 
+    /// Writes the pending acks; they stay pending until written (see `acks`), and
+    /// those that fail are written by the next tick.
     async fn flush_acks(&self) {
-        let acks = match self.acks.lock() {
-            Ok(mut acks) if !acks.is_empty() => std::mem::take(&mut *acks),
-            _ => return,
-        };
-        let calls = acks.iter().map(|(uid, (cursor, seen))| async move {
+        let acks = self.acks.snapshot();
+        if acks.is_empty() {
+            return;
+        }
+        let calls = acks.iter().map(|(uid, ack)| async move {
             let mut call = self.scripts.ack.prepare_invoke();
             call.key(self.keys.listener(uid))
                 .key(&self.keys.seen)
-                .arg(*cursor)
-                .arg(*seen)
+                .arg(ack.cursor)
+                .arg(ack.seen_ms)
                 .arg(uid);
-            let done: redis::RedisResult<i64> = call.invoke_async(&mut self.conn()).await;
-            done.map(|_| ())
-                .map_err(|e| (uid.clone(), (*cursor, *seen), e))
+            call.invoke_async::<i64>(&mut self.conn()).await
         });
-        let failed: Vec<_> = futures_util::future::join_all(calls)
-            .await
-            .into_iter()
-            .filter_map(std::result::Result::err)
-            .collect();
-        if let Some((_, _, e)) = failed.first() {
-            tracing::warn!("cannot write {} cursor(s) to redis: {e}", failed.len());
-            self.healthy.store(false, Ordering::Relaxed);
-            // Keep them for the next tick; newer acks win.
-            if let Ok(mut acks) = self.acks.lock() {
-                for (uid, (cursor, seen), _) in failed {
-                    let entry = acks.entry(uid).or_insert((cursor, seen));
-                    entry.0 = entry.0.max(cursor);
-                    entry.1 = entry.1.max(seen);
+        let results = futures_util::future::join_all(calls).await;
+        let mut written = Vec::with_capacity(acks.len());
+        let mut failed = None;
+        let mut failures = 0;
+        for (entry, result) in acks.iter().zip(results) {
+            match result {
+                Ok(_) => written.push(entry),
+                Err(e) => {
+                    failures += 1;
+                    failed.get_or_insert(e);
                 }
             }
+        }
+        self.acks.forget_written(written);
+        if let Some(e) = failed {
+            tracing::warn!("cannot write {failures} cursor(s) to redis: {e}");
+            self.healthy.store(false, Ordering::Relaxed);
         }
     }
 
@@ -629,23 +631,16 @@ impl Engine for RedisEngine {
 
     async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
         let s = &self.shared;
-        let flat: Vec<String> = s.observe(
-            redis::cmd("HGETALL")
-                .arg(s.keys.listener(uid))
-                .query_async(&mut s.conn())
-                .await,
-        )?;
-        if flat.is_empty() {
-            return Ok(None);
-        }
-        let mut listener = parse_listener(uid, flat);
-        if let Ok(acks) = s.acks.lock()
-            && let Some(&(cursor, seen)) = acks.get(uid)
-        {
-            listener.cursor = listener.cursor.max(cursor);
-            listener.last_seen_ms = listener.last_seen_ms.max(seen);
-        }
-        Ok(Some(listener))
+        let read = async {
+            let flat: Vec<String> = s.observe(
+                redis::cmd("HGETALL")
+                    .arg(s.keys.listener(uid))
+                    .query_async(&mut s.conn())
+                    .await,
+            )?;
+            Ok((!flat.is_empty()).then(|| parse_listener(uid, flat)))
+        };
+        s.acks.merged(uid, read).await
     }
 
     async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>> {
@@ -723,7 +718,7 @@ impl Engine for RedisEngine {
     }
 
     fn ack(&self, uid: &str, pos: Position) {
-        super::record_ack(&self.shared.acks, uid, pos);
+        self.shared.acks.record(uid, pos);
     }
 
     async fn counts(&self) -> Result<StoreCounts> {
@@ -754,6 +749,11 @@ impl Engine for RedisEngine {
         self.closed.store(true, Ordering::Relaxed);
         self.shared.flush_acks().await;
         self.stop.cancel();
+    }
+
+    #[cfg(test)]
+    fn pending_acks(&self) -> &PendingAcks {
+        &self.shared.acks
     }
 }
 
