@@ -11,14 +11,14 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::acks::{Ack, PendingAcks};
 use super::{
     Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
-    Subscription, Tail, Update, now_ms,
+    Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// How many operations the writer takes into one commit. Bounds a commit's size (and
@@ -30,8 +30,6 @@ const OP_QUEUE: usize = 4096;
 /// Most messages or listeners deleted by retention and expiry in one commit, so a big
 /// clean-up never stalls publishers for long; the rest goes in the next ticks.
 const MAX_DELETES_PER_COMMIT: usize = 10_000;
-/// How often the writer flushes cursors and looks for expired messages and listeners.
-const TICK: Duration = Duration::from_secs(1);
 
 /// The log's bounds, kept by the storage beside the data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -517,9 +515,9 @@ impl<S: Storage> Writer<S> {
             bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
             deleted += 1;
         }
-        if maintain && self.last_maintenance.elapsed() >= self.maintenance_every() {
+        if maintain && self.last_maintenance.elapsed() >= self.limits.clean_up_every() {
             self.last_maintenance = Instant::now();
-            let keep_after = now.saturating_sub(self.limits.retention.as_millis() as u64);
+            let keep_after = self.limits.keep_messages_after(now);
             while deleted < MAX_DELETES_PER_COMMIT {
                 match txn.oldest()? {
                     Some((_, time)) if time < keep_after => {
@@ -529,7 +527,7 @@ impl<S: Storage> Writer<S> {
                     _ => break,
                 }
             }
-            let seen_before = now.saturating_sub(self.limits.listener_ttl.as_millis() as u64);
+            let seen_before = self.limits.forget_listeners_seen_before(now);
             for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
                 disconnect(&mut txn, &uid, None, changes)?;
             }
@@ -544,13 +542,6 @@ impl<S: Storage> Writer<S> {
         let oldest = txn.oldest()?;
         txn.delete_oldest()?;
         Ok(oldest.map_or(bounds.head, |(pos, _)| pos))
-    }
-
-    /// Retention and expiry run this often: often enough to keep within a tenth of the
-    /// shortest limit, rarely enough that a scan of all listeners costs nothing.
-    fn maintenance_every(&self) -> Duration {
-        (self.limits.retention.min(self.limits.listener_ttl) / 10)
-            .clamp(Duration::from_millis(500), Duration::from_secs(60))
     }
 }
 

@@ -30,6 +30,17 @@ mod tests;
 
 use local::LocalEngine;
 
+/// How often every engine writes its pending acks (see `acks`) and looks for work to
+/// clean up (the Redis engine also checks its health): a second bounds how far a crash
+/// can set a delivered cursor back.
+const TICK: Duration = Duration::from_secs(1);
+/// The clean-up never runs more often than this, so a scan of all listeners costs
+/// nothing however short the limits.
+const MIN_CLEAN_UP_EVERY: Duration = Duration::from_millis(200);
+/// The clean-up runs at least this often, so nothing outlives its limit by more than a
+/// minute however long the limits.
+const MAX_CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
+
 /// A position in the log. Positions start at 1 and grow by one per message; 0 means
 /// "before everything". The event id a client sees is this number in decimal.
 pub type Position = u64;
@@ -231,6 +242,24 @@ pub struct Limits {
     pub max_stored_messages: u64,
     /// A listener not seen for this long is forgotten.
     pub listener_ttl: Duration,
+}
+
+impl Limits {
+    /// How often retention and expiry run: often enough to keep within a tenth of the
+    /// shortest limit, within [`MIN_CLEAN_UP_EVERY`] and [`MAX_CLEAN_UP_EVERY`].
+    pub(crate) fn clean_up_every(&self) -> Duration {
+        (self.retention.min(self.listener_ttl) / 10).clamp(MIN_CLEAN_UP_EVERY, MAX_CLEAN_UP_EVERY)
+    }
+
+    /// At `now_ms`, messages stored before this time (ms since the epoch) are deleted.
+    pub(crate) fn keep_messages_after(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.retention.as_millis() as u64)
+    }
+
+    /// At `now_ms`, listeners last seen before this time (ms since the epoch) are forgotten.
+    pub(crate) fn forget_listeners_seen_before(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.listener_ttl.as_millis() as u64)
+    }
 }
 
 /// What can go wrong in an engine. None of it is the caller's fault.

@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 use super::acks::PendingAcks;
 use super::{
     Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
-    Subscription, Tail, Update, now_ms,
+    Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// Longest a command may take before the caller gets a 503: Redis answers in well
@@ -41,8 +41,6 @@ const TAIL_BLOCK_MS: u64 = 1000;
 const TAIL_BATCH: usize = 1000;
 /// Entries read per `XRANGE` while replaying a listener's queue.
 const REPLAY_SCAN: usize = 1000;
-/// How often acks are written, retention and expiry run, and health is checked.
-const TICK: Duration = Duration::from_secs(1);
 /// Most listeners expired in one tick.
 const MAX_EXPIRED_PER_TICK: usize = 1000;
 
@@ -200,6 +198,16 @@ fn parse_entry((id, flat): RawEntry) -> Entry {
 
 fn field(entry: &Entry, name: &str) -> String {
     entry.fields.get(name).cloned().unwrap_or_default()
+}
+
+/// The message a `k=m` entry holds.
+fn message(entry: &Entry) -> Arc<Message> {
+    Arc::new(Message::new(
+        entry.pos,
+        field(entry, "t").into(),
+        field(entry, "j").into(),
+        field(entry, "ts").parse().unwrap_or(0),
+    ))
 }
 
 /// A listener from its hash (flat field/value list).
@@ -392,7 +400,7 @@ impl Shared {
     /// Deletes entries older than the retention, and forgets listeners unseen for the
     /// listener ttl.
     async fn clean_up(&self) -> Result<()> {
-        let cutoff = now_ms().saturating_sub(self.limits.retention.as_millis() as u64);
+        let cutoff = self.limits.keep_messages_after(now_ms());
         let oldest: Vec<RawEntry> = self.observe(
             redis::cmd("XRANGE")
                 .arg(&self.keys.log)
@@ -422,7 +430,7 @@ impl Shared {
                     .await,
             )?;
         }
-        let seen_before = now_ms().saturating_sub(self.limits.listener_ttl.as_millis() as u64);
+        let seen_before = self.limits.forget_listeners_seen_before(now_ms());
         let stale: Vec<String> = self.observe(
             redis::cmd("ZRANGEBYSCORE")
                 .arg(&self.keys.seen)
@@ -443,8 +451,7 @@ impl Shared {
 
 /// Every tick: write cursors, clean up, check health.
 async fn maintenance(shared: Arc<Shared>, stop: CancellationToken) {
-    let every = (shared.limits.retention.min(shared.limits.listener_ttl) / 10)
-        .clamp(Duration::from_millis(200), Duration::from_secs(60));
+    let every = shared.limits.clean_up_every();
     let mut last_clean_up = Instant::now();
     loop {
         tokio::select! {
@@ -562,12 +569,7 @@ fn to_change(entry: &Entry, last_message: &mut Position) -> Option<Vec<Change>> 
                 changes.push(Change::Lost);
             }
             *last_message = entry.pos;
-            changes.push(Change::Appended(Arc::new(Message::new(
-                entry.pos,
-                field(entry, "t").into(),
-                field(entry, "j").into(),
-                field(entry, "ts").parse().unwrap_or(0),
-            ))));
+            changes.push(Change::Appended(message(entry)));
             Some(changes)
         }
         "c" => Some(vec![Change::Connected {
@@ -691,17 +693,9 @@ impl Engine for RedisEngine {
                 if field(&entry, "k") != "m" {
                     continue;
                 }
-                let track = field(&entry, "t");
-                if since
-                    .get(track.as_str())
-                    .is_some_and(|&since| entry.pos > since)
-                {
-                    messages.push(Arc::new(Message::new(
-                        entry.pos,
-                        track.into(),
-                        field(&entry, "j").into(),
-                        field(&entry, "ts").parse().unwrap_or(0),
-                    )));
+                let track = entry.fields.get("t").map_or("", String::as_str);
+                if since.get(track).is_some_and(|&since| entry.pos > since) {
+                    messages.push(message(&entry));
                 }
             }
             if scanned < REPLAY_SCAN {
