@@ -26,7 +26,7 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most events in one answer, so an answer stays a reasonable size.
 const MAX_EVENTS: usize = 1000;
 
-/// The handler.
+/// `GET /poll/{uid}`: waits for the listener's next events, at most `timeout`.
 pub async fn listen(
     State(state): State<Node>,
     request: ListenRequest,
