@@ -152,6 +152,7 @@ pub fn app(state: AppState) -> Router {
     let routes = Router::new()
         .merge(backend)
         .merge(listeners)
+        .route("/api/v1/openapi.json", get(api::openapi))
         .route("/status", get(page::status))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics));
