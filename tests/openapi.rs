@@ -376,3 +376,30 @@ async fn the_direct_sse_path_answers_any_target_as_the_framework_path_does() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_takes_exactly_the_names_the_shared_vectors_call_valid() {
+    let vectors: Value =
+        serde_json::from_str(&repo_file("tests/vectors/names.json")).expect("names.json");
+    let server = Server::config().memory().start().await;
+    for (kind, code) in [("tracks", "bad_track"), ("uids", "bad_uid")] {
+        for case in vectors[kind].as_array().expect("vectors") {
+            let name = &case["name"];
+            let body = if kind == "tracks" {
+                json!({"uid": "abcdefgh", "track": name})
+            } else {
+                json!({"uid": name, "track": ":data"})
+            };
+            let (status, answer) = server.api("connect", body).await;
+            let expected = if case["valid"] == true { 200 } else { 400 };
+            assert_eq!(
+                status, expected,
+                "{kind}: {name} ({}): {answer}",
+                case["why"]
+            );
+            if expected == 400 {
+                assert_eq!(answer["error"]["code"], code, "{kind}: {name}");
+            }
+        }
+    }
+}
