@@ -98,7 +98,8 @@ pub async fn connect(State(state): State<AppState>, headers: HeaderMap, body: Bo
     Ok(Json(json!({ "uid": uid, "tracks": tracks })))
 }
 
-/// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener.
+/// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener — which
+/// also revokes its listener tokens issued until now (see `Engine::disconnect`).
 pub async fn disconnect(
     State(state): State<AppState>,
     headers: HeaderMap,
