@@ -205,7 +205,8 @@ fn parse_connect(mut fields: Fields) -> Result<(String, String), ApiError> {
     Ok((uid, track))
 }
 
-/// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener.
+/// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener — which
+/// also revokes its listener tokens issued until now (see `Engine::disconnect`).
 pub async fn disconnect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let (uid, track) = parse_disconnect(read_object(&state, &headers, body).await?)?;
     let tracks = state

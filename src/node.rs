@@ -112,6 +112,7 @@ impl Node {
             retention: settings.retention,
             max_stored_messages: settings.max_stored_messages,
             listener_ttl: settings.listener_ttl,
+            revocation_ttl: crate::auth::REVOCATION_TTL,
         };
         let engine = if let Some(url) = &settings.redis {
             engine::open_redis(url, &settings.redis_prefix, limits, tail).await?

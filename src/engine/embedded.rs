@@ -2,7 +2,8 @@
 //!
 //! Tables: `log` (position → time, track, message), `by_track` ((track, position) → ()),
 //! the index that makes a listener's queue a range scan per track, `listeners`
-//! (uid → JSON record), `subscribers` (track → count) and `meta` (the log's bounds).
+//! (uid → JSON record), `subscribers` (track → count), `revocations` (uid → when its
+//! tokens were revoked, ms) and `meta` (the log's bounds).
 //! Every commit is durable (redb's `Immediate` durability: synced before `commit`
 //! returns); the writer in `local` groups many updates into one commit.
 
@@ -22,6 +23,7 @@ const BY_TRACK: TableDefinition<(&str, u64), ()> = TableDefinition::new("by_trac
 const LISTENERS: TableDefinition<&str, &[u8]> = TableDefinition::new("listeners");
 const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscribers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("revocations");
 
 /// redb's page cache. Its default (1 GiB) would let memory grow with the store; the
 /// hot data — recent messages and the listeners being served — fits in much less.
@@ -174,6 +176,8 @@ impl RedbStorage {
             txn.open_table(LISTENERS).map_err(storage_error)?;
             txn.open_table(SUBSCRIBERS).map_err(storage_error)?;
             txn.open_table(META).map_err(storage_error)?;
+            // Created here for a store from before revocations, so reads find it.
+            txn.open_table(REVOCATIONS).map_err(storage_error)?;
         }
         txn.commit().map_err(storage_error)?;
         Ok(Self {
@@ -362,6 +366,27 @@ macro_rules! snapshot_reads {
             }
             Ok(stale)
         }
+
+        fn revocation(&self, uid: &str) -> Result<Option<u64>> {
+            let table = self.table(REVOCATIONS)?;
+            let at = table.get(uid).map_err(storage_error)?;
+            Ok(at.map(|v| v.value()))
+        }
+
+        fn old_revocations(&self, before_ms: u64, limit: usize) -> Result<Vec<String>> {
+            let table = self.table(REVOCATIONS)?;
+            let mut old = Vec::new();
+            for entry in table.iter().map_err(storage_error)? {
+                if old.len() >= limit {
+                    break;
+                }
+                let (uid, at) = entry.map_err(storage_error)?;
+                if at.value() < before_ms {
+                    old.push(uid.value().to_owned());
+                }
+            }
+            Ok(old)
+        }
     };
 }
 
@@ -417,6 +442,18 @@ impl StorageTxn for RedbTxn {
 
     fn remove_listener(&mut self, uid: &str) -> Result<()> {
         let mut table = self.0.open_table(LISTENERS).map_err(storage_error)?;
+        table.remove(uid).map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn put_revocation(&mut self, uid: &str, at_ms: u64) -> Result<()> {
+        let mut table = self.0.open_table(REVOCATIONS).map_err(storage_error)?;
+        table.insert(uid, at_ms).map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn remove_revocation(&mut self, uid: &str) -> Result<()> {
+        let mut table = self.0.open_table(REVOCATIONS).map_err(storage_error)?;
         table.remove(uid).map_err(storage_error)?;
         Ok(())
     }

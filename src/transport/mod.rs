@@ -160,6 +160,8 @@ pub async fn open(state: &Node, request: &ListenRequest) -> Result<Deliveries, A
             .as_deref()
             .ok_or_else(ApiError::token_required)?;
         let claims = auth.verify(token, uid)?;
+        // Before the token's tracks may re-create a listener the app has forgotten.
+        crate::auth::check_revocation(&claims, state.engine.revoked_at(uid).await?)?;
         if let Some(tracks) = claims.tracks.filter(|t| !t.is_empty()) {
             for track in &tracks {
                 names::check_track(track).map_err(|e| {
