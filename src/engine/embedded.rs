@@ -193,6 +193,20 @@ fn index_subscribed(txn: &WriteTransaction) -> Result<()> {
     Ok(())
 }
 
+/// Drops the `subscribed` index and its mark from the store in `dir` (closed): the
+/// shared suite's store from before the index.
+#[cfg(test)]
+pub(crate) fn forget_subscribed_index(dir: &Path) -> Result<()> {
+    let db = open_database(&dir.join(FILE_NAME))?;
+    let txn = db.begin_write().map_err(storage_error)?;
+    txn.delete_table(SUBSCRIBED).map_err(storage_error)?;
+    txn.open_table(META)
+        .map_err(storage_error)?
+        .remove("subscribed_index")
+        .map_err(storage_error)?;
+    txn.commit().map_err(storage_error)
+}
+
 impl RedbStorage {
     /// Opens or creates the store in `dir` (created if missing).
     pub(crate) fn open(dir: &Path) -> Result<Self> {

@@ -34,6 +34,9 @@ impl RecordingTail {
 trait Factory {
     fn open(&self, limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine>;
     fn persists(&self) -> bool;
+    /// Makes the closed store look like one written before the track indexes (the
+    /// subscriber index; on Redis the message indexes too).
+    fn forget_track_indexes(&self) {}
 }
 
 struct Memory;
@@ -53,6 +56,9 @@ impl Factory for Embedded {
     }
     fn persists(&self) -> bool {
         true
+    }
+    fn forget_track_indexes(&self) {
+        embedded::forget_subscribed_index(self.0.path()).expect("forget the index");
     }
 }
 
@@ -89,6 +95,32 @@ impl Factory for RedisFactory {
     }
     fn persists(&self) -> bool {
         true
+    }
+    fn forget_track_indexes(&self) {
+        let prefix = self.0.clone();
+        tokio::task::block_in_place(|| {
+            tokio::runtime::Handle::current().block_on(async {
+                let client = ::redis::Client::open(Self::url()).expect("redis url");
+                let mut conn = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("redis");
+                for pattern in ["t:*", "ts:*", "tidx", "index"] {
+                    let keys: Vec<String> = ::redis::cmd("KEYS")
+                        .arg(format!("{prefix}:{pattern}"))
+                        .query_async(&mut conn)
+                        .await
+                        .expect("KEYS");
+                    if !keys.is_empty() {
+                        let _: () = ::redis::cmd("DEL")
+                            .arg(keys)
+                            .query_async(&mut conn)
+                            .await
+                            .expect("DEL");
+                    }
+                }
+            });
+        });
     }
 }
 
@@ -778,6 +810,43 @@ engine_suite!(
     replay_reads_only_the_listeners_tracks,
 );
 
+/// For the engines that keep a store: one written before the track indexes gets them
+/// as it opens.
+async fn a_store_from_before_the_track_indexes_gets_them(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    for uid in ["listener-b", "listener-a"] {
+        engine
+            .connect(uid, vec![":a".into(), ":b".into()])
+            .await
+            .expect("connect");
+    }
+    engine
+        .append(vec![
+            update(":a", "1"),
+            update(":b", "2"),
+            update(":a", "3"),
+        ])
+        .await
+        .expect("append");
+    engine.close().await;
+    drop(engine);
+    f.forget_track_indexes();
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    let subscribers = engine.subscribers(":a", "", 10).await.expect("subscribers");
+    let uids: Vec<&str> = subscribers.page.iter().map(|(u, _)| u.as_str()).collect();
+    assert_eq!(
+        (subscribers.count, uids),
+        (2, vec!["listener-a", "listener-b"])
+    );
+    let history = engine.history(":a", 0, 10).await.expect("history");
+    assert_eq!(
+        history.messages.iter().map(|m| m.pos).collect::<Vec<_>>(),
+        [1, 3]
+    );
+    assert_eq!(queue(&engine, "listener-a", 0).await.len(), 3);
+    engine.close().await;
+}
+
 /// The tests of a store that outlives its engine: embedded and Redis only.
 macro_rules! persistent_engine_suite {
     ($($name:ident),* $(,)?) => {
@@ -801,7 +870,10 @@ macro_rules! persistent_engine_suite {
     };
 }
 
-persistent_engine_suite!(everything_acknowledged_survives_a_reopen);
+persistent_engine_suite!(
+    everything_acknowledged_survives_a_reopen,
+    a_store_from_before_the_track_indexes_gets_them,
+);
 
 /// `--memory` keeps nothing: a new engine knows no listener and starts the log again
 /// (what the README promises: queues lost on restart).

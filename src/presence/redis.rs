@@ -40,8 +40,8 @@ const LEASE: Duration = Duration::from_secs(3);
 /// How often the reporter diffs the cluster: the delay a transition may add on top of
 /// the node's own write.
 const REPORT_EVERY: Duration = Duration::from_millis(250);
-/// A node id unseen this long is dropped from `presence:nodes` (its keys expired long
-/// before).
+/// A node id unseen this long is dropped from `presence:nodes` by the reporter (its
+/// keys expired long before): restarts leave no trail.
 const FORGET_NODE_AFTER: Duration = Duration::from_secs(60);
 /// Longest a presence command may take: Redis answers in well under a millisecond.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
@@ -417,6 +417,14 @@ async fn diff_cluster(
     keys: &Keys,
     script: &Script,
 ) -> engine::Result<Diff> {
+    let forget_before = now_ms().saturating_sub(FORGET_NODE_AFTER.as_millis() as u64);
+    redis::cmd("ZREMRANGEBYSCORE")
+        .arg(&keys.nodes)
+        .arg("-inf")
+        .arg(format!("({forget_before}"))
+        .query_async::<i64>(conn)
+        .await
+        .map_err(redis_error)?;
     let nodes = live_nodes(conn, keys).await?;
     let mut call = script.prepare_invoke();
     call.key(&keys.reported_uids)
