@@ -9,11 +9,12 @@ use axum::Json;
 use axum::body::{Body, to_bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use serde_json::{Map, Value, json};
 
 use crate::auth::{DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS};
-use crate::engine::{Update, now_ms};
+use crate::engine::{IdempotencyKey, Update, now_ms};
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::names;
@@ -27,9 +28,57 @@ const MIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
-/// `POST /api/v1/update`: one message or a batch, stored before the answer.
-pub async fn update(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let mut fields = read_object(&state, &headers, body).await?;
+/// The request header that makes an update safe to retry (SPEC, "Retrying safely").
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The answer header on an update that repeated an earlier one: nothing new was stored.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// `POST /api/v1/update`: one message or a batch, stored before the answer; once per
+/// `Idempotency-Key`.
+pub async fn update(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+    let key = match (values.next(), values.next()) {
+        (None, _) => None,
+        (Some(key), None) => Some(key.as_bytes()),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_field(
+                "bad_idempotency_key",
+                "send one Idempotency-Key, not several",
+            ));
+        }
+    };
+    let (updates, batch) = read_updates(&state, &headers, body).await?;
+    let key = key
+        .map(|key| IdempotencyKey::new(key, &updates))
+        .transpose()
+        .map_err(|e| ApiError::bad_field("bad_idempotency_key", e.0))?;
+    let appended = state.engine.append_with_key(updates, key).await?;
+    let ids: Vec<String> = appended.positions.iter().map(u64::to_string).collect();
+    let answer = if batch {
+        json!({ "ids": ids })
+    } else {
+        json!({ "id": ids.first().cloned().unwrap_or_default() })
+    };
+    let mut response = Json(answer).into_response();
+    if appended.repeated {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The updates of an update request, and whether it was a batch (`{"updates": […]}`).
+async fn read_updates(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(Vec<Update>, bool), ApiError> {
+    let mut fields = read_object(state, headers, body).await?;
     if let Some(batch) = fields.0.remove("updates") {
         fields.allow(&[])?;
         let Value::Array(items) = batch else {
@@ -51,20 +100,15 @@ pub async fn update(State(state): State<AppState>, headers: HeaderMap, body: Bod
             let Value::Object(item) = item else {
                 return Err(bad_request(format!("updates[{i}] must be an object")));
             };
-            let update = parse_update(&state, Fields(item)).map_err(|e| ApiError {
+            let update = parse_update(state, Fields(item)).map_err(|e| ApiError {
                 message: format!("updates[{i}]: {}", e.message),
                 ..e
             })?;
             updates.push(update);
         }
-        let ids = state.engine.append(updates).await?;
-        let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
-        return Ok(Json(json!({ "ids": ids })));
+        return Ok((updates, true));
     }
-    let update = parse_update(&state, fields)?;
-    let ids = state.engine.append(vec![update]).await?;
-    let id = ids.first().map(u64::to_string).unwrap_or_default();
-    Ok(Json(json!({ "id": id })))
+    Ok((vec![parse_update(state, fields)?], false))
 }
 
 fn parse_update(state: &AppState, mut fields: Fields) -> Result<Update, ApiError> {

@@ -118,6 +118,12 @@ impl From<EngineError> for ApiError {
                 tracing::error!("store failure: {detail}");
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "store_corrupt", detail)
             }
+            EngineError::KeyReused => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "idempotency_key_reused",
+                "this Idempotency-Key was sent before with other updates: nothing was stored; \
+                 send a new key with a new request",
+            ),
             EngineError::Storage(detail) => {
                 tracing::error!("store failure: {detail}");
                 Self::new(

@@ -101,6 +101,7 @@ impl AppState {
             retention: settings.retention,
             max_stored_messages: settings.max_stored_messages,
             listener_ttl: settings.listener_ttl,
+            idempotency_keep: Limits::idempotency_keep_for(settings.retention),
         };
         let engine = if let Some(url) = &settings.redis {
             engine::open_redis(url, &settings.redis_prefix, limits, tail).await?

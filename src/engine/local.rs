@@ -17,8 +17,8 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
-    Subscription, Tail, Update, now_ms,
+    Appended, Change, Engine, EngineError, IdempotencyKey, Limits, Listener, Message, Position,
+    Replay, Result, StoreCounts, Subscription, Tail, Update, now_ms,
 };
 
 /// How many operations the writer takes into one commit. Bounds a commit's size (and
@@ -27,8 +27,9 @@ const MAX_OPS_PER_COMMIT: usize = 512;
 /// Room in the writer's inbox; callers wait (asynchronously) when it is full, which is
 /// the back-pressure on publishers when the disk cannot keep up.
 const OP_QUEUE: usize = 4096;
-/// Most messages or listeners deleted by retention and expiry in one commit, so a big
-/// clean-up never stalls publishers for long; the rest goes in the next ticks.
+/// Most messages, listeners or idempotency keys deleted by retention and expiry in one
+/// commit, so a big clean-up never stalls publishers for long; the rest goes in the
+/// next ticks.
 const MAX_DELETES_PER_COMMIT: usize = 10_000;
 /// How often the writer flushes cursors and looks for expired messages and listeners.
 const TICK: Duration = Duration::from_secs(1);
@@ -40,6 +41,28 @@ pub(crate) struct Bounds {
     pub head: Position,
     /// Every position up to this one has been deleted.
     pub trimmed_through: Position,
+}
+
+/// What the store remembers of an append made with an `Idempotency-Key`. The positions
+/// of one append are consecutive (the writer hands them out in one go), so the first
+/// and the count say them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyRecord {
+    /// When the append was committed (ms since the epoch): the key expires from then.
+    pub time_ms: u64,
+    /// The digest of its updates ([`IdempotencyKey::digest`]).
+    pub digest: String,
+    /// Its first position.
+    pub first: Position,
+    /// How many messages it stored.
+    pub count: u64,
+}
+
+impl KeyRecord {
+    /// The append's positions.
+    pub(crate) fn positions(&self) -> Vec<Position> {
+        (self.first..self.first + self.count).collect()
+    }
 }
 
 /// A consistent view to read from.
@@ -72,6 +95,14 @@ pub(crate) trait StorageTxn: Snapshot {
     fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()>;
     /// Writes the log's bounds.
     fn set_bounds(&mut self, bounds: Bounds) -> Result<()>;
+    /// The append recorded under an idempotency key, including one recorded earlier in
+    /// this transaction.
+    fn idempotency_key(&self, key: &str) -> Result<Option<KeyRecord>>;
+    /// Records an append under an idempotency key.
+    fn put_idempotency_key(&mut self, key: &str, record: &KeyRecord) -> Result<()>;
+    /// Forgets up to `limit` keys recorded before `before_ms`, oldest first; returns
+    /// how many it forgot.
+    fn expire_idempotency_keys(&mut self, before_ms: u64, limit: usize) -> Result<usize>;
     /// Makes it all durable (as the storage promises) and visible.
     fn commit(self) -> Result<()>;
 }
@@ -105,7 +136,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Op {
-    Append(Vec<Update>, Reply<Vec<Position>>),
+    Append(Vec<Update>, Option<IdempotencyKey>, Reply<Appended>),
     Connect(String, Vec<String>, Reply<Vec<String>>),
     Disconnect(String, Option<String>, Reply<Option<Vec<String>>>),
     Tick,
@@ -249,8 +280,12 @@ impl<S: Storage> Engine for LocalEngine<S> {
         self.kind
     }
 
-    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
-        self.call(|done| Op::Append(updates, done)).await
+    async fn append_with_key(
+        &self,
+        updates: Vec<Update>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Appended> {
+        self.call(|done| Op::Append(updates, key, done)).await
     }
 
     async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
@@ -346,7 +381,8 @@ struct Writer<S: Storage> {
 
 /// What a commit owes its callers once it is done.
 enum Answer {
-    Append(Reply<Vec<Position>>, Vec<Position>),
+    /// An append's own answer: a repeat with other updates fails alone, not the commit.
+    Append(Reply<Appended>, Result<Appended>),
     Connect(Reply<Vec<String>>, Vec<String>),
     Disconnect(Reply<Option<Vec<String>>>, Option<Vec<String>>),
     Close(oneshot::Sender<()>),
@@ -360,7 +396,7 @@ impl Answer {
                 .unwrap_or_else(|| EngineError::Storage(String::new()))
         };
         match (self, failure) {
-            (Answer::Append(tx, v), None) => drop(tx.send(Ok(v))),
+            (Answer::Append(tx, v), None) => drop(tx.send(v)),
             (Answer::Append(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
             (Answer::Connect(tx, v), None) => drop(tx.send(Ok(v))),
             (Answer::Connect(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
@@ -449,7 +485,23 @@ impl<S: Storage> Writer<S> {
         let mut closing = false;
         for op in ops {
             match op {
-                Op::Append(updates, done) => {
+                Op::Append(updates, key, done) => {
+                    // Checked in the commit that would store the updates: two requests
+                    // with one key in one group commit store once.
+                    if let Some(key) = &key
+                        && let Some(seen) = txn.idempotency_key(key.key())?
+                    {
+                        let answer = if seen.digest == key.digest() {
+                            Ok(Appended {
+                                positions: seen.positions(),
+                                repeated: true,
+                            })
+                        } else {
+                            Err(EngineError::KeyReused)
+                        };
+                        answers.push(Answer::Append(done, answer));
+                        continue;
+                    }
                     let mut positions = Vec::with_capacity(updates.len());
                     for update in updates {
                         bounds.head += 1;
@@ -463,7 +515,22 @@ impl<S: Storage> Writer<S> {
                         positions.push(bounds.head);
                         changes.push(Change::Appended(message));
                     }
-                    answers.push(Answer::Append(done, positions));
+                    if let (Some(key), Some(&first)) = (key, positions.first()) {
+                        let record = KeyRecord {
+                            time_ms: now,
+                            digest: key.digest().to_owned(),
+                            first,
+                            count: positions.len() as u64,
+                        };
+                        txn.put_idempotency_key(key.key(), &record)?;
+                    }
+                    answers.push(Answer::Append(
+                        done,
+                        Ok(Appended {
+                            positions,
+                            repeated: false,
+                        }),
+                    ));
                 }
                 Op::Connect(uid, tracks, done) => {
                     let mut listener = txn.listener(&uid)?.unwrap_or_else(|| Listener {
@@ -531,6 +598,8 @@ impl<S: Storage> Writer<S> {
                     _ => break,
                 }
             }
+            let keys_before = now.saturating_sub(self.limits.idempotency_keep.as_millis() as u64);
+            txn.expire_idempotency_keys(keys_before, MAX_DELETES_PER_COMMIT)?;
             let seen_before = now.saturating_sub(self.limits.listener_ttl.as_millis() as u64);
             for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
                 disconnect(&mut txn, &uid, None, changes)?;
@@ -551,7 +620,12 @@ impl<S: Storage> Writer<S> {
     /// Retention and expiry run this often: often enough to keep within a tenth of the
     /// shortest limit, rarely enough that a scan of all listeners costs nothing.
     fn maintenance_every(&self) -> Duration {
-        (self.limits.retention.min(self.limits.listener_ttl) / 10)
+        let limits = &self.limits;
+        (limits
+            .retention
+            .min(limits.listener_ttl)
+            .min(limits.idempotency_keep)
+            / 10)
             .clamp(Duration::from_millis(500), Duration::from_secs(60))
     }
 

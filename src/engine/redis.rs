@@ -11,6 +11,9 @@
 //! - `l:{uid}` — a hash per listener: `cursor`, `seen`, and `s:{track}` = the position
 //!   its subscription began. `seen` (a sorted set of uids by last seen) drives expiry;
 //!   `subs` (track → subscriber count) the track count.
+//! - `i:{key}` — an append made with an `Idempotency-Key`: `digest first count`, with a
+//!   time to live of [`Limits::idempotency_keep`]. The append script checks and writes
+//!   it with the messages, so a repeat stores nothing, whichever node it reaches.
 //!
 //! Every write is one Lua script, so it is atomic and costs one round trip whatever the
 //! number of listeners or nodes. Each node tails `log` with one blocking reader on its
@@ -27,8 +30,8 @@ use redis::{AsyncConnectionConfig, Client, Script};
 use tokio_util::sync::CancellationToken;
 
 use super::{
-    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
-    Subscription, Tail, Update, now_ms,
+    Appended, Change, Engine, EngineError, IdempotencyKey, Limits, Listener, Message, Position,
+    Replay, Result, StoreCounts, Subscription, Tail, Update, now_ms,
 };
 
 /// Longest a command may take before the caller gets a 503: Redis answers in well
@@ -45,12 +48,28 @@ const TICK: Duration = Duration::from_secs(1);
 /// Most listeners expired in one tick.
 const MAX_EXPIRED_PER_TICK: usize = 1000;
 
+/// KEYS[3], when given, is the idempotency key; ARGV[3] the digest of the updates and
+/// ARGV[4] the key's time to live in ms. Answers `{0, ids…}` for a new append, `{1,
+/// ids…}` for a repeat (nothing stored), `{2}` for the key used with other updates.
 const APPEND: &str = r"
-local ids = {}
-for i = 3, #ARGV, 2 do
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local digest, first, count = string.match(seen, '^(%x+) (%d+) (%d+)$')
+    if digest ~= ARGV[3] then return {2} end
+    local ids = {1}
+    for n = tonumber(first), tonumber(first) + tonumber(count) - 1 do ids[#ids + 1] = n end
+    return ids
+  end
+end
+local ids = {0}
+for i = 5, #ARGV, 2 do
   local n = redis.call('INCR', KEYS[2])
   redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], n .. '-0', 'k', 'm', 't', ARGV[i], 'j', ARGV[i + 1], 'ts', ARGV[2])
   ids[#ids + 1] = n
+end
+if KEYS[3] and #ids > 1 then
+  redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ids[2] .. ' ' .. (#ids - 1), 'PX', ARGV[4])
 end
 return ids
 ";
@@ -135,6 +154,10 @@ struct Keys {
 impl Keys {
     fn listener(&self, uid: &str) -> String {
         format!("{}l:{uid}", self.prefix)
+    }
+
+    fn idempotency(&self, key: &str) -> String {
+        format!("{}i:{key}", self.prefix)
     }
 }
 
@@ -590,7 +613,11 @@ impl Engine for RedisEngine {
         "redis"
     }
 
-    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
+    async fn append_with_key(
+        &self,
+        updates: Vec<Update>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Appended> {
         self.check_open()?;
         let s = &self.shared;
         let mut call = s.scripts.append.prepare_invoke();
@@ -598,10 +625,34 @@ impl Engine for RedisEngine {
             .key(&s.keys.seq)
             .arg(s.limits.max_stored_messages)
             .arg(now_ms());
+        match &key {
+            Some(key) => {
+                call.key(s.keys.idempotency(key.key()))
+                    .arg(key.digest())
+                    .arg(s.limits.idempotency_keep.as_millis().max(1) as u64);
+            }
+            None => {
+                call.arg("").arg(0);
+            }
+        }
         for update in &updates {
             call.arg(&update.track).arg(&update.json);
         }
-        s.observe(call.invoke_async(&mut s.conn()).await)
+        let answer: Vec<u64> = s.observe(call.invoke_async(&mut s.conn()).await)?;
+        match answer.split_first() {
+            Some((0, positions)) => Ok(Appended {
+                positions: positions.to_vec(),
+                repeated: false,
+            }),
+            Some((1, positions)) => Ok(Appended {
+                positions: positions.to_vec(),
+                repeated: true,
+            }),
+            Some((2, _)) => Err(EngineError::KeyReused),
+            _ => Err(EngineError::Storage(format!(
+                "redis: unexpected answer to the append script: {answer:?}"
+            ))),
+        }
     }
 
     async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
