@@ -451,6 +451,35 @@ async fn the_cli_retries_an_update_on_503_with_the_same_key() {
 }
 
 #[tokio::test]
+async fn the_cli_gives_up_after_its_tries_in_one_line() {
+    let (url, _server) = flaky_server(usize::MAX).await;
+    let output = within(
+        "dolores update",
+        WAIT,
+        common::command()
+            .args([
+                "update",
+                ":data",
+                "hello",
+                "--server",
+                &url,
+                "--api-key",
+                "k",
+            ])
+            .output(),
+    )
+    .await
+    .expect("run dolores update");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr:?}");
+    assert!(
+        stderr.contains("store_unavailable") && stderr.contains("tried 4 times"),
+        "{stderr:?}"
+    );
+}
+
+#[tokio::test]
 async fn the_cli_sends_the_key_it_is_given() {
     let server = Server::config().memory().start().await;
     let update = || async {

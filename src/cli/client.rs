@@ -153,19 +153,12 @@ async fn call(
             request = request.header("Idempotency-Key", key);
         }
         let sent = request.send().await;
-        let failure = match &sent {
-            Ok(response) if !is_retryable(response.status()) => None,
-            Ok(response) => Some(format!("HTTP {}", response.status().as_u16())),
-            Err(e) => Some(causes(e)),
+        let failed = match &sent {
+            Ok(response) => is_retryable(response.status()),
+            Err(_) => true,
         };
-        if let Some(failure) = failure
-            && attempt < tries
-        {
-            eprintln!(
-                "dolores: {path} failed ({failure}); trying again in {} ms with the same \
-                 Idempotency-Key",
-                delay.as_millis()
-            );
+        if failed && attempt < tries {
+            // Quietly: a failure is one line, said once, after the last try.
             tokio::time::sleep(delay).await;
             delay *= 2;
             attempt += 1;
@@ -173,9 +166,10 @@ async fn call(
         }
         break sent.map_err(|e| {
             anyhow!(
-                "cannot reach the server at {}: {}",
+                "cannot reach the server at {}: {}{}",
                 settings.server_url(),
-                causes(&e)
+                causes(&e),
+                tried(attempt)
             )
         })?;
     };
@@ -194,9 +188,18 @@ async fn call(
         );
     }
     if !status.is_success() {
-        bail!("{}", describe_error(status, &body));
+        bail!("{}{}", describe_error(status, &body), tried(attempt));
     }
     Ok(body)
+}
+
+/// How often a failed call was tried, when more than once.
+fn tried(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (tried {attempts} times with the same Idempotency-Key)")
+    } else {
+        String::new()
+    }
 }
 
 /// Whether an answer means the server could not take the request now: a `503` from

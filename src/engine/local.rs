@@ -3,7 +3,7 @@
 //!
 //! A storage (`memory`, `embedded`) only has to offer a [`Snapshot`] to read from and a
 //! [`StorageTxn`] to write in; the rules — positions, subscriptions, cursors, retention,
-//! expiry — live here once.
+//! expiry, idempotency keys — live here once.
 //!
 //! Why one writer: the order the writer takes updates is the log order, every commit
 //! costs one sync however many updates it carries, and the [`Tail`] hears every change
