@@ -1,24 +1,27 @@
 //! The backend's HTTP API under `/api/v1`: thin handlers that check every field, call
-//! the engine, and answer JSON. The api key is checked before any of them runs (see
-//! `server`).
+//! the engine, and answer JSON. The api key is checked before any of them runs. Beside
+//! it, what an operator's tools read without a key: `/healthz` and `/metrics`.
 //!
 //! Bodies are parsed by hand from a JSON value rather than derived, so each mistake
 //! gets its own precise error: a missing field, a wrong type, an unknown key.
 
-use axum::Json;
+use std::net::SocketAddr;
+
 use axum::body::{Body, to_bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::{ConnectInfo, OriginalUri, Path, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
-use crate::auth::{DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS};
-use crate::engine::{IdempotencyKey, Update, now_ms};
-use crate::error::ApiError;
-use crate::metrics::Transport;
+use crate::auth::{self, DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS};
+use crate::engine::{IdempotencyKey, Update};
+use crate::error::{ApiError, ErrorCode};
 use crate::names;
-use crate::server::AppState;
+use crate::node::Node;
 
 /// Most updates in one batch: keeps one request's commit (and its memory) bounded.
 pub const MAX_BATCH: usize = 1000;
@@ -28,6 +31,91 @@ const MIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
+/// The backend's calls, each behind the api key, and `/healthz` and `/metrics`.
+pub fn router(node: &Node) -> Router<Node> {
+    let backend = Router::new()
+        .route("/api/v1/update", post(update))
+        .route("/api/v1/connect", post(connect))
+        .route("/api/v1/disconnect", post(disconnect))
+        .route("/api/v1/listeners/{uid}", get(listener))
+        .route("/api/v1/tokens", post(tokens))
+        .route("/api/v1/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            require_api_key,
+        ));
+    backend
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+}
+
+/// Lets a backend call through only with the api key; a refusal is logged with the
+/// client and the path as sent.
+async fn require_api_key(State(node): State<Node>, request: Request, next: Next) -> Response {
+    match auth::check_api_key(&node.api_key, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => {
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0);
+            let client = node
+                .settings
+                .trusted_proxies
+                .client(peer, request.headers());
+            // The path as sent, base path included (nesting strips it from the URI).
+            let uri = request
+                .extensions()
+                .get::<OriginalUri>()
+                .map_or(request.uri(), |o| &o.0);
+            tracing::warn!(
+                "refused {} {} from {client}: {}",
+                request.method(),
+                uri.path(),
+                e.code
+            );
+            e.into_response()
+        }
+    }
+}
+
+/// `GET /healthz`: 200 while the node can serve and store, 503 saying why otherwise.
+async fn healthz(State(node): State<Node>) -> Response {
+    if node.shutdown.is_cancelled() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "shutting down",
+        )
+        .into_response();
+    }
+    if !node.engine.healthy() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::StoreUnavailable,
+            format!(
+                "the {} store is failing (a write or a read did not go through; the log says why)",
+                node.engine.kind()
+            ),
+        )
+        .into_response();
+    }
+    Json(json!({"status": "ok", "engine": node.engine.kind()})).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
+    let counts = node.engine.counts().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        node.metrics.render(counts),
+    )
+        .into_response())
+}
+
 /// The request header that makes an update safe to retry (SPEC, "Retrying safely").
 pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The answer header on an update that repeated an earlier one: nothing new was stored.
@@ -36,7 +124,7 @@ pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-
 /// `POST /api/v1/update`: one message or a batch, stored before the answer; once per
 /// `Idempotency-Key`.
 pub async fn update(
-    State(state): State<AppState>,
+    State(state): State<Node>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -46,7 +134,7 @@ pub async fn update(
         (Some(key), None) => Some(key.as_bytes()),
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_field(
-                "bad_idempotency_key",
+                ErrorCode::BadIdempotencyKey,
                 "send one Idempotency-Key, not several",
             ));
         }
@@ -55,7 +143,7 @@ pub async fn update(
     let key = key
         .map(|key| IdempotencyKey::new(key, &updates))
         .transpose()
-        .map_err(|e| ApiError::bad_field("bad_idempotency_key", e.0))?;
+        .map_err(|e| ApiError::bad_field(ErrorCode::BadIdempotencyKey, e.0))?;
     let appended = state.engine.append_with_key(updates, key).await?;
     let ids: Vec<String> = appended.positions.iter().map(u64::to_string).collect();
     let answer = if batch {
@@ -74,7 +162,7 @@ pub async fn update(
 
 /// The updates of an update request, and whether it was a batch (`{"updates": […]}`).
 async fn read_updates(
-    state: &AppState,
+    state: &Node,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<(Vec<Update>, bool), ApiError> {
@@ -88,7 +176,7 @@ async fn read_updates(
         };
         if items.is_empty() || items.len() > MAX_BATCH {
             return Err(ApiError::bad_field(
-                "bad_batch",
+                ErrorCode::BadBatch,
                 format!(
                     "a batch has 1 to {MAX_BATCH} updates, this one has {}",
                     items.len()
@@ -111,7 +199,7 @@ async fn read_updates(
     Ok((vec![parse_update(state, fields)?], false))
 }
 
-fn parse_update(state: &AppState, mut fields: Fields) -> Result<Update, ApiError> {
+fn parse_update(state: &Node, mut fields: Fields) -> Result<Update, ApiError> {
     let track = fields.track()?;
     let message = fields
         .0
@@ -122,7 +210,7 @@ fn parse_update(state: &AppState, mut fields: Fields) -> Result<Update, ApiError
     let limit = state.settings.max_message_bytes;
     if json.len() > limit {
         return Err(ApiError::too_large(
-            "message_too_large",
+            ErrorCode::MessageTooLarge,
             format!(
                 "the message is {} bytes as JSON; the limit is {limit}",
                 json.len()
@@ -133,7 +221,7 @@ fn parse_update(state: &AppState, mut fields: Fields) -> Result<Update, ApiError
 }
 
 /// `POST /api/v1/connect`: subscribes a listener (created if new) to a track.
-pub async fn connect(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+pub async fn connect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let mut fields = read_object(&state, &headers, body).await?;
     let uid = fields.uid()?;
     let track = fields.track()?;
@@ -143,11 +231,7 @@ pub async fn connect(State(state): State<AppState>, headers: HeaderMap, body: Bo
 }
 
 /// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener.
-pub async fn disconnect(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult {
+pub async fn disconnect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let mut fields = read_object(&state, &headers, body).await?;
     let uid = fields.uid()?;
     let track = if fields.0.contains_key("track") {
@@ -166,11 +250,11 @@ pub async fn disconnect(
 
 /// `GET /api/v1/listeners/{uid}`.
 pub async fn listener(
-    State(state): State<AppState>,
+    State(state): State<Node>,
     uid: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let Path(uid) = uid.map_err(ApiError::from_uid_path)?;
-    names::check_uid(&uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
+    names::check_uid(&uid).map_err(|e| ApiError::bad_field(ErrorCode::BadUid, e.0))?;
     let listener = state
         .engine
         .listener(&uid)
@@ -187,7 +271,7 @@ pub async fn listener(
 }
 
 /// `POST /api/v1/tokens`: a listener token signed with the server's secret.
-pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
+pub async fn tokens(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let mut fields = read_object(&state, &headers, body).await?;
     let uid = fields.uid()?;
     let tracks = match fields.0.remove("tracks") {
@@ -198,7 +282,8 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
                 let Value::String(track) = item else {
                     return Err(bad_request("\"tracks\" must be an array of strings"));
                 };
-                names::check_track(&track).map_err(|e| ApiError::bad_field("bad_track", e.0))?;
+                names::check_track(&track)
+                    .map_err(|e| ApiError::bad_field(ErrorCode::BadTrack, e.0))?;
                 tracks.push(track);
             }
             Some(tracks)
@@ -212,13 +297,13 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
             .filter(|t| (1..=MAX_TOKEN_TTL_SECONDS).contains(t))
             .ok_or_else(|| {
                 ApiError::bad_field(
-                    "bad_ttl",
+                    ErrorCode::BadTtl,
                     format!("\"ttl_seconds\" is a whole number from 1 to {MAX_TOKEN_TTL_SECONDS}"),
                 )
             })?,
         Some(_) => {
             return Err(ApiError::bad_field(
-                "bad_ttl",
+                ErrorCode::BadTtl,
                 "\"ttl_seconds\" must be a number",
             ));
         }
@@ -226,7 +311,7 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
     fields.allow(&[])?;
     let Some(tokens) = state.tokens() else {
         return Err(ApiError::bad_field(
-            "no_token_secret",
+            ErrorCode::NoTokenSecret,
             "this server has no token secret: start it with --token-secret to use listener tokens",
         ));
     };
@@ -234,7 +319,7 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
         tracing::error!("cannot sign a token: {e}");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
+            ErrorCode::Internal,
             "cannot sign a token",
         )
     })?;
@@ -242,50 +327,24 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
 }
 
 /// `GET /api/v1/stats`.
-pub async fn stats(State(state): State<AppState>) -> ApiResult {
-    Ok(Json(stats_json(&state).await?))
-}
-
-/// The node's counts, for `/api/v1/stats` and the status page.
-pub async fn stats_json(state: &AppState) -> Result<Value, ApiError> {
-    let counts = state.engine.counts().await?;
-    let m = &state.metrics;
-    Ok(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "engine": state.engine.kind(),
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "listeners": counts.listeners,
-        "tracks": counts.tracks,
-        "messages_stored": counts.messages,
-        "messages_published": m.published_total(),
-        "messages_delivered": m.delivered_total(),
-        "streams": {
-            "sse": m.open_streams(Transport::Sse),
-            "ws": m.open_streams(Transport::Ws),
-            "poll": m.open_streams(Transport::Poll),
-        },
-        "time_ms": now_ms(),
-    }))
+pub async fn stats(State(state): State<Node>) -> ApiResult {
+    Ok(Json(state.stats().await?))
 }
 
 fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError::bad_field("bad_request", message)
+    ApiError::bad_field(ErrorCode::BadRequest, message)
 }
 
 /// Reads a JSON object body: 415 if it says it is not JSON, 413 past the limit, 400
 /// when it does not parse or is not an object.
-async fn read_object(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Fields, ApiError> {
+async fn read_object(state: &Node, headers: &HeaderMap, body: Body) -> Result<Fields, ApiError> {
     if let Some(kind) = headers.get(header::CONTENT_TYPE) {
         let kind = kind.to_str().unwrap_or("").to_ascii_lowercase();
         let essence = kind.split(';').next().unwrap_or("").trim();
         if essence != "application/json" && !essence.ends_with("+json") {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "not_json",
+                ErrorCode::NotJson,
                 format!("send JSON with Content-Type: application/json (got {essence:?})"),
             ));
         }
@@ -296,7 +355,7 @@ async fn read_object(
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             ApiError::too_large(
-                "body_too_large",
+                ErrorCode::BodyTooLarge,
                 format!("the request body is over {limit} bytes"),
             )
         } else {
@@ -307,7 +366,7 @@ async fn read_object(
         Ok(Value::Object(map)) => Ok(Fields(map)),
         Ok(_) => Err(bad_request("the body must be a JSON object")),
         Err(e) => Err(ApiError::bad_field(
-            "bad_json",
+            ErrorCode::BadJson,
             format!("the body is not valid JSON: {e}"),
         )),
     }
@@ -327,13 +386,13 @@ impl Fields {
 
     fn uid(&mut self) -> Result<String, ApiError> {
         let uid = self.string("uid")?;
-        names::check_uid(&uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
+        names::check_uid(&uid).map_err(|e| ApiError::bad_field(ErrorCode::BadUid, e.0))?;
         Ok(uid)
     }
 
     fn track(&mut self) -> Result<String, ApiError> {
         let track = self.string("track")?;
-        names::check_track(&track).map_err(|e| ApiError::bad_field("bad_track", e.0))?;
+        names::check_track(&track).map_err(|e| ApiError::bad_field(ErrorCode::BadTrack, e.0))?;
         Ok(track)
     }
 

@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// Clock skew tolerated on `exp`, as the spec promises.
 pub const LEEWAY_SECONDS: u64 = 60;
@@ -25,7 +25,7 @@ pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3600;
 pub fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
-            "missing_api_key",
+            ErrorCode::MissingApiKey,
             "send the api key as 'Authorization: Bearer <key>'",
         ));
     };
@@ -43,7 +43,7 @@ pub fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::unauthorized(
-            "wrong_api_key",
+            ErrorCode::WrongApiKey,
             "the api key is wrong",
         ))
     }
@@ -118,15 +118,16 @@ impl Tokens {
     pub fn verify(&self, token: &str, uid: &str) -> Result<Claims, ApiError> {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => {
-                    ApiError::unauthorized("token_expired", "the listener token has expired")
-                }
+                ErrorKind::ExpiredSignature => ApiError::unauthorized(
+                    ErrorCode::TokenExpired,
+                    "the listener token has expired",
+                ),
                 ErrorKind::ImmatureSignature => ApiError::unauthorized(
-                    "token_not_yet_valid",
+                    ErrorCode::TokenNotYetValid,
                     "the listener token is not valid yet (nbf)",
                 ),
                 _ => ApiError::unauthorized(
-                    "bad_token",
+                    ErrorCode::BadToken,
                     format!("the listener token is not valid here: {e}"),
                 ),
             })?
@@ -136,13 +137,13 @@ impl Tokens {
         let issued = claims.iat.unwrap_or_else(|| crate::engine::now_ms() / 1000);
         if claims.exp > issued + MAX_TOKEN_TTL_SECONDS + LEEWAY_SECONDS {
             return Err(ApiError::unauthorized(
-                "token_too_long",
+                ErrorCode::TokenTooLong,
                 "the listener token lives longer than 7 days; mint shorter ones",
             ));
         }
         if claims.sub != uid {
             return Err(ApiError::unauthorized(
-                "token_wrong_listener",
+                ErrorCode::TokenWrongListener,
                 "the listener token was given to another uid",
             ));
         }

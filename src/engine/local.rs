@@ -9,16 +9,16 @@
 //! costs one sync however many updates it carries, and the [`Tail`] hears every change
 //! in exactly that order — which is what keeps live delivery gap-free.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::acks::{Ack, PendingAcks};
 use super::{
     Appended, Change, Engine, EngineError, IdempotencyKey, Limits, Listener, Message, Position,
-    Replay, Result, StoreCounts, Subscription, Tail, Update, now_ms,
+    Replay, Result, StoreCounts, Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// How many operations the writer takes into one commit. Bounds a commit's size (and
@@ -31,8 +31,6 @@ const OP_QUEUE: usize = 4096;
 /// commit, so a big clean-up never stalls publishers for long; the rest goes in the
 /// next ticks.
 const MAX_DELETES_PER_COMMIT: usize = 10_000;
-/// How often the writer flushes cursors and looks for expired messages and listeners.
-const TICK: Duration = Duration::from_secs(1);
 
 /// The log's bounds, kept by the storage beside the data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -155,10 +153,8 @@ pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic".to_owned())
 }
 
-/// Deliveries recorded but not yet committed: uid → (cursor, last seen). An entry leaves
-/// the map only after the commit that wrote it, so a reader that looks at the map before
-/// and after it reads its snapshot never misses an ack (see `LocalEngine::listener`).
-type Acks = Arc<Mutex<HashMap<String, (Position, u64)>>>;
+/// Deliveries recorded but not yet committed, shared by the engine and its writer.
+type Acks = Arc<PendingAcks>;
 
 /// An engine over a local storage. See the module docs.
 pub(crate) struct LocalEngine<S: Storage> {
@@ -261,13 +257,6 @@ impl<S: Storage> LocalEngine<S> {
         }
         read
     }
-
-    fn pending_ack(&self, uid: &str) -> Option<(Position, u64)> {
-        self.acks
-            .lock()
-            .ok()
-            .and_then(|acks| acks.get(uid).copied())
-    }
 }
 
 #[async_trait::async_trait]
@@ -299,18 +288,10 @@ impl<S: Storage> Engine for LocalEngine<S> {
     }
 
     async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
-        // The pending ack is read before the snapshot as well as after: the writer may
-        // commit it (and drop it from the map) while the snapshot is being read.
-        let before = self.pending_ack(uid);
         let owned = uid.to_owned();
-        let mut found = self.read(move |snap| snap.listener(&owned)).await?;
-        if let Some(listener) = found.as_mut() {
-            for (cursor, seen) in [before, self.pending_ack(uid)].into_iter().flatten() {
-                listener.cursor = listener.cursor.max(cursor);
-                listener.last_seen_ms = listener.last_seen_ms.max(seen);
-            }
-        }
-        Ok(found)
+        self.acks
+            .merged(uid, self.read(move |snap| snap.listener(&owned)))
+            .await
     }
 
     async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>> {
@@ -320,7 +301,7 @@ impl<S: Storage> Engine for LocalEngine<S> {
     }
 
     fn ack(&self, uid: &str, pos: Position) {
-        super::record_ack(&self.acks, uid, pos);
+        self.acks.record(uid, pos);
     }
 
     async fn counts(&self) -> Result<StoreCounts> {
@@ -336,6 +317,11 @@ impl<S: Storage> Engine for LocalEngine<S> {
         if let Some(writer) = writer {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
+    }
+
+    #[cfg(test)]
+    fn pending_acks(&self) -> &PendingAcks {
+        &self.acks
     }
 }
 
@@ -449,13 +435,24 @@ impl<S: Storage> Writer<S> {
         } else {
             Ok(())
         };
-        let result = result.and_then(|()| self.apply(ops, &mut answers, &mut changes));
+        // Cursors are written once a tick, not with every commit: with thousands of
+        // streams acking every delivery, writing them all in each publish's commit
+        // made a publish cost a write per listener. Until written they are merged
+        // from `acks` by every read, so nothing is redelivered. The snapshot is taken
+        // before the transaction begins, so a flush held there (by the shared suite)
+        // holds no lock of the store.
+        let acks = if self.ack_flush_due(&ops) {
+            self.acks.snapshot()
+        } else {
+            Vec::new()
+        };
+        let result = result.and_then(|()| self.apply(ops, &acks, &mut answers, &mut changes));
         match &result {
-            Ok(flushed) => {
+            Ok(()) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("the store writes again");
                 }
-                self.forget_flushed_acks(flushed);
+                self.acks.forget_written(&acks);
             }
             Err(e) => {
                 tracing::error!("commit failed, {} operation(s) refused: {e}", answers.len());
@@ -472,17 +469,28 @@ impl<S: Storage> Writer<S> {
         }
     }
 
+    /// Whether this commit writes the pending acks: on a tick, on close, and when a
+    /// tick's worth of time passed (a busy writer's inbox may have no room for ticks).
+    fn ack_flush_due(&mut self, ops: &[Op]) -> bool {
+        let due = self.last_ack_flush.elapsed() >= TICK
+            || ops.iter().any(|op| matches!(op, Op::Tick | Op::Close(_)));
+        if due {
+            self.last_ack_flush = Instant::now();
+        }
+        due
+    }
+
     fn apply(
         &mut self,
         ops: Vec<Op>,
+        acks: &[(String, Ack)],
         answers: &mut Vec<Answer>,
         changes: &mut Vec<Change>,
-    ) -> Result<HashMap<String, (Position, u64)>> {
+    ) -> Result<()> {
         let mut txn = self.storage.write()?;
         let mut bounds = txn.bounds()?;
         let now = now_ms();
         let mut maintain = false;
-        let mut closing = false;
         for op in ops {
             match op {
                 Op::Append(updates, key, done) => {
@@ -563,22 +571,10 @@ impl<S: Storage> Writer<S> {
                     answers.push(Answer::Disconnect(done, left));
                 }
                 Op::Tick => maintain = true,
-                Op::Close(done) => {
-                    closing = true;
-                    answers.push(Answer::Close(done));
-                }
+                Op::Close(done) => answers.push(Answer::Close(done)),
             }
         }
-        // Cursors are written once a tick, not with every commit: with thousands of
-        // streams acking every delivery, writing them all in each publish's commit
-        // made a publish cost a write per listener. Until written they are merged
-        // from the map by every read (see `Acks`), so nothing is redelivered.
-        let flushed = if maintain || closing || self.last_ack_flush.elapsed() >= TICK {
-            self.last_ack_flush = Instant::now();
-            self.flush_acks(&mut txn)?
-        } else {
-            HashMap::new()
-        };
+        write_acks(&mut txn, acks)?;
         let mut deleted = 0;
         while bounds.head - bounds.trimmed_through > self.limits.max_stored_messages
             && deleted < MAX_DELETES_PER_COMMIT
@@ -586,9 +582,9 @@ impl<S: Storage> Writer<S> {
             bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
             deleted += 1;
         }
-        if maintain && self.last_maintenance.elapsed() >= self.maintenance_every() {
+        if maintain && self.last_maintenance.elapsed() >= self.limits.clean_up_every() {
             self.last_maintenance = Instant::now();
-            let keep_after = now.saturating_sub(self.limits.retention.as_millis() as u64);
+            let keep_after = self.limits.keep_messages_after(now);
             while deleted < MAX_DELETES_PER_COMMIT {
                 match txn.oldest()? {
                     Some((_, time)) if time < keep_after => {
@@ -598,16 +594,18 @@ impl<S: Storage> Writer<S> {
                     _ => break,
                 }
             }
-            let keys_before = now.saturating_sub(self.limits.idempotency_keep.as_millis() as u64);
-            txn.expire_idempotency_keys(keys_before, MAX_DELETES_PER_COMMIT)?;
-            let seen_before = now.saturating_sub(self.limits.listener_ttl.as_millis() as u64);
+            txn.expire_idempotency_keys(
+                self.limits.forget_keys_before(now),
+                MAX_DELETES_PER_COMMIT,
+            )?;
+            let seen_before = self.limits.forget_listeners_seen_before(now);
             for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
                 disconnect(&mut txn, &uid, None, changes)?;
             }
         }
         txn.set_bounds(bounds)?;
         txn.commit()?;
-        Ok(flushed)
+        Ok(())
     }
 
     /// Deletes the oldest message; returns its position (now trimmed).
@@ -616,49 +614,18 @@ impl<S: Storage> Writer<S> {
         txn.delete_oldest()?;
         Ok(oldest.map_or(bounds.head, |(pos, _)| pos))
     }
+}
 
-    /// Retention and expiry run this often: often enough to keep within a tenth of the
-    /// shortest limit, rarely enough that a scan of all listeners costs nothing.
-    fn maintenance_every(&self) -> Duration {
-        let limits = &self.limits;
-        (limits
-            .retention
-            .min(limits.listener_ttl)
-            .min(limits.idempotency_keep)
-            / 10)
-            .clamp(Duration::from_millis(500), Duration::from_secs(60))
-    }
-
-    /// Writes the pending acks into `txn`; returns what it wrote. The acks stay in the
-    /// map until the commit is done (see [`Acks`]).
-    fn flush_acks(&self, txn: &mut S::Txn<'_>) -> Result<HashMap<String, (Position, u64)>> {
-        let acks = match self.acks.lock() {
-            Ok(acks) if !acks.is_empty() => acks.clone(),
-            _ => return Ok(HashMap::new()),
-        };
-        for (uid, &(cursor, seen)) in &acks {
-            if let Some(mut listener) = txn.listener(uid)? {
-                listener.cursor = listener.cursor.max(cursor);
-                listener.last_seen_ms = listener.last_seen_ms.max(seen);
-                txn.put_listener(&listener)?;
-            }
-        }
-        Ok(acks)
-    }
-
-    /// After a commit: drops the acks it wrote, unless a newer one came meanwhile.
-    fn forget_flushed_acks(&self, flushed: &HashMap<String, (Position, u64)>) {
-        if flushed.is_empty() {
-            return;
-        }
-        if let Ok(mut acks) = self.acks.lock() {
-            for (uid, written) in flushed {
-                if acks.get(uid) == Some(written) {
-                    acks.remove(uid);
-                }
-            }
+/// Writes `acks` (a snapshot of the pending ones) into the listeners they belong to;
+/// the acks of listeners forgotten meanwhile are dropped.
+fn write_acks(txn: &mut impl StorageTxn, acks: &[(String, Ack)]) -> Result<()> {
+    for (uid, ack) in acks {
+        if let Some(mut listener) = txn.listener(uid)? {
+            ack.apply_to(&mut listener);
+            txn.put_listener(&listener)?;
         }
     }
+    Ok(())
 }
 
 /// Takes `uid` off `track`, or forgets it; returns the tracks left (`None`: unknown).

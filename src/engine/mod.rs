@@ -12,6 +12,7 @@
 //!
 //! - `redis` — several nodes on one Redis (`--redis URL`).
 //!
+//! `acks` keeps the delivered cursors not yet written, by one rule for every engine;
 //! `tests` is the shared suite every engine passes.
 
 use std::sync::{Arc, OnceLock};
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+mod acks;
 mod embedded;
 mod local;
 mod memory;
@@ -27,6 +29,17 @@ mod redis;
 mod tests;
 
 use local::LocalEngine;
+
+/// How often every engine writes its pending acks (see `acks`) and looks for work to
+/// clean up (the Redis engine also checks its health): a second bounds how far a crash
+/// can set a delivered cursor back.
+const TICK: Duration = Duration::from_secs(1);
+/// The clean-up never runs more often than this, so a scan of all listeners costs
+/// nothing however short the limits.
+const MIN_CLEAN_UP_EVERY: Duration = Duration::from_millis(200);
+/// The clean-up runs at least this often, so nothing outlives its limit by more than a
+/// minute however long the limits.
+const MAX_CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
 
 /// A position in the log. Positions start at 1 and grow by one per message; 0 means
 /// "before everything". The event id a client sees is this number in decimal.
@@ -330,6 +343,33 @@ impl Limits {
     pub fn idempotency_keep_for(retention: Duration) -> Duration {
         retention.max(MIN_IDEMPOTENCY_KEEP)
     }
+
+    /// How often retention and expiry run: often enough to keep within a tenth of the
+    /// shortest limit, within [`MIN_CLEAN_UP_EVERY`] and [`MAX_CLEAN_UP_EVERY`].
+    pub(crate) fn clean_up_every(&self) -> Duration {
+        (self
+            .retention
+            .min(self.listener_ttl)
+            .min(self.idempotency_keep)
+            / 10)
+            .clamp(MIN_CLEAN_UP_EVERY, MAX_CLEAN_UP_EVERY)
+    }
+
+    /// At `now_ms`, messages stored before this time (ms since the epoch) are deleted.
+    pub(crate) fn keep_messages_after(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.retention.as_millis() as u64)
+    }
+
+    /// At `now_ms`, listeners last seen before this time (ms since the epoch) are forgotten.
+    pub(crate) fn forget_listeners_seen_before(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.listener_ttl.as_millis() as u64)
+    }
+
+    /// At `now_ms`, idempotency keys recorded before this time (ms since the epoch) are
+    /// forgotten.
+    pub(crate) fn forget_keys_before(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.idempotency_keep.as_millis() as u64)
+    }
 }
 
 /// What can go wrong in an engine. None of it is the caller's fault but `KeyReused`.
@@ -407,28 +447,11 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Writes everything pending and stops taking work.
     async fn close(&self);
-}
 
-/// Records in `acks` (uid → (cursor, last seen)) that `uid` was delivered up to `pos`
-/// now; the cursor never goes back. Called per written chunk per stream, so it
-/// allocates nothing for a uid already pending.
-pub(crate) fn record_ack(
-    acks: &std::sync::Mutex<std::collections::HashMap<String, (Position, u64)>>,
-    uid: &str,
-    pos: Position,
-) {
-    let now = now_ms();
-    if let Ok(mut acks) = acks.lock() {
-        match acks.get_mut(uid) {
-            Some(entry) => {
-                entry.0 = entry.0.max(pos);
-                entry.1 = now;
-            }
-            None => {
-                acks.insert(uid.to_owned(), (pos, now));
-            }
-        }
-    }
+    /// Its acks not yet written, for the shared suite to hold a flush.
+    #[cfg(test)]
+    #[allow(private_interfaces, reason = "only the crate's own tests call it")]
+    fn pending_acks(&self) -> &acks::PendingAcks;
 }
 
 /// Milliseconds since the Unix epoch, now.

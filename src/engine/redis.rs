@@ -21,17 +21,18 @@
 //! every message, and every subscription change before the messages that follow it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, Script};
 use tokio_util::sync::CancellationToken;
 
+use super::acks::PendingAcks;
 use super::{
     Appended, Change, Engine, EngineError, IdempotencyKey, Limits, Listener, Message, Position,
-    Replay, Result, StoreCounts, Subscription, Tail, Update, now_ms,
+    Replay, Result, StoreCounts, Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// Longest a command may take before the caller gets a 503: Redis answers in well
@@ -43,8 +44,6 @@ const TAIL_BLOCK_MS: u64 = 1000;
 const TAIL_BATCH: usize = 1000;
 /// Entries read per `XRANGE` while replaying a listener's queue.
 const REPLAY_SCAN: usize = 1000;
-/// How often acks are written, retention and expiry run, and health is checked.
-const TICK: Duration = Duration::from_secs(1);
 /// Most listeners expired in one tick.
 const MAX_EXPIRED_PER_TICK: usize = 1000;
 
@@ -175,7 +174,7 @@ struct Shared {
     keys: Keys,
     scripts: Scripts,
     limits: Limits,
-    acks: Mutex<HashMap<String, (Position, u64)>>,
+    acks: PendingAcks,
     healthy: AtomicBool,
 }
 
@@ -222,6 +221,16 @@ fn parse_entry((id, flat): RawEntry) -> Entry {
 
 fn field(entry: &Entry, name: &str) -> String {
     entry.fields.get(name).cloned().unwrap_or_default()
+}
+
+/// The message a `k=m` entry holds.
+fn message(entry: &Entry) -> Arc<Message> {
+    Arc::new(Message::new(
+        entry.pos,
+        field(entry, "t").into(),
+        field(entry, "j").into(),
+        field(entry, "ts").parse().unwrap_or(0),
+    ))
 }
 
 /// A listener from its hash (flat field/value list).
@@ -296,7 +305,7 @@ impl RedisEngine {
                 snapshot: Script::new(SNAPSHOT),
             },
             limits,
-            acks: Mutex::default(),
+            acks: PendingAcks::default(),
             healthy: AtomicBool::new(true),
         });
         let stop = CancellationToken::new();
@@ -375,45 +384,46 @@ impl Shared {
         Ok(left.map(|flat| parse_listener(uid, flat).track_names()))
     }
 
+    /// Writes the pending acks; they stay pending until written (see `acks`), and
+    /// those that fail are written by the next tick.
     async fn flush_acks(&self) {
-        let acks = match self.acks.lock() {
-            Ok(mut acks) if !acks.is_empty() => std::mem::take(&mut *acks),
-            _ => return,
-        };
-        let calls = acks.iter().map(|(uid, (cursor, seen))| async move {
+        let acks = self.acks.snapshot();
+        if acks.is_empty() {
+            return;
+        }
+        let calls = acks.iter().map(|(uid, ack)| async move {
             let mut call = self.scripts.ack.prepare_invoke();
             call.key(self.keys.listener(uid))
                 .key(&self.keys.seen)
-                .arg(*cursor)
-                .arg(*seen)
+                .arg(ack.cursor)
+                .arg(ack.seen_ms)
                 .arg(uid);
-            let done: redis::RedisResult<i64> = call.invoke_async(&mut self.conn()).await;
-            done.map(|_| ())
-                .map_err(|e| (uid.clone(), (*cursor, *seen), e))
+            call.invoke_async::<i64>(&mut self.conn()).await
         });
-        let failed: Vec<_> = futures_util::future::join_all(calls)
-            .await
-            .into_iter()
-            .filter_map(std::result::Result::err)
-            .collect();
-        if let Some((_, _, e)) = failed.first() {
-            tracing::warn!("cannot write {} cursor(s) to redis: {e}", failed.len());
-            self.healthy.store(false, Ordering::Relaxed);
-            // Keep them for the next tick; newer acks win.
-            if let Ok(mut acks) = self.acks.lock() {
-                for (uid, (cursor, seen), _) in failed {
-                    let entry = acks.entry(uid).or_insert((cursor, seen));
-                    entry.0 = entry.0.max(cursor);
-                    entry.1 = entry.1.max(seen);
+        let results = futures_util::future::join_all(calls).await;
+        let mut written = Vec::with_capacity(acks.len());
+        let mut failed = None;
+        let mut failures = 0;
+        for (entry, result) in acks.iter().zip(results) {
+            match result {
+                Ok(_) => written.push(entry),
+                Err(e) => {
+                    failures += 1;
+                    failed.get_or_insert(e);
                 }
             }
+        }
+        self.acks.forget_written(written);
+        if let Some(e) = failed {
+            tracing::warn!("cannot write {failures} cursor(s) to redis: {e}");
+            self.healthy.store(false, Ordering::Relaxed);
         }
     }
 
     /// Deletes entries older than the retention, and forgets listeners unseen for the
     /// listener ttl.
     async fn clean_up(&self) -> Result<()> {
-        let cutoff = now_ms().saturating_sub(self.limits.retention.as_millis() as u64);
+        let cutoff = self.limits.keep_messages_after(now_ms());
         let oldest: Vec<RawEntry> = self.observe(
             redis::cmd("XRANGE")
                 .arg(&self.keys.log)
@@ -443,7 +453,7 @@ impl Shared {
                     .await,
             )?;
         }
-        let seen_before = now_ms().saturating_sub(self.limits.listener_ttl.as_millis() as u64);
+        let seen_before = self.limits.forget_listeners_seen_before(now_ms());
         let stale: Vec<String> = self.observe(
             redis::cmd("ZRANGEBYSCORE")
                 .arg(&self.keys.seen)
@@ -464,8 +474,7 @@ impl Shared {
 
 /// Every tick: write cursors, clean up, check health.
 async fn maintenance(shared: Arc<Shared>, stop: CancellationToken) {
-    let every = (shared.limits.retention.min(shared.limits.listener_ttl) / 10)
-        .clamp(Duration::from_millis(200), Duration::from_secs(60));
+    let every = shared.limits.clean_up_every();
     let mut last_clean_up = Instant::now();
     loop {
         tokio::select! {
@@ -583,12 +592,7 @@ fn to_change(entry: &Entry, last_message: &mut Position) -> Option<Vec<Change>> 
                 changes.push(Change::Lost);
             }
             *last_message = entry.pos;
-            changes.push(Change::Appended(Arc::new(Message::new(
-                entry.pos,
-                field(entry, "t").into(),
-                field(entry, "j").into(),
-                field(entry, "ts").parse().unwrap_or(0),
-            ))));
+            changes.push(Change::Appended(message(entry)));
             Some(changes)
         }
         "c" => Some(vec![Change::Connected {
@@ -680,23 +684,16 @@ impl Engine for RedisEngine {
 
     async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
         let s = &self.shared;
-        let flat: Vec<String> = s.observe(
-            redis::cmd("HGETALL")
-                .arg(s.keys.listener(uid))
-                .query_async(&mut s.conn())
-                .await,
-        )?;
-        if flat.is_empty() {
-            return Ok(None);
-        }
-        let mut listener = parse_listener(uid, flat);
-        if let Ok(acks) = s.acks.lock()
-            && let Some(&(cursor, seen)) = acks.get(uid)
-        {
-            listener.cursor = listener.cursor.max(cursor);
-            listener.last_seen_ms = listener.last_seen_ms.max(seen);
-        }
-        Ok(Some(listener))
+        let read = async {
+            let flat: Vec<String> = s.observe(
+                redis::cmd("HGETALL")
+                    .arg(s.keys.listener(uid))
+                    .query_async(&mut s.conn())
+                    .await,
+            )?;
+            Ok((!flat.is_empty()).then(|| parse_listener(uid, flat)))
+        };
+        s.acks.merged(uid, read).await
     }
 
     async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>> {
@@ -747,17 +744,9 @@ impl Engine for RedisEngine {
                 if field(&entry, "k") != "m" {
                     continue;
                 }
-                let track = field(&entry, "t");
-                if since
-                    .get(track.as_str())
-                    .is_some_and(|&since| entry.pos > since)
-                {
-                    messages.push(Arc::new(Message::new(
-                        entry.pos,
-                        track.into(),
-                        field(&entry, "j").into(),
-                        field(&entry, "ts").parse().unwrap_or(0),
-                    )));
+                let track = entry.fields.get("t").map_or("", String::as_str);
+                if since.get(track).is_some_and(|&since| entry.pos > since) {
+                    messages.push(message(&entry));
                 }
             }
             if scanned < REPLAY_SCAN {
@@ -774,7 +763,7 @@ impl Engine for RedisEngine {
     }
 
     fn ack(&self, uid: &str, pos: Position) {
-        super::record_ack(&self.shared.acks, uid, pos);
+        self.shared.acks.record(uid, pos);
     }
 
     async fn counts(&self) -> Result<StoreCounts> {
@@ -805,6 +794,11 @@ impl Engine for RedisEngine {
         self.closed.store(true, Ordering::Relaxed);
         self.shared.flush_acks().await;
         self.stop.cancel();
+    }
+
+    #[cfg(test)]
+    fn pending_acks(&self) -> &PendingAcks {
+        &self.shared.acks
     }
 }
 

@@ -292,6 +292,58 @@ async fn acks_move_the_cursor_and_are_written(f: impl Factory) {
     }
 }
 
+/// A stream opened without a cursor starts at the listener's cursor. While a flush is
+/// writing the pending acks, the store still holds the older cursor: the read must
+/// still see the newest one, or the stream sends the delivered messages again.
+async fn a_stream_opened_while_acks_are_flushed_sends_no_duplicate(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    engine
+        .append(vec![update(":a", "1"), update(":a", "2")])
+        .await
+        .expect("append");
+    let held = engine.pending_acks().hold_next_flush();
+    engine.ack("listener-1", 2);
+    // The next tick's flush takes its snapshot and stops before writing it.
+    held.until_holding(Duration::from_secs(10)).await;
+    // What `transport::open` does for a stream without a cursor.
+    let cursor = engine
+        .listener("listener-1")
+        .await
+        .expect("read")
+        .expect("known")
+        .cursor;
+    assert_eq!(cursor, 2, "the cursor being flushed counts");
+    assert_eq!(
+        queue(&engine, "listener-1", cursor).await,
+        vec![],
+        "no message is sent again"
+    );
+    drop(held);
+    // Once written, the ack leaves the pending ones and the store has it.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while engine.pending_acks().get("listener-1").is_some() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the flush never finished"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        engine
+            .listener("listener-1")
+            .await
+            .expect("read")
+            .expect("known")
+            .cursor,
+        2
+    );
+    engine.close().await;
+}
+
 async fn the_store_keeps_at_most_max_stored_messages(f: impl Factory) {
     let engine = f.open(
         Limits {
@@ -589,6 +641,7 @@ engine_suite!(
     a_queue_merges_tracks_in_log_order,
     disconnect_leaves_a_track_or_forgets_the_listener,
     acks_move_the_cursor_and_are_written,
+    a_stream_opened_while_acks_are_flushed_sends_no_duplicate,
     the_store_keeps_at_most_max_stored_messages,
     retention_and_listener_ttl_clean_up,
     concurrent_appends_are_each_stored_once,

@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
 
 use super::{Delivery, End, ListenRequest};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Transport;
-use crate::server::AppState;
+use crate::node::Node;
 
 /// How long a poll waits by default: under the 30 s idle timeout of common proxies.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
@@ -26,13 +26,13 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most events in one answer, so an answer stays a reasonable size.
 const MAX_EVENTS: usize = 1000;
 
-/// The handler.
+/// `GET /poll/{uid}`: waits for the listener's next events, at most `timeout`.
 pub async fn listen(
-    State(state): State<AppState>,
+    State(state): State<Node>,
     request: ListenRequest,
 ) -> Result<Response, ApiError> {
     // Before anything else: a poll acknowledges, and a foreign page must not.
-    super::check_origin(&state, &request, "a long poll")?;
+    request.check_origin(&state, "a long poll")?;
     let timeout = match request.query.timeout.as_deref() {
         None | Some("") => DEFAULT_TIMEOUT,
         Some(t) => t
@@ -42,7 +42,7 @@ pub async fn listen(
             .map(Duration::from_secs_f64)
             .ok_or_else(|| {
                 ApiError::bad_field(
-                    "bad_timeout",
+                    ErrorCode::BadTimeout,
                     format!(
                         "timeout is a number of seconds from 0 to {}",
                         MAX_TIMEOUT.as_secs()
