@@ -45,6 +45,7 @@ pub fn router(node: &Node) -> Router<Node> {
             require_api_key,
         ));
     backend
+        .route("/api/v1/openapi.json", get(openapi))
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics))
 }
@@ -139,7 +140,8 @@ pub async fn update(
             ));
         }
     };
-    let (updates, batch) = read_updates(&state, &headers, body).await?;
+    let fields = read_object(&state, &headers, body).await?;
+    let (updates, batch) = parse_updates(fields, state.settings.max_message_bytes)?;
     let key = key
         .map(|key| IdempotencyKey::new(key, &updates))
         .transpose()
@@ -160,13 +162,13 @@ pub async fn update(
     Ok(response)
 }
 
-/// The updates of an update request, and whether it was a batch (`{"updates": […]}`).
-async fn read_updates(
-    state: &Node,
-    headers: &HeaderMap,
-    body: Body,
+/// The updates of an update request's body, and whether it was a batch
+/// (`{"updates": […]}`). Pure, like every `parse_*` here: the property tests below throw
+/// any JSON at them.
+fn parse_updates(
+    mut fields: Fields,
+    max_message_bytes: usize,
 ) -> Result<(Vec<Update>, bool), ApiError> {
-    let mut fields = read_object(state, headers, body).await?;
     if let Some(batch) = fields.0.remove("updates") {
         fields.allow(&[])?;
         let Value::Array(items) = batch else {
@@ -188,7 +190,7 @@ async fn read_updates(
             let Value::Object(item) = item else {
                 return Err(bad_request(format!("updates[{i}] must be an object")));
             };
-            let update = parse_update(state, Fields(item)).map_err(|e| ApiError {
+            let update = parse_update(Fields(item), max_message_bytes).map_err(|e| ApiError {
                 message: format!("updates[{i}]: {}", e.message),
                 ..e
             })?;
@@ -196,10 +198,10 @@ async fn read_updates(
         }
         return Ok((updates, true));
     }
-    Ok((vec![parse_update(state, fields)?], false))
+    Ok((vec![parse_update(fields, max_message_bytes)?], false))
 }
 
-fn parse_update(state: &Node, mut fields: Fields) -> Result<Update, ApiError> {
+fn parse_update(mut fields: Fields, max_message_bytes: usize) -> Result<Update, ApiError> {
     let track = fields.track()?;
     let message = fields
         .0
@@ -207,7 +209,7 @@ fn parse_update(state: &Node, mut fields: Fields) -> Result<Update, ApiError> {
         .ok_or_else(|| bad_request("\"message\" is missing (any JSON value)"))?;
     fields.allow(&[])?;
     let json = message.to_string();
-    let limit = state.settings.max_message_bytes;
+    let limit = max_message_bytes;
     if json.len() > limit {
         return Err(ApiError::too_large(
             ErrorCode::MessageTooLarge,
@@ -222,17 +224,33 @@ fn parse_update(state: &Node, mut fields: Fields) -> Result<Update, ApiError> {
 
 /// `POST /api/v1/connect`: subscribes a listener (created if new) to a track.
 pub async fn connect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
-    let mut fields = read_object(&state, &headers, body).await?;
-    let uid = fields.uid()?;
-    let track = fields.track()?;
-    fields.allow(&[])?;
+    let (uid, track) = parse_connect(read_object(&state, &headers, body).await?)?;
     let tracks = state.engine.connect(&uid, vec![track]).await?;
     Ok(Json(json!({ "uid": uid, "tracks": tracks })))
 }
 
-/// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener.
+/// A connect body: `{"uid", "track"}`.
+fn parse_connect(mut fields: Fields) -> Result<(String, String), ApiError> {
+    let uid = fields.uid()?;
+    let track = fields.track()?;
+    fields.allow(&[])?;
+    Ok((uid, track))
+}
+
+/// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener — which
+/// also revokes its listener tokens issued until now (see `Engine::disconnect`).
 pub async fn disconnect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
-    let mut fields = read_object(&state, &headers, body).await?;
+    let (uid, track) = parse_disconnect(read_object(&state, &headers, body).await?)?;
+    let tracks = state
+        .engine
+        .disconnect(&uid, track)
+        .await?
+        .ok_or_else(ApiError::unknown_listener)?;
+    Ok(Json(json!({ "uid": uid, "tracks": tracks })))
+}
+
+/// A disconnect body: `{"uid"}` (the whole listener) or `{"uid", "track"}`.
+fn parse_disconnect(mut fields: Fields) -> Result<(String, Option<String>), ApiError> {
     let uid = fields.uid()?;
     let track = if fields.0.contains_key("track") {
         Some(fields.track()?)
@@ -240,12 +258,7 @@ pub async fn disconnect(State(state): State<Node>, headers: HeaderMap, body: Bod
         None
     };
     fields.allow(&[])?;
-    let tracks = state
-        .engine
-        .disconnect(&uid, track)
-        .await?
-        .ok_or_else(ApiError::unknown_listener)?;
-    Ok(Json(json!({ "uid": uid, "tracks": tracks })))
+    Ok((uid, track))
 }
 
 /// `GET /api/v1/listeners/{uid}`.
@@ -272,7 +285,37 @@ pub async fn listener(
 
 /// `POST /api/v1/tokens`: a listener token signed with the server's secret.
 pub async fn tokens(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
-    let mut fields = read_object(&state, &headers, body).await?;
+    let request = parse_token_request(read_object(&state, &headers, body).await?)?;
+    let Some(tokens) = state.tokens() else {
+        return Err(ApiError::bad_field(
+            ErrorCode::NoTokenSecret,
+            "this server has no token secret: start it with --token-secret to use listener tokens",
+        ));
+    };
+    let token = tokens
+        .mint(&request.uid, request.tracks, request.ttl_seconds)
+        .map_err(|e| {
+            tracing::error!("cannot sign a token: {e}");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "cannot sign a token",
+            )
+        })?;
+    Ok(Json(json!({ "token": token })))
+}
+
+/// A token request's fields.
+#[derive(Debug, PartialEq, Eq)]
+struct TokenRequest {
+    uid: String,
+    /// The `tracks` claim, if any.
+    tracks: Option<Vec<String>>,
+    ttl_seconds: u64,
+}
+
+/// A token request body: `{"uid", "tracks"?, "ttl_seconds"?}`.
+fn parse_token_request(mut fields: Fields) -> Result<TokenRequest, ApiError> {
     let uid = fields.uid()?;
     let tracks = match fields.0.remove("tracks") {
         None | Some(Value::Null) => None,
@@ -309,21 +352,21 @@ pub async fn tokens(State(state): State<Node>, headers: HeaderMap, body: Body) -
         }
     };
     fields.allow(&[])?;
-    let Some(tokens) = state.tokens() else {
-        return Err(ApiError::bad_field(
-            ErrorCode::NoTokenSecret,
-            "this server has no token secret: start it with --token-secret to use listener tokens",
-        ));
-    };
-    let token = tokens.mint(&uid, tracks, ttl).map_err(|e| {
-        tracing::error!("cannot sign a token: {e}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            ErrorCode::Internal,
-            "cannot sign a token",
-        )
-    })?;
-    Ok(Json(json!({ "token": token })))
+    Ok(TokenRequest {
+        uid,
+        tracks,
+        ttl_seconds: ttl,
+    })
+}
+
+/// This API's OpenAPI document, `docs/openapi.json`: written once, served as it is.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+/// `GET /api/v1/openapi.json`. It needs no api key: it describes the API and holds
+/// nothing of the node's data, and tools (code generators, fuzzers) read it before they
+/// have a key.
+pub async fn openapi() -> impl axum::response::IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// `GET /api/v1/stats`.
@@ -362,7 +405,12 @@ async fn read_object(state: &Node, headers: &HeaderMap, body: Body) -> Result<Fi
             bad_request(format!("the request body could not be read: {e}"))
         }
     })?;
-    match serde_json::from_slice::<Value>(&bytes) {
+    parse_object(&bytes)
+}
+
+/// A body's bytes as a JSON object: 400 when they do not parse or are not an object.
+fn parse_object(bytes: &[u8]) -> Result<Fields, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(map)) => Ok(Fields(map)),
         Ok(_) => Err(bad_request("the body must be a JSON object")),
         Err(e) => Err(ApiError::bad_field(
@@ -401,6 +449,235 @@ impl Fields {
         match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
             Some(key) => Err(bad_request(format!("unknown field \"{key}\""))),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A small message limit, so that the limit is met by generated messages too.
+    const LIMIT: usize = 64;
+
+    /// Names: valid uids and tracks, and everything near them.
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9._-]{6,10}",
+            ":[a-z/;]{0,8}",
+            "\\PC{0,6}",
+            "[\\s\\S]{0,4}",
+            Just("x".repeat(257)),
+        ]
+    }
+
+    /// Any JSON value, names among the strings.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            (0u64..700_000).prop_map(Value::from),
+            name().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(key(), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// The keys the bodies use, and others.
+    fn key() -> impl Strategy<Value = String> {
+        "uid|track|message|updates|tracks|ttl_seconds|\\PC{0,3}"
+    }
+
+    /// A request body: an object of the keys the API knows (and others), their values
+    /// of every type — including arrays of update-like objects for `updates` and
+    /// arrays of names for `tracks`.
+    fn body() -> impl Strategy<Value = Map<String, Value>> {
+        let update = proptest::collection::btree_map("track|message|\\PC{0,2}", json(), 0..3)
+            .prop_map(|m| Value::Object(m.into_iter().collect()));
+        let value = prop_oneof![
+            json(),
+            name().prop_map(Value::from),
+            proptest::collection::vec(update, 0..4).prop_map(Value::Array),
+            proptest::collection::vec(name().prop_map(Value::from), 0..3).prop_map(Value::Array),
+        ];
+        proptest::collection::btree_map(key(), value, 0..4).prop_map(|m| m.into_iter().collect())
+    }
+
+    fn is_track(value: &Value) -> bool {
+        value
+            .as_str()
+            .is_some_and(|t| names::check_track(t).is_ok())
+    }
+
+    fn is_uid(value: &Value) -> bool {
+        value.as_str().is_some_and(|u| names::check_uid(u).is_ok())
+    }
+
+    fn only(body: &Map<String, Value>, allowed: &[&str]) -> bool {
+        body.keys().all(|k| allowed.contains(&k.as_str()))
+    }
+
+    /// An update as the contract writes it: `{"track", "message"}`, the message at most
+    /// the limit as JSON.
+    fn is_update(value: &Value) -> bool {
+        let Value::Object(item) = value else {
+            return false;
+        };
+        only(item, &["track", "message"])
+            && item.get("track").is_some_and(is_track)
+            && item
+                .get("message")
+                .is_some_and(|m| m.to_string().len() <= LIMIT)
+    }
+
+    /// A refusal is a 4xx the contract lists, with a snake_case code and a message.
+    fn refused_well(e: &ApiError, codes: &[&str]) -> Result<(), TestCaseError> {
+        prop_assert!(
+            matches!(e.status.as_u16(), 400 | 413),
+            "status {} for {}",
+            e.status,
+            e.code
+        );
+        prop_assert!(codes.contains(&e.code.as_str()), "code {}", e.code);
+        prop_assert!(!e.message.is_empty());
+        Ok(())
+    }
+
+    const FIELD_CODES: &[&str] = &["bad_request", "bad_uid", "bad_track"];
+
+    proptest! {
+        /// Any bytes as a body: no panic; an object exactly when they are JSON of one.
+        #[test]
+        fn any_bytes_are_an_object_or_a_400(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let parsed = serde_json::from_slice::<Value>(&bytes);
+            match parse_object(&bytes) {
+                Ok(fields) => prop_assert_eq!(Ok(Value::Object(fields.0)), parsed.map_err(|_| ())),
+                Err(e) => {
+                    prop_assert!(!matches!(parsed, Ok(Value::Object(_))));
+                    refused_well(&e, &["bad_json", "bad_request"])?;
+                }
+            }
+        }
+
+        /// Any JSON text: no panic, whatever its nesting.
+        #[test]
+        fn any_json_text_is_an_object_or_a_400(value in json()) {
+            let text = value.to_string();
+            // Compared with the text parsed again: a float may not survive the trip
+            // exactly (serde_json without `float_roundtrip`), and that is not the point.
+            let reparsed = serde_json::from_str::<Value>(&text).ok();
+            match parse_object(text.as_bytes()) {
+                Ok(fields) => prop_assert_eq!(Some(Value::Object(fields.0)), reparsed),
+                Err(e) => {
+                    prop_assert!(!value.is_object());
+                    refused_well(&e, &["bad_request"])?;
+                }
+            }
+        }
+
+        /// An update body is taken exactly when it is one update or a batch of 1 to
+        /// 1000 as the contract writes them; anything else is a precise 4xx.
+        #[test]
+        fn update_bodies_follow_the_contract(body in body()) {
+            let one = is_update(&Value::Object(body.clone()));
+            let batch = only(&body, &["updates"])
+                && body.get("updates").and_then(Value::as_array).is_some_and(|items| {
+                    (1..=MAX_BATCH).contains(&items.len()) && items.iter().all(is_update)
+                });
+            match parse_updates(Fields(body.clone()), LIMIT) {
+                Ok((updates, is_batch)) => {
+                    prop_assert!(one || batch, "accepted {:?}", body);
+                    prop_assert_eq!(is_batch, batch);
+                    let sent: Vec<Value> = if batch {
+                        body["updates"].as_array().cloned().unwrap_or_default()
+                    } else {
+                        vec![Value::Object(body.clone())]
+                    };
+                    prop_assert_eq!(updates.len(), sent.len());
+                    for (update, sent) in updates.iter().zip(&sent) {
+                        prop_assert_eq!(Some(update.track.as_str()), sent["track"].as_str());
+                        prop_assert_eq!(&update.json, &sent["message"].to_string());
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(!one && !batch, "refused {:?}: {}", body, e.message);
+                    refused_well(&e, &["bad_request", "bad_track", "bad_batch", "message_too_large"])?;
+                }
+            }
+        }
+
+        #[test]
+        fn connect_bodies_follow_the_contract(body in body()) {
+            let valid = only(&body, &["uid", "track"])
+                && body.get("uid").is_some_and(is_uid)
+                && body.get("track").is_some_and(is_track);
+            match parse_connect(Fields(body.clone())) {
+                Ok((uid, track)) => {
+                    prop_assert!(valid, "accepted {:?}", body);
+                    prop_assert_eq!(Some(uid.as_str()), body["uid"].as_str());
+                    prop_assert_eq!(Some(track.as_str()), body["track"].as_str());
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {:?}: {}", body, e.message);
+                    refused_well(&e, FIELD_CODES)?;
+                }
+            }
+        }
+
+        #[test]
+        fn disconnect_bodies_follow_the_contract(body in body()) {
+            let valid = only(&body, &["uid", "track"])
+                && body.get("uid").is_some_and(is_uid)
+                && body.get("track").is_none_or(is_track);
+            match parse_disconnect(Fields(body.clone())) {
+                Ok((uid, track)) => {
+                    prop_assert!(valid, "accepted {:?}", body);
+                    prop_assert_eq!(Some(uid.as_str()), body["uid"].as_str());
+                    prop_assert_eq!(track.as_deref(), body.get("track").and_then(Value::as_str));
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {:?}: {}", body, e.message);
+                    refused_well(&e, FIELD_CODES)?;
+                }
+            }
+        }
+
+        #[test]
+        fn token_bodies_follow_the_contract(body in body()) {
+            let tracks_ok = match body.get("tracks") {
+                None | Some(Value::Null) => true,
+                Some(Value::Array(items)) => items.iter().all(is_track),
+                Some(_) => false,
+            };
+            let ttl_ok = match body.get("ttl_seconds") {
+                None | Some(Value::Null) => true,
+                Some(n) => n.as_u64().is_some_and(|t| (1..=MAX_TOKEN_TTL_SECONDS).contains(&t)),
+            };
+            let valid = only(&body, &["uid", "tracks", "ttl_seconds"])
+                && body.get("uid").is_some_and(is_uid)
+                && tracks_ok
+                && ttl_ok;
+            match parse_token_request(Fields(body.clone())) {
+                Ok(request) => {
+                    prop_assert!(valid, "accepted {:?}", body);
+                    prop_assert_eq!(Some(request.uid.as_str()), body["uid"].as_str());
+                    let ttl = body.get("ttl_seconds").and_then(Value::as_u64);
+                    prop_assert_eq!(request.ttl_seconds, ttl.unwrap_or(DEFAULT_TOKEN_TTL_SECONDS));
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {:?}: {}", body, e.message);
+                    refused_well(&e, &["bad_request", "bad_uid", "bad_track", "bad_ttl"])?;
+                }
+            }
         }
     }
 }

@@ -54,6 +54,8 @@ pub enum ErrorCode {
     TokenTooLong,
     /// A listener token for another uid.
     TokenWrongListener,
+    /// A listener token issued before its listener was disconnected (revoked).
+    TokenRevoked,
     /// `POST /api/v1/tokens` on a server without a token secret.
     NoTokenSecret,
     /// A browser page at an origin in neither `public_origins` nor `cors_origins`.
@@ -108,6 +110,7 @@ impl ErrorCode {
             Self::TokenNotYetValid => "token_not_yet_valid",
             Self::TokenTooLong => "token_too_long",
             Self::TokenWrongListener => "token_wrong_listener",
+            Self::TokenRevoked => "token_revoked",
             Self::NoTokenSecret => "no_token_secret",
             Self::OriginNotAllowed => "origin_not_allowed",
             Self::UnknownListener => "unknown_listener",

@@ -113,6 +113,7 @@ impl Node {
             max_stored_messages: settings.max_stored_messages,
             listener_ttl: settings.listener_ttl,
             idempotency_keep: Limits::idempotency_keep_for(settings.retention),
+            revocation_ttl: crate::auth::REVOCATION_TTL,
         };
         let engine = if let Some(url) = &settings.redis {
             engine::open_redis(url, &settings.redis_prefix, limits, tail).await?

@@ -2,9 +2,10 @@
 //!
 //! Tables: `log` (position → time, track, message), `by_track` ((track, position) → ()),
 //! the index that makes a listener's queue a range scan per track, `listeners`
-//! (uid → JSON record), `subscribers` (track → count), `meta` (the log's bounds), and
-//! `idempotency_keys` with `idempotency_keys_by_age` (appends made with an
-//! `Idempotency-Key`, and the same oldest first for expiry).
+//! (uid → JSON record), `subscribers` (track → count), `revocations` (uid → when its
+//! tokens were revoked, ms), `meta` (the log's bounds), and `idempotency_keys` with
+//! `idempotency_keys_by_age` (appends made with an `Idempotency-Key`, and the same oldest
+//! first for expiry).
 //! Every commit is durable (redb's `Immediate` durability: synced before `commit`
 //! returns); the writer in `local` groups many updates into one commit.
 
@@ -29,6 +30,7 @@ const KEYS: TableDefinition<&str, (u64, &str, u64, u64)> = TableDefinition::new(
 /// (time, key) → (): the keys oldest first, for expiry.
 const KEYS_BY_AGE: TableDefinition<(u64, &str), ()> =
     TableDefinition::new("idempotency_keys_by_age");
+const REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("revocations");
 
 /// redb's page cache. Its default (1 GiB) would let memory grow with the store; the
 /// hot data — recent messages and the listeners being served — fits in much less.
@@ -183,6 +185,8 @@ impl RedbStorage {
             txn.open_table(META).map_err(storage_error)?;
             txn.open_table(KEYS).map_err(storage_error)?;
             txn.open_table(KEYS_BY_AGE).map_err(storage_error)?;
+            // Created here for a store from before revocations, so reads find it.
+            txn.open_table(REVOCATIONS).map_err(storage_error)?;
         }
         txn.commit().map_err(storage_error)?;
         Ok(Self {
@@ -371,6 +375,27 @@ macro_rules! snapshot_reads {
             }
             Ok(stale)
         }
+
+        fn revocation(&self, uid: &str) -> Result<Option<u64>> {
+            let table = self.table(REVOCATIONS)?;
+            let at = table.get(uid).map_err(storage_error)?;
+            Ok(at.map(|v| v.value()))
+        }
+
+        fn old_revocations(&self, before_ms: u64, limit: usize) -> Result<Vec<String>> {
+            let table = self.table(REVOCATIONS)?;
+            let mut old = Vec::new();
+            for entry in table.iter().map_err(storage_error)? {
+                if old.len() >= limit {
+                    break;
+                }
+                let (uid, at) = entry.map_err(storage_error)?;
+                if at.value() < before_ms {
+                    old.push(uid.value().to_owned());
+                }
+            }
+            Ok(old)
+        }
     };
 }
 
@@ -426,6 +451,18 @@ impl StorageTxn for RedbTxn {
 
     fn remove_listener(&mut self, uid: &str) -> Result<()> {
         let mut table = self.0.open_table(LISTENERS).map_err(storage_error)?;
+        table.remove(uid).map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn put_revocation(&mut self, uid: &str, at_ms: u64) -> Result<()> {
+        let mut table = self.0.open_table(REVOCATIONS).map_err(storage_error)?;
+        table.insert(uid, at_ms).map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn remove_revocation(&mut self, uid: &str) -> Result<()> {
+        let mut table = self.0.open_table(REVOCATIONS).map_err(storage_error)?;
         table.remove(uid).map_err(storage_error)?;
         Ok(())
     }

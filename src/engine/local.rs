@@ -11,7 +11,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -75,6 +75,10 @@ pub(crate) trait Snapshot {
     fn counts(&self) -> Result<StoreCounts>;
     /// Up to `limit` uids of listeners last seen before `seen_before_ms`.
     fn stale_listeners(&self, seen_before_ms: u64, limit: usize) -> Result<Vec<String>>;
+    /// When `uid`'s tokens were last revoked (ms since the epoch), if recorded.
+    fn revocation(&self, uid: &str) -> Result<Option<u64>>;
+    /// Up to `limit` uids whose revocation was recorded before `before_ms`.
+    fn old_revocations(&self, before_ms: u64, limit: usize) -> Result<Vec<String>>;
 }
 
 /// One write transaction: nothing is visible to readers before `commit`.
@@ -89,6 +93,11 @@ pub(crate) trait StorageTxn: Snapshot {
     fn put_listener(&mut self, listener: &Listener) -> Result<()>;
     /// Deletes a listener.
     fn remove_listener(&mut self, uid: &str) -> Result<()>;
+    /// Records that `uid`'s tokens issued up to `at_ms` are revoked (replacing an older
+    /// revocation).
+    fn put_revocation(&mut self, uid: &str, at_ms: u64) -> Result<()>;
+    /// Drops `uid`'s revocation.
+    fn remove_revocation(&mut self, uid: &str) -> Result<()>;
     /// Changes a track's subscriber count by `delta` (the track is gone at zero).
     fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()>;
     /// Writes the log's bounds.
@@ -167,6 +176,8 @@ pub(crate) struct LocalEngine<S: Storage> {
     failing: Arc<AtomicBool>,
     /// Set once a read found the file damaged.
     corrupt: AtomicBool,
+    /// How long a revocation counts (the sweep drops it a little later).
+    revocation_ttl: Duration,
 }
 
 impl<S: Storage> std::fmt::Debug for LocalEngine<S> {
@@ -190,6 +201,7 @@ impl<S: Storage> LocalEngine<S> {
         let acks = Acks::default();
         let failing = Arc::new(AtomicBool::new(false));
         let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE);
+        let revocation_ttl = limits.revocation_ttl;
         let writer = Writer {
             storage: storage.clone(),
             acks: acks.clone(),
@@ -224,6 +236,7 @@ impl<S: Storage> LocalEngine<S> {
             writer: Mutex::new(writer),
             failing,
             corrupt: AtomicBool::new(false),
+            revocation_ttl,
         }
     }
 
@@ -285,6 +298,14 @@ impl<S: Storage> Engine for LocalEngine<S> {
     async fn disconnect(&self, uid: &str, track: Option<String>) -> Result<Option<Vec<String>>> {
         self.call(|done| Op::Disconnect(uid.to_owned(), track, done))
             .await
+    }
+
+    async fn revoked_at(&self, uid: &str) -> Result<Option<u64>> {
+        let owned = uid.to_owned();
+        let at = self.read(move |snap| snap.revocation(&owned)).await?;
+        // The sweep runs only now and then: one past its time no longer counts.
+        let kept_after = now_ms().saturating_sub(self.revocation_ttl.as_millis() as u64);
+        Ok(at.filter(|&at| at >= kept_after))
     }
 
     async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
@@ -567,6 +588,9 @@ impl<S: Storage> Writer<S> {
                     answers.push(Answer::Connect(done, listener.track_names()));
                 }
                 Op::Disconnect(uid, track, done) => {
+                    if track.is_none() {
+                        txn.put_revocation(&uid, now)?;
+                    }
                     let left = disconnect(&mut txn, &uid, track, changes)?;
                     answers.push(Answer::Disconnect(done, left));
                 }
@@ -601,6 +625,10 @@ impl<S: Storage> Writer<S> {
             let seen_before = self.limits.forget_listeners_seen_before(now);
             for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
                 disconnect(&mut txn, &uid, None, changes)?;
+            }
+            let revoked_before = now.saturating_sub(self.limits.revocation_ttl.as_millis() as u64);
+            for uid in txn.old_revocations(revoked_before, MAX_DELETES_PER_COMMIT)? {
+                txn.remove_revocation(&uid)?;
             }
         }
         txn.set_bounds(bounds)?;

@@ -22,6 +22,8 @@ pub(crate) struct MemState {
     by_track: HashMap<Arc<str>, VecDeque<Position>>,
     listeners: HashMap<String, Listener>,
     subscribers: HashMap<String, u64>,
+    /// uid → when its tokens were revoked (ms).
+    revocations: HashMap<String, u64>,
     bounds: Bounds,
     /// Appends made with an `Idempotency-Key`, by key.
     keys: HashMap<String, KeyRecord>,
@@ -94,6 +96,21 @@ impl Snapshot for MemView<'_> {
             .map(|l| l.uid.clone())
             .collect())
     }
+
+    fn revocation(&self, uid: &str) -> Result<Option<u64>> {
+        Ok(self.0.revocations.get(uid).copied())
+    }
+
+    fn old_revocations(&self, before_ms: u64, limit: usize) -> Result<Vec<String>> {
+        Ok(self
+            .0
+            .revocations
+            .iter()
+            .filter(|&(_, &at)| at < before_ms)
+            .take(limit)
+            .map(|(uid, _)| uid.clone())
+            .collect())
+    }
 }
 
 impl StorageTxn for MemView<'_> {
@@ -134,6 +151,16 @@ impl StorageTxn for MemView<'_> {
 
     fn remove_listener(&mut self, uid: &str) -> Result<()> {
         self.0.listeners.remove(uid);
+        Ok(())
+    }
+
+    fn put_revocation(&mut self, uid: &str, at_ms: u64) -> Result<()> {
+        self.0.revocations.insert(uid.to_owned(), at_ms);
+        Ok(())
+    }
+
+    fn remove_revocation(&mut self, uid: &str) -> Result<()> {
+        self.0.revocations.remove(uid);
         Ok(())
     }
 

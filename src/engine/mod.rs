@@ -335,6 +335,10 @@ pub struct Limits {
     /// An `Idempotency-Key` is remembered this long: [`Limits::idempotency_keep_for`]
     /// the retention (shorter only in tests).
     pub idempotency_keep: Duration,
+    /// How long the revocation a `disconnect` of a whole listener records is kept: the
+    /// longest a listener token may live (`auth::REVOCATION_TTL`), so every token it
+    /// revokes has expired by the time it is dropped.
+    pub revocation_ttl: Duration,
 }
 
 impl Limits {
@@ -424,7 +428,17 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Unsubscribes `uid` from `track`, or forgets it when `track` is `None`. Returns
     /// the tracks left, or `None` when the listener is unknown.
+    ///
+    /// Forgetting a listener also records, in the same commit, a revocation at this
+    /// time (kept for `Limits::revocation_ttl`, see [`Engine::revoked_at`]) — even for a
+    /// listener already unknown, since a token with a `tracks` claim would otherwise
+    /// re-create it. Expiry by `listener_ttl` revokes nothing.
     async fn disconnect(&self, uid: &str, track: Option<String>) -> Result<Option<Vec<String>>>;
+
+    /// When `uid` was last forgotten by [`Engine::disconnect`] (ms since the Unix
+    /// epoch), if that is less than `Limits::revocation_ttl` ago: listener tokens issued
+    /// before it are revoked.
+    async fn revoked_at(&self, uid: &str) -> Result<Option<u64>>;
 
     /// The listener, if known.
     async fn listener(&self, uid: &str) -> Result<Option<Listener>>;

@@ -14,6 +14,9 @@
 //! - `i:{key}` — an append made with an `Idempotency-Key`: `digest first count`, with a
 //!   time to live of [`Limits::idempotency_keep`]. The append script checks and writes
 //!   it with the messages, so a repeat stores nothing, whichever node it reaches.
+//! - `r:{uid}` — when the listener's tokens were revoked (ms), set by the same script
+//!   that forgets it, with a Redis TTL of `Limits::revocation_ttl`, so revocations are
+//!   bounded without a sweep.
 //!
 //! Every write is one Lua script, so it is atomic and costs one round trip whatever the
 //! number of listeners or nodes. Each node tails `log` with one blocking reader on its
@@ -87,9 +90,12 @@ redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 ";
 
-/// ARGV[3] is the track, or '' to forget the listener; ARGV[4], when given, forgets
-/// only a listener still unseen since then (expiry racing a reconnect).
+/// ARGV[3] is the track, or '' to forget the listener; ARGV[4], when not '', forgets
+/// only a listener still unseen since then (expiry racing a reconnect); ARGV[5], when
+/// not '', revokes the listener's tokens (KEYS[6]) for that many ms, even when the
+/// listener is already gone.
 const DISCONNECT: &str = r"
+if ARGV[3] == '' and ARGV[5] ~= '' then redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[5]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local head = redis.call('GET', KEYS[2]) or '0'
 if ARGV[3] ~= '' then
@@ -101,7 +107,7 @@ if ARGV[3] ~= '' then
   redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
   return redis.call('HGETALL', KEYS[1])
 end
-if ARGV[4] and tonumber(redis.call('HGET', KEYS[1], 'seen') or '0') >= tonumber(ARGV[4]) then
+if ARGV[4] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'seen') or '0') >= tonumber(ARGV[4]) then
   return redis.call('HGETALL', KEYS[1])
 end
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
@@ -157,6 +163,10 @@ impl Keys {
 
     fn idempotency(&self, key: &str) -> String {
         format!("{}i:{key}", self.prefix)
+    }
+
+    fn revocation(&self, uid: &str) -> String {
+        format!("{}r:{uid}", self.prefix)
     }
 }
 
@@ -369,17 +379,22 @@ impl Shared {
     ) -> Result<Option<Vec<String>>> {
         let k = &self.keys;
         let mut call = self.scripts.disconnect.prepare_invoke();
+        // Expiry revokes nothing; the app's disconnect of a whole listener does.
+        let revoke_for_ms = match (track, stale_before) {
+            (None, None) => self.limits.revocation_ttl.as_millis().max(1).to_string(),
+            _ => String::new(),
+        };
         call.key(k.listener(uid))
             .key(&k.seq)
             .key(&k.subs)
             .key(&k.seen)
             .key(&k.log)
+            .key(k.revocation(uid))
             .arg(now_ms())
             .arg(uid)
-            .arg(track.unwrap_or(""));
-        if let Some(before) = stale_before {
-            call.arg(before);
-        }
+            .arg(track.unwrap_or(""))
+            .arg(stale_before.map(|b| b.to_string()).unwrap_or_default())
+            .arg(revoke_for_ms);
         let left: Option<Vec<String>> = self.observe(call.invoke_async(&mut self.conn()).await)?;
         Ok(left.map(|flat| parse_listener(uid, flat).track_names()))
     }
@@ -680,6 +695,18 @@ impl Engine for RedisEngine {
     async fn disconnect(&self, uid: &str, track: Option<String>) -> Result<Option<Vec<String>>> {
         self.check_open()?;
         self.shared.disconnect(uid, track.as_deref(), None).await
+    }
+
+    /// One `GET` more when a stream opens with a token; Redis drops the key itself.
+    async fn revoked_at(&self, uid: &str) -> Result<Option<u64>> {
+        let s = &self.shared;
+        let at: Option<u64> = s.observe(
+            redis::cmd("GET")
+                .arg(s.keys.revocation(uid))
+                .query_async(&mut s.conn())
+                .await,
+        )?;
+        Ok(at)
     }
 
     async fn listener(&self, uid: &str) -> Result<Option<Listener>> {

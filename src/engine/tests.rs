@@ -108,6 +108,7 @@ fn limits() -> Limits {
         max_stored_messages: 1_000_000,
         listener_ttl: Duration::from_secs(3600),
         idempotency_keep: Limits::idempotency_keep_for(Duration::from_secs(3600)),
+        revocation_ttl: Duration::from_secs(3600),
     }
 }
 
@@ -454,6 +455,110 @@ async fn concurrent_appends_are_each_stored_once(f: impl Factory) {
     engine.close().await;
 }
 
+async fn forgetting_a_listener_revokes_its_tokens(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .connect("listener-1", vec![":a".into(), ":b".into()])
+        .await
+        .expect("connect");
+    assert_eq!(engine.revoked_at("listener-1").await.expect("read"), None);
+    engine
+        .disconnect("listener-1", Some(":a".into()))
+        .await
+        .expect("disconnect");
+    assert_eq!(
+        engine.revoked_at("listener-1").await.expect("read"),
+        None,
+        "leaving one track revokes nothing"
+    );
+    let before = now_ms();
+    engine
+        .disconnect("listener-1", None)
+        .await
+        .expect("disconnect");
+    let after = now_ms();
+    let at = engine
+        .revoked_at("listener-1")
+        .await
+        .expect("read")
+        .expect("revoked");
+    assert!(before <= at && at <= after, "{before} <= {at} <= {after}");
+    // Connected again: the revocation stays (it is about tokens issued before it).
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    assert_eq!(
+        engine.revoked_at("listener-1").await.expect("read"),
+        Some(at)
+    );
+    // A listener already unknown is revoked too: its token could re-create it.
+    assert_eq!(
+        engine
+            .disconnect("unknown-1", None)
+            .await
+            .expect("disconnect"),
+        None
+    );
+    assert!(
+        engine
+            .revoked_at("unknown-1")
+            .await
+            .expect("read")
+            .is_some()
+    );
+    engine.close().await;
+}
+
+async fn revocations_expire_and_expiry_revokes_nothing(f: impl Factory) {
+    let engine = f.open(
+        Limits {
+            listener_ttl: Duration::from_millis(300),
+            revocation_ttl: Duration::from_millis(300),
+            ..limits()
+        },
+        Arc::new(RecordingTail::default()),
+    );
+    engine
+        .connect("listener-1", vec![":a".into()])
+        .await
+        .expect("connect");
+    engine
+        .connect("listener-2", vec![":a".into()])
+        .await
+        .expect("connect");
+    engine
+        .disconnect("listener-1", None)
+        .await
+        .expect("disconnect");
+    assert!(
+        engine
+            .revoked_at("listener-1")
+            .await
+            .expect("read")
+            .is_some()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let revoked = engine.revoked_at("listener-1").await.expect("read");
+        let expired = engine.listener("listener-2").await.expect("read").is_none();
+        if revoked.is_none() && expired {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "revocation {revoked:?}, listener-2 expired: {expired}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        engine.revoked_at("listener-2").await.expect("read"),
+        None,
+        "a listener forgotten by expiry is not revoked"
+    );
+    engine.close().await;
+}
+
 async fn a_closed_engine_refuses_work(f: impl Factory) {
     let engine = f.open(limits(), Arc::new(RecordingTail::default()));
     engine.close().await;
@@ -590,11 +695,23 @@ async fn everything_acknowledged_survives_a_reopen(f: impl Factory) {
         .append(vec![update(":a", "1"), update(":a", "2")])
         .await
         .expect("append");
+    engine
+        .disconnect("revoked-1", None)
+        .await
+        .expect("disconnect");
     // No close: as if killed. Commits are durable when they answer.
     drop(engine);
     tokio::time::sleep(Duration::from_millis(50)).await;
     let engine = f.open(limits(), Arc::new(RecordingTail::default()));
     assert_eq!(queue(&engine, "listener-1", 0).await.len(), 2);
+    assert!(
+        engine
+            .revoked_at("revoked-1")
+            .await
+            .expect("read")
+            .is_some(),
+        "a revocation is kept with the store"
+    );
     assert_eq!(
         engine
             .append(vec![update(":a", "3")])
@@ -644,6 +761,8 @@ engine_suite!(
     a_stream_opened_while_acks_are_flushed_sends_no_duplicate,
     the_store_keeps_at_most_max_stored_messages,
     retention_and_listener_ttl_clean_up,
+    forgetting_a_listener_revokes_its_tokens,
+    revocations_expire_and_expiry_revokes_nothing,
     concurrent_appends_are_each_stored_once,
     a_closed_engine_refuses_work,
     a_repeated_key_answers_the_first_positions_and_stores_nothing,

@@ -38,7 +38,13 @@ pub(crate) fn listen_request(
             "no such endpoint",
         )
     };
-    let uri: axum::http::Uri = head.target.parse().map_err(|_| not_found())?;
+    // A 400, as hyper answers the same target on the framework path.
+    let uri: axum::http::Uri = head.target.parse().map_err(|_| {
+        ApiError::bad_field(
+            ErrorCode::BadRequest,
+            "the request target is not a valid URI",
+        )
+    })?;
     let raw = crate::proxy::strip_base(base, uri.path())
         .and_then(|path| path.strip_prefix(endpoint))
         .ok_or_else(not_found)?;

@@ -160,6 +160,8 @@ pub async fn open(state: &Node, request: &ListenRequest) -> Result<Deliveries, A
             .as_deref()
             .ok_or_else(ApiError::token_required)?;
         let claims = auth.verify(token, uid)?;
+        // Before the token's tracks may re-create a listener the app has forgotten.
+        crate::auth::check_revocation(&claims, state.engine.revoked_at(uid).await?)?;
         if let Some(tracks) = claims.tracks.filter(|t| !t.is_empty()) {
             for track in &tracks {
                 names::check_track(track).map_err(|e| {
@@ -290,10 +292,117 @@ impl Deliveries {
 
 #[cfg(test)]
 mod tests {
-    use super::{ListenQuery, resume_cursor};
-    use axum::http::{HeaderMap, HeaderValue};
+    use super::{Head, ListenQuery, ListenRequest, direct, resume_cursor};
+    use crate::error::{ApiError, ErrorCode};
+    use axum::Json;
+    use axum::body::Body;
+    use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
+    use serde_json::{Value, json};
+
+    /// What a listener endpoint made of a request: its uid and query, or its refusal
+    /// (status, and code when the answer is one of ours, not hyper's bare 400).
+    #[derive(Debug, PartialEq)]
+    enum Outcome {
+        Taken(Value),
+        Refused(u16, Option<String>),
+    }
+
+    fn taken(request: &ListenRequest) -> Value {
+        json!({
+            "uid": request.uid,
+            "token": request.query.token,
+            "last_event_id": request.query.last_event_id,
+            "timeout": request.query.timeout,
+        })
+    }
+
+    /// The direct path (`connection` → `direct::listen_request`), as for `GET {target}`.
+    fn direct(target: &str) -> Outcome {
+        let head = Head {
+            target: target.to_owned(),
+            headers: HeaderMap::new(),
+            http11: true,
+            peer: None,
+        };
+        match direct::listen_request(head, "", "/listen/") {
+            Ok(request) => Outcome::Taken(taken(&request)),
+            Err(e) => Outcome::Refused(e.status.as_u16(), Some(e.code.as_str().to_owned())),
+        }
+    }
+
+    /// The framework path: hyper's parse of the target, then axum's routing and the
+    /// `ListenRequest` extractor (the same route and fallback as the server's).
+    async fn framework(target: &str) -> Outcome {
+        let Ok(request) = Request::builder().uri(target).body(Body::empty()) else {
+            // hyper answers a target it cannot parse with a bare 400.
+            return Outcome::Refused(400, None);
+        };
+        let router = axum::Router::new()
+            .route(
+                "/listen/{uid}",
+                axum::routing::get(|r: ListenRequest| async move { Json(taken(&r)) }),
+            )
+            .fallback(|| async {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    "no such endpoint",
+                )
+            });
+        let service = hyper_util::service::TowerToHyperService::new(router);
+        let Ok(response) = hyper::service::Service::call(&service, request).await;
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .map(|b| serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null))
+            .unwrap_or(Value::Null);
+        if status == 200 {
+            Outcome::Taken(body)
+        } else {
+            Outcome::Refused(status, body["error"]["code"].as_str().map(str::to_owned))
+        }
+    }
+
+    /// A query parameter's name: the three the endpoints read, near misses, anything.
+    fn query_key() -> impl proptest::strategy::Strategy<Value = String> {
+        "token|last_event_id|timeout|last%5Fevent%5Fid|Token|t%6Fken|x|\\PC{0,3}"
+    }
+
+    fn query_value() -> impl proptest::strategy::Strategy<Value = String> {
+        "[0-9]{0,6}|[%0-9A-Fa-f+ .=#?/]{0,8}|\\PC{0,5}|[\\s\\S]{0,3}"
+    }
+
+    /// A `/listen/{uid}?query` target with every kind of uid segment and query.
+    fn target() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::strategy::Strategy;
+        let segment = "[A-Za-z0-9._~-]{0,10}|[A-Za-z0-9%/]{0,12}|\\PC{0,4}";
+        let param = (query_key(), "=|", query_value()).prop_map(|(k, eq, v)| format!("{k}{eq}{v}"));
+        let query = proptest::collection::vec(param, 0..4);
+        (segment, "[?]?", query, "[&;]").prop_map(|(segment, mark, params, glue)| {
+            format!("/listen/{segment}{mark}{}", params.join(&glue))
+        })
+    }
 
     proptest::proptest! {
+        /// The direct SSE/WebSocket path parses its own request target; whatever it
+        /// makes of a target, the framework path (poll, and streams after the first
+        /// request of a connection) makes the same: the same uid and query, or the
+        /// same refusal. What they then mean (`resume_cursor`, `poll::parse_timeout`,
+        /// the token check) is one function for both.
+        #[test]
+        fn direct_and_framework_paths_read_targets_alike(target in target()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().map_err(|e| {
+                proptest::test_runner::TestCaseError::fail(e.to_string())
+            })?;
+            let framework = runtime.block_on(framework(&target));
+            let direct = direct(&target);
+            match (&direct, &framework) {
+                // hyper's own refusal has no code to compare.
+                (Outcome::Refused(a, _), Outcome::Refused(b, None)) => proptest::prop_assert_eq!(a, b, "{:?}", target),
+                _ => proptest::prop_assert_eq!(&direct, &framework, "{:?}", target),
+            }
+        }
+
         /// Any `Last-Event-ID` or `last_event_id`: no panic; a cursor exactly when it is
         /// an id this server gives out (a decimal position), else a 400.
         #[test]

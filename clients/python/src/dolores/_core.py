@@ -508,6 +508,16 @@ class ListenState:
             if not renewable or self.refreshes > self.MAX_TOKEN_REFRESHES:
                 raise error
             return 0.0 if self.refreshes == 1 else self.failed()
+        if error.status == 401 and error.code == "token_revoked":
+            # Not renewed, not even with a token function or the secret at hand: the
+            # app disconnected this listener after the token was issued, on purpose;
+            # whether it may listen again is the app's call (listen() with a new token).
+            raise DoloresError(
+                401,
+                "token_revoked",
+                f"the token of listener {self.uid} was revoked: the app disconnected the listener "
+                "after the token was issued; listen again with a token issued after that if it may listen",
+            )
         if error.status == 400 and error.code == "bad_event_id":
             # A cursor this server cannot read: start from its own, and say that
             # something may have been missed.

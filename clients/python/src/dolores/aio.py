@@ -175,7 +175,9 @@ class AsyncClient:
         resumes after an id you kept. A stream silent for ``idle_timeout`` seconds (the
         server sends a heartbeat every 20 s) is taken as dead and reopened. A reset
         comes as an ``Event`` with ``reset=True``. Errors that retrying cannot fix (401
-        bad token, 404 unknown listener) raise ``DoloresError``.
+        bad token, 404 unknown listener) raise ``DoloresError``; so does a revoked token
+        (401 ``token_revoked``: the app disconnected the whole listener after the token
+        was issued), which is not renewed.
 
         >>> async with client.listen(uid) as events:
         ...     async for event in events:
