@@ -501,6 +501,8 @@ impl<S: Storage> Writer<S> {
         due
     }
 
+    /// Runs one commit: every op in order (each answer waits for the commit), the
+    /// pending acks, the `max_stored_messages` trim and, on a tick, the clean-up.
     fn apply(
         &mut self,
         ops: Vec<Op>,
@@ -515,77 +517,12 @@ impl<S: Storage> Writer<S> {
         for op in ops {
             match op {
                 Op::Append(updates, key, done) => {
-                    // Checked in the commit that would store the updates: two requests
-                    // with one key in one group commit store once.
-                    if let Some(key) = &key
-                        && let Some(seen) = txn.idempotency_key(key.key())?
-                    {
-                        let answer = if seen.digest == key.digest() {
-                            Ok(Appended {
-                                positions: seen.positions(),
-                                repeated: true,
-                            })
-                        } else {
-                            Err(EngineError::KeyReused)
-                        };
-                        answers.push(Answer::Append(done, answer));
-                        continue;
-                    }
-                    let mut positions = Vec::with_capacity(updates.len());
-                    for update in updates {
-                        bounds.head += 1;
-                        let message = Arc::new(Message::new(
-                            bounds.head,
-                            update.track.into(),
-                            update.json.into(),
-                            now,
-                        ));
-                        txn.append(&message)?;
-                        positions.push(bounds.head);
-                        changes.push(Change::Appended(message));
-                    }
-                    if let (Some(key), Some(&first)) = (key, positions.first()) {
-                        let record = KeyRecord {
-                            time_ms: now,
-                            digest: key.digest().to_owned(),
-                            first,
-                            count: positions.len() as u64,
-                        };
-                        txn.put_idempotency_key(key.key(), &record)?;
-                    }
-                    answers.push(Answer::Append(
-                        done,
-                        Ok(Appended {
-                            positions,
-                            repeated: false,
-                        }),
-                    ));
+                    let answer = append(&mut txn, &mut bounds, updates, key, now, changes)?;
+                    answers.push(Answer::Append(done, answer));
                 }
                 Op::Connect(uid, tracks, done) => {
-                    let mut listener = txn.listener(&uid)?.unwrap_or_else(|| Listener {
-                        uid: uid.clone(),
-                        tracks: Vec::new(),
-                        cursor: bounds.head,
-                        last_seen_ms: now,
-                    });
-                    let uid: Arc<str> = uid.into();
-                    for track in tracks {
-                        if listener.tracks.iter().any(|s| s.track == track) {
-                            continue;
-                        }
-                        txn.add_subscribers(&track, 1)?;
-                        changes.push(Change::Connected {
-                            uid: uid.clone(),
-                            track: track.as_str().into(),
-                        });
-                        listener.tracks.push(Subscription {
-                            track,
-                            since: bounds.head,
-                        });
-                    }
-                    listener.last_seen_ms = now;
-                    txn.put_listener(&listener)?;
-                    answers.push(Answer::Connect(done, listener.track_names()));
+                    let tracks = connect(&mut txn, bounds.head, uid, tracks, now, changes)?;
+                    answers.push(Answer::Connect(done, tracks));
                 }
                 Op::Disconnect(uid, track, done) => {
                     if track.is_none() {
@@ -599,40 +536,59 @@ impl<S: Storage> Writer<S> {
             }
         }
         write_acks(&mut txn, acks)?;
+        let deleted = self.trim_to_max(&mut txn, &mut bounds)?;
+        if maintain && self.last_maintenance.elapsed() >= self.limits.clean_up_every() {
+            self.last_maintenance = Instant::now();
+            self.clean_up(&mut txn, &mut bounds, deleted, now, changes)?;
+        }
+        txn.set_bounds(bounds)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes the oldest messages while more than `max_stored_messages` are kept (at
+    /// most [`MAX_DELETES_PER_COMMIT`]); returns how many went.
+    fn trim_to_max(&self, txn: &mut S::Txn<'_>, bounds: &mut Bounds) -> Result<usize> {
         let mut deleted = 0;
         while bounds.head - bounds.trimmed_through > self.limits.max_stored_messages
             && deleted < MAX_DELETES_PER_COMMIT
         {
-            bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
+            bounds.trimmed_through = self.delete_oldest(txn, *bounds)?;
             deleted += 1;
         }
-        if maintain && self.last_maintenance.elapsed() >= self.limits.clean_up_every() {
-            self.last_maintenance = Instant::now();
-            let keep_after = self.limits.keep_messages_after(now);
-            while deleted < MAX_DELETES_PER_COMMIT {
-                match txn.oldest()? {
-                    Some((_, time)) if time < keep_after => {
-                        bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
-                        deleted += 1;
-                    }
-                    _ => break,
+        Ok(deleted)
+    }
+
+    /// The tick's clean-up, bounded per commit: messages past `retention`, idempotency
+    /// keys past their keep time, listeners unseen for `listener_ttl`, and revocations
+    /// no token can outlive any more.
+    fn clean_up(
+        &self,
+        txn: &mut S::Txn<'_>,
+        bounds: &mut Bounds,
+        mut deleted: usize,
+        now: u64,
+        changes: &mut Vec<Change>,
+    ) -> Result<()> {
+        let keep_after = self.limits.keep_messages_after(now);
+        while deleted < MAX_DELETES_PER_COMMIT {
+            match txn.oldest()? {
+                Some((_, time)) if time < keep_after => {
+                    bounds.trimmed_through = self.delete_oldest(txn, *bounds)?;
+                    deleted += 1;
                 }
-            }
-            txn.expire_idempotency_keys(
-                self.limits.forget_keys_before(now),
-                MAX_DELETES_PER_COMMIT,
-            )?;
-            let seen_before = self.limits.forget_listeners_seen_before(now);
-            for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
-                disconnect(&mut txn, &uid, None, changes)?;
-            }
-            let revoked_before = now.saturating_sub(self.limits.revocation_ttl.as_millis() as u64);
-            for uid in txn.old_revocations(revoked_before, MAX_DELETES_PER_COMMIT)? {
-                txn.remove_revocation(&uid)?;
+                _ => break,
             }
         }
-        txn.set_bounds(bounds)?;
-        txn.commit()?;
+        txn.expire_idempotency_keys(self.limits.forget_keys_before(now), MAX_DELETES_PER_COMMIT)?;
+        let seen_before = self.limits.forget_listeners_seen_before(now);
+        for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
+            disconnect(txn, &uid, None, changes)?;
+        }
+        let revoked_before = now.saturating_sub(self.limits.revocation_ttl.as_millis() as u64);
+        for uid in txn.old_revocations(revoked_before, MAX_DELETES_PER_COMMIT)? {
+            txn.remove_revocation(&uid)?;
+        }
         Ok(())
     }
 
@@ -642,6 +598,91 @@ impl<S: Storage> Writer<S> {
         txn.delete_oldest()?;
         Ok(oldest.map_or(bounds.head, |(pos, _)| pos))
     }
+}
+
+/// Appends `updates` after `bounds.head`, unless `key` was seen: then the first
+/// request's positions (or `KeyReused` for another body). The key is checked in the
+/// commit that would store the updates: two requests with one key in one group commit
+/// store once.
+fn append(
+    txn: &mut impl StorageTxn,
+    bounds: &mut Bounds,
+    updates: Vec<Update>,
+    key: Option<IdempotencyKey>,
+    now: u64,
+    changes: &mut Vec<Change>,
+) -> Result<Result<Appended>> {
+    if let Some(key) = &key
+        && let Some(seen) = txn.idempotency_key(key.key())?
+    {
+        return Ok(if seen.digest == key.digest() {
+            Ok(Appended {
+                positions: seen.positions(),
+                repeated: true,
+            })
+        } else {
+            Err(EngineError::KeyReused)
+        });
+    }
+    let mut positions = Vec::with_capacity(updates.len());
+    for update in updates {
+        bounds.head += 1;
+        let message = Arc::new(Message::new(
+            bounds.head,
+            update.track.into(),
+            update.json.into(),
+            now,
+        ));
+        txn.append(&message)?;
+        positions.push(bounds.head);
+        changes.push(Change::Appended(message));
+    }
+    if let (Some(key), Some(&first)) = (key, positions.first()) {
+        let record = KeyRecord {
+            time_ms: now,
+            digest: key.digest().to_owned(),
+            first,
+            count: positions.len() as u64,
+        };
+        txn.put_idempotency_key(key.key(), &record)?;
+    }
+    Ok(Ok(Appended {
+        positions,
+        repeated: false,
+    }))
+}
+
+/// Subscribes `uid` (created if new, its cursor at `head`) to each of `tracks` it does
+/// not have yet, from `head` on; returns its tracks.
+fn connect(
+    txn: &mut impl StorageTxn,
+    head: Position,
+    uid: String,
+    tracks: Vec<String>,
+    now: u64,
+    changes: &mut Vec<Change>,
+) -> Result<Vec<String>> {
+    let mut listener = txn.listener(&uid)?.unwrap_or_else(|| Listener {
+        uid: uid.clone(),
+        tracks: Vec::new(),
+        cursor: head,
+        last_seen_ms: now,
+    });
+    let uid: Arc<str> = uid.into();
+    for track in tracks {
+        if listener.tracks.iter().any(|s| s.track == track) {
+            continue;
+        }
+        txn.add_subscribers(&track, 1)?;
+        changes.push(Change::Connected {
+            uid: uid.clone(),
+            track: track.as_str().into(),
+        });
+        listener.tracks.push(Subscription { track, since: head });
+    }
+    listener.last_seen_ms = now;
+    txn.put_listener(&listener)?;
+    Ok(listener.track_names())
 }
 
 /// Writes `acks` (a snapshot of the pending ones) into the listeners they belong to;

@@ -48,8 +48,21 @@ impl Factory for Memory {
 
 struct Embedded(tempfile::TempDir);
 impl Factory for Embedded {
+    /// Waits (at most 5 s) for an engine just dropped to let go of the file: its writer
+    /// thread holds it until it sees its channel close, where a killed process's would
+    /// be gone at once.
     fn open(&self, limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine> {
-        open_embedded(self.0.path(), limits, tail).expect("open embedded")
+        let started = std::time::Instant::now();
+        loop {
+            match open_embedded(self.0.path(), limits.clone(), tail.clone()) {
+                Ok(engine) => return engine,
+                Err(e) if started.elapsed() < Duration::from_secs(5) => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("open embedded: {e}"),
+            }
+        }
     }
     fn persists(&self) -> bool {
         true
