@@ -19,8 +19,8 @@ use crate::metrics::Transport;
 use crate::names;
 use crate::server::AppState;
 
-/// Most updates in one batch: keeps one request's commit (and its memory) bounded.
-pub const MAX_BATCH: usize = 1000;
+// Most updates in one batch; the bench keeps to the same limit.
+pub use dolores_protocol::api::MAX_BATCH;
 /// Smallest request body limit; raised to fit one message of `max_message_bytes`.
 /// 8 MiB fits a full batch of ordinary messages without letting one request eat memory.
 const MIN_BODY_LIMIT: usize = 8 * 1024 * 1024;

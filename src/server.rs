@@ -13,6 +13,8 @@ use axum::http::{HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
+use dolores_protocol::api as paths;
+use dolores_protocol::{LAST_EVENT_ID_HEADER, Transport};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -129,20 +131,23 @@ impl AppState {
 /// The routes, without a socket (tests can call it directly).
 pub fn app(state: AppState) -> Router {
     let backend = Router::new()
-        .route("/api/v1/update", post(api::update))
-        .route("/api/v1/connect", post(api::connect))
-        .route("/api/v1/disconnect", post(api::disconnect))
-        .route("/api/v1/listeners/{uid}", get(api::listener))
-        .route("/api/v1/tokens", post(api::tokens))
-        .route("/api/v1/stats", get(api::stats))
+        .route(paths::UPDATE, post(api::update))
+        .route(paths::CONNECT, post(api::connect))
+        .route(paths::DISCONNECT, post(api::disconnect))
+        .route(paths::LISTENER, get(api::listener))
+        .route(paths::TOKENS, post(api::tokens))
+        .route(paths::STATS, get(api::stats))
         .route_layer(middleware::from_fn_with_state(
             state.clone(),
             require_api_key,
         ));
     let listeners = Router::new()
-        .route("/listen/{uid}", get(sse::listen).options(preflight))
-        .route("/ws/{uid}", get(ws::listen).options(preflight))
-        .route("/poll/{uid}", get(poll::listen).options(preflight))
+        .route(Transport::Sse.route(), get(sse::listen).options(preflight))
+        .route(Transport::Ws.route(), get(ws::listen).options(preflight))
+        .route(
+            Transport::Poll.route(),
+            get(poll::listen).options(preflight),
+        )
         .route("/dolores.js", get(page::client_js).options(preflight))
         .layer(cors(&state.settings.cors_origins))
         .layer(middleware::from_fn_with_state(
@@ -200,7 +205,7 @@ fn cors(origins: &[String]) -> CorsLayer {
     CorsLayer::new()
         .allow_origin(allow)
         .allow_methods([Method::GET, Method::OPTIONS])
-        .allow_headers([HeaderName::from_static("last-event-id")])
+        .allow_headers([HeaderName::from_static(LAST_EVENT_ID_HEADER)])
         .max_age(Duration::from_secs(3600))
 }
 

@@ -217,7 +217,7 @@ pub async fn open(state: &AppState, request: &ListenRequest) -> Result<Deliverie
 /// The client's own cursor: `Last-Event-ID` if sent, else `last_event_id`.
 fn resume_cursor(query: &ListenQuery, headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
     let header = headers
-        .get("last-event-id")
+        .get(dolores_protocol::LAST_EVENT_ID_HEADER)
         .map(|v| v.to_str().unwrap_or("?").trim().to_owned());
     let Some(id) = header.or_else(|| query.last_event_id.clone()) else {
         return Ok(None);

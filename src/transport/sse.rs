@@ -158,7 +158,8 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
     // stream is otherwise far smaller (with the boxed HTTP path in `connection`, an idle
     // stream went from ~4.5 to ~4.1 KB of server memory, measured with 19,000).
     let opened = Box::pin(async {
-        let request = super::direct_request(head, &state.settings.base_path, "/listen/")?;
+        let request =
+            super::direct_request(head, &state.settings.base_path, Transport::Sse.prefix())?;
         super::check_origin(&state, &request, "an SSE stream")?;
         super::open(&state, &request).await
     })

@@ -1,4 +1,8 @@
-//! `dolores bench`: a load generator for loopback servers.
+//! `dolores bench`: a load generator for loopback servers. The `dolores` binary parses
+//! [`BenchArgs`] and calls [`run`]; this crate is apart from the server's so that the
+//! server needs none of its dependencies and none of its `unsafe` (raising the open-file
+//! limit, binding many source addresses). What both must agree on (paths, transports,
+//! the batch limit) comes from `dolores_protocol`.
 //!
 //! It subscribes N listeners to T tracks through the backend API (`/api/v1/connect`,
 //! with uids unique to the run), opens their streams (SSE, WebSocket or long-poll),
@@ -31,7 +35,8 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant as TokioInstant;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::{API_KEY_FILE, DEFAULT_DATA, DEFAULT_LISTEN};
+use dolores_protocol::api::{self as paths, MAX_BATCH};
+use dolores_protocol::local::{API_KEY_FILE, DEFAULT_DATA, DEFAULT_LISTEN};
 
 mod check;
 mod cpu;
@@ -56,42 +61,47 @@ const SPARE_FILES: u64 = 64 + SETUP_CONCURRENCY as u64;
 const CLEANUP_LIMIT: Duration = Duration::from_secs(10);
 /// Longest wait for the listener tasks to hand in their results after the stop.
 const JOIN_LIMIT: Duration = Duration::from_secs(10);
-/// Most updates in one batch request (the server's limit).
-const MAX_BATCH: usize = 1000;
 
-/// How listeners receive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub(crate) enum Transport {
-    /// Server-Sent Events (`/listen/{uid}`).
-    Sse,
-    /// WebSocket (`/ws/{uid}`).
-    Ws,
-    /// Long-polling (`/poll/{uid}`).
-    Poll,
-}
+/// How listeners receive: the server's transports, spelled as the server spells them in
+/// `--transport` and in the JSON report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Transport(dolores_protocol::Transport);
 
 impl Transport {
+    const SSE: Transport = Transport(dolores_protocol::Transport::Sse);
+    const WS: Transport = Transport(dolores_protocol::Transport::Ws);
+    const POLL: Transport = Transport(dolores_protocol::Transport::Poll);
+
     fn name(self) -> &'static str {
-        match self {
-            Transport::Sse => "sse",
-            Transport::Ws => "ws",
-            Transport::Poll => "poll",
-        }
+        self.0.name()
+    }
+}
+
+impl clap::ValueEnum for Transport {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[Transport::SSE, Transport::WS, Transport::POLL]
     }
 
-    fn path(self) -> &'static str {
-        match self {
-            Transport::Sse => "listen",
-            Transport::Ws => "ws",
-            Transport::Poll => "poll",
-        }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        let kind = match self.0 {
+            dolores_protocol::Transport::Sse => "Server-Sent Events",
+            dolores_protocol::Transport::Ws => "WebSocket",
+            dolores_protocol::Transport::Poll => "Long-polling",
+        };
+        let help = format!("{kind} (`{}`)", self.0.route());
+        Some(clap::builder::PossibleValue::new(self.name()).help(help))
+    }
+}
+
+impl Serialize for Transport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.name())
     }
 }
 
 /// The flags of `dolores bench`.
 #[derive(Debug, Clone, clap::Args)]
-pub(crate) struct BenchArgs {
+pub struct BenchArgs {
     /// A server to load, like http://127.0.0.1:8007 (repeatable; listeners and
     /// publishers are spread over them round-robin). Loopback only [default: 127.0.0.1:8007]
     #[arg(
@@ -310,10 +320,10 @@ enum Endpoint {
 
 fn api_key(args: &BenchArgs) -> anyhow::Result<String> {
     let data = args.data.clone().unwrap_or_else(|| DEFAULT_DATA.into());
-    super::client::api_key_or_file(
+    Ok(dolores_protocol::local::api_key_or_file(
         args.api_key.as_deref().filter(|k| !k.is_empty()),
         &data.join(API_KEY_FILE),
-    )
+    )?)
 }
 
 fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
@@ -339,7 +349,7 @@ fn check_args(args: &BenchArgs) -> anyhow::Result<()> {
         bail!("--timeout must be longer than zero");
     }
     if args.listen_url.is_some() {
-        if args.transport == Transport::Poll {
+        if args.transport == Transport::POLL {
             bail!("--listen-url works with --transport sse or ws (long-poll is Dolores' own)");
         }
         if args.tracks_per_listener != 1 {
@@ -400,7 +410,7 @@ async fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
         .collect();
 
     let mut listeners = Vec::with_capacity(args.listeners);
-    let ws_scheme = args.transport == Transport::Ws;
+    let ws_scheme = args.transport == Transport::WS;
     for n in 0..args.listeners {
         let server = &servers[n % servers.len()];
         let uid = format!("bench-{run}-{n}");
@@ -419,7 +429,7 @@ async fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
                     ("{index}", &n.to_string()),
                 ],
             ),
-            None => format!("{}/{}/{uid}", server.base, args.transport.path()),
+            None => format!("{}{}{uid}", server.base, args.transport.0.prefix()),
         };
         let schemes: &[&str] = if ws_scheme {
             &["http", "ws"]
@@ -463,7 +473,7 @@ async fn plan(args: &BenchArgs) -> anyhow::Result<Plan> {
         let server = &servers[index % servers.len()];
         let endpoint = match &args.publish_url {
             None => Endpoint::Dolores {
-                url: format!("{}/api/v1/update", server.base),
+                url: format!("{}{}", server.base, paths::UPDATE),
                 key: api_key.clone().unwrap_or_default(),
             },
             Some(template) => {
@@ -743,7 +753,7 @@ async fn forget_listeners(plan: &Plan, client: &reqwest::Client) -> u64 {
         .map(|(n, spec)| {
             let server = &plan.servers[n % plan.servers.len()];
             let request = client
-                .post(format!("{}/api/v1/disconnect", server.base))
+                .post(format!("{}{}", server.base, paths::DISCONNECT))
                 .bearer_auth(&key)
                 .json(&serde_json::json!({"uid": spec.uid}));
             async move {
@@ -780,7 +790,7 @@ async fn setup(
     });
     let mut answers = futures_util::stream::iter(calls)
         .map(|(server, spec, t)| {
-            let url = format!("{}/api/v1/connect", server.base);
+            let url = format!("{}{}", server.base, paths::CONNECT);
             let body = serde_json::json!({"uid": spec.uid, "track": plan.names[t as usize]});
             let request = client.post(url).bearer_auth(&key).json(&body);
             async move {
@@ -838,10 +848,89 @@ fn ns_seconds(ns: u64) -> f64 {
     seconds(Duration::from_nanos(ns))
 }
 
-/// `dolores bench`.
-pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
+/// `dolores bench`: plan the run, then subscribe, open the streams, publish, wait for
+/// the deliveries, collect what each listener saw, clean up and report — the steps
+/// `docs/bench.md` lists, each a function below. Every step stops at the run's deadline
+/// (`--timeout`).
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     let args = Arc::new(args);
     let plan = plan(&args).await?;
+    ensure_open_files(&args)?;
+    let started = Instant::now();
+    let deadline = TokioInstant::now() + args.timeout;
+    let client = http_client(&args)?;
+    let shared = Arc::new(shared_state(&args, &plan, started));
+    let server_cpu = cpu::ServerCpu::new(args.server_pids.clone());
+    server_cpu.check()?;
+    let cpu_at_start = server_cpu.seconds();
+
+    let setup = if args.no_connect {
+        None
+    } else {
+        Some(subscribe(&plan, &client, deadline).await?)
+    };
+    let cpu_subscribed = server_cpu.seconds();
+
+    let opened = open_streams(&plan, &shared, deadline).await;
+    let mut timed_out = opened.timed_out;
+    let cpu_opened = server_cpu.seconds();
+
+    let published = if shared.connected.load(Ordering::Relaxed) > 0 && !timed_out {
+        publish_all(&plan, &shared, &client, &args, deadline).await
+    } else {
+        Vec::new()
+    };
+    let per_track = per_track(&published, args.tracks);
+    let expected = expected_deliveries(&per_track, &shared);
+    timed_out |= !wait_for_deliveries(&shared, expected, deadline).await;
+    let cpu_delivered = server_cpu.seconds();
+    timed_out = stop_listeners(&shared, timed_out, deadline).await;
+
+    let ok_by_publisher: Vec<Vec<u64>> = published.iter().map(|p| p.ok.clone()).collect();
+    let mut collected = collect(opened.tasks, &ok_by_publisher).await;
+    let elapsed = started.elapsed();
+    if !args.no_connect && !args.keep_listeners {
+        let failed = forget_listeners(&plan, &client).await;
+        if failed > 0 && collected.errors.len() < 10 {
+            collected.errors.push(format!(
+                "{failed} listeners could not be disconnected at the end"
+            ));
+        }
+    }
+    for p in &published {
+        if let Some(error) = &p.error
+            && collected.errors.len() < 10
+        {
+            collected.errors.push(error.clone());
+        }
+    }
+
+    let measured = Measured {
+        timed_out,
+        elapsed,
+        setup,
+        connect_seconds: opened.seconds,
+        published,
+        per_track,
+        expected,
+        collected,
+        cpu: [cpu_at_start, cpu_subscribed, cpu_opened, cpu_delivered],
+    };
+    let report = build_report(&args, &plan, &shared, &server_cpu, measured);
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", report.human());
+    }
+    if args.strict && !report.clean() {
+        bail!("the run was not clean (see the report)");
+    }
+    Ok(())
+}
+
+/// Raises the open-file limit, and refuses a run that would need more files than the
+/// process may open.
+fn ensure_open_files(args: &BenchArgs) -> anyhow::Result<()> {
     let files = raise_open_files();
     let needed = args.listeners as u64 + args.publishers as u64 + SPARE_FILES;
     if needed > files {
@@ -851,17 +940,23 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             args.listeners
         );
     }
-    let started = Instant::now();
-    let deadline = TokioInstant::now() + args.timeout;
-    let client = reqwest::Client::builder()
+    Ok(())
+}
+
+/// The client for the backend calls and the publishers.
+fn http_client(args: &BenchArgs) -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         .pool_max_idle_per_host(SETUP_CONCURRENCY.max(args.publishers))
         .build()
-        .context("cannot make an HTTP client")?;
+        .context("cannot make an HTTP client")
+}
 
+/// What every listener task shares: the counters the steps wait on and the histograms.
+fn shared_state(args: &BenchArgs, plan: &Plan, started: Instant) -> Shared {
     let shard_count = (std::thread::available_parallelism().map_or(2, usize::from) * 4).max(8);
-    let shared = Arc::new(Shared {
+    Shared {
         start: started,
         names: plan.names.clone(),
         publishers: args.publishers,
@@ -879,113 +974,159 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             .collect(),
         connect_latency: Mutex::new(listener::histogram()),
         stop: CancellationToken::new(),
-    });
-    let mut timed_out = false;
-
-    let server_cpu = cpu::ServerCpu::new(args.server_pids.clone());
-    server_cpu.check()?;
-    let cpu_at_start = server_cpu.seconds();
-
-    // 1. Subscribe the listeners.
-    let setup_report = if args.no_connect {
-        None
-    } else {
-        let began = Instant::now();
-        let calls = setup(&plan, &client, deadline).await?;
-        Some(report::Setup {
-            subscriptions: calls,
-            seconds: seconds(began.elapsed()),
-        })
-    };
-
-    let cpu_subscribed = server_cpu.seconds();
-
-    // 2. Open the streams.
-    let connect_began_ns = shared.now_ns();
-    let mut tasks = Vec::with_capacity(plan.listeners.len());
-    for (n, spec) in plan.listeners.iter().enumerate() {
-        let shared = shared.clone();
-        let spec = spec.clone();
-        tasks.push(tokio::spawn(listener::run(shared, n, spec)));
     }
+}
+
+/// Setup: subscribes every listener to its tracks, timed.
+async fn subscribe(
+    plan: &Plan,
+    client: &reqwest::Client,
+    deadline: TokioInstant,
+) -> anyhow::Result<report::Setup> {
+    let began = Instant::now();
+    let calls = setup(plan, client, deadline).await?;
+    Ok(report::Setup {
+        subscriptions: calls,
+        seconds: seconds(began.elapsed()),
+    })
+}
+
+/// The listener tasks, once every stream is open or has failed.
+#[derive(Debug)]
+struct Opened {
+    /// One task per listener; each hands in its [`Outcome`] when stopped.
+    tasks: Vec<tokio::task::JoinHandle<Outcome>>,
+    /// From the first opening to the last stream open.
+    seconds: f64,
+    /// Whether the deadline came first.
+    timed_out: bool,
+}
+
+/// Connect: starts one task per listener and waits until each stream is open or has
+/// failed, then for `--settle`.
+async fn open_streams(plan: &Plan, shared: &Arc<Shared>, deadline: TokioInstant) -> Opened {
+    let began_ns = shared.now_ns();
+    let tasks: Vec<_> = plan
+        .listeners
+        .iter()
+        .enumerate()
+        .map(|(n, spec)| tokio::spawn(listener::run(shared.clone(), n, spec.clone())))
+        .collect();
     let total = plan.listeners.len();
     let all_tried = wait_until(deadline, || {
         shared.connected.load(Ordering::Relaxed) + shared.failed.load(Ordering::Relaxed) >= total
     })
     .await;
-    timed_out |= !all_tried;
-    let connect_seconds = ns_seconds(
+    let seconds = ns_seconds(
         shared
             .last_connect_ns
             .load(Ordering::Relaxed)
-            .saturating_sub(connect_began_ns),
+            .saturating_sub(began_ns),
     );
-    if !plan.settle.is_zero() && !timed_out {
+    if !plan.settle.is_zero() && all_tried {
         tokio::time::sleep_until((TokioInstant::now() + plan.settle).min(deadline)).await;
     }
-
-    let cpu_opened = server_cpu.seconds();
-
-    // 3. Publish.
-    let mut published = Vec::new();
-    if shared.connected.load(Ordering::Relaxed) > 0 && !timed_out {
-        let began = TokioInstant::now();
-        let handles: Vec<_> = plan
-            .publishers
-            .iter()
-            .map(|spec| {
-                tokio::spawn(publish(
-                    spec.clone(),
-                    shared.clone(),
-                    client.clone(),
-                    args.clone(),
-                    began,
-                    deadline,
-                ))
-            })
-            .collect();
-        for handle in handles {
-            published.push(handle.await.unwrap_or_default());
-        }
+    Opened {
+        tasks,
+        seconds,
+        timed_out: !all_tried,
     }
-    let per_track: Vec<u64> = (0..args.tracks)
+}
+
+/// Publish: runs every publisher to the end of its share (or the deadline).
+async fn publish_all(
+    plan: &Plan,
+    shared: &Arc<Shared>,
+    client: &reqwest::Client,
+    args: &Arc<BenchArgs>,
+    deadline: TokioInstant,
+) -> Vec<Published> {
+    let began = TokioInstant::now();
+    let handles: Vec<_> = plan
+        .publishers
+        .iter()
+        .map(|spec| {
+            tokio::spawn(publish(
+                spec.clone(),
+                shared.clone(),
+                client.clone(),
+                args.clone(),
+                began,
+                deadline,
+            ))
+        })
+        .collect();
+    let mut published = Vec::with_capacity(handles.len());
+    for handle in handles {
+        published.push(handle.await.unwrap_or_default());
+    }
+    published
+}
+
+/// Messages stored, per track, over all publishers.
+fn per_track(published: &[Published], tracks: usize) -> Vec<u64> {
+    (0..tracks)
         .map(|t| {
             published
                 .iter()
                 .map(|p| p.ok.get(t).copied().unwrap_or(0))
                 .sum()
         })
-        .collect();
-    let ok_by_publisher: Vec<Vec<u64>> = published.iter().map(|p| p.ok.clone()).collect();
+        .collect()
+}
 
-    // 4. Wait for the deliveries.
-    let expected: u64 = per_track
+/// Deliveries the run should see: each stored message once per listener on its track.
+fn expected_deliveries(per_track: &[u64], shared: &Shared) -> u64 {
+    per_track
         .iter()
         .zip(&shared.on_track)
         .map(|(ok, listeners)| ok * listeners.load(Ordering::Relaxed))
-        .sum();
-    let delivered = wait_until(deadline, || {
+        .sum()
+}
+
+/// Receive: waits until every expected delivery came or no listener is left; whether
+/// that happened before the deadline.
+async fn wait_for_deliveries(shared: &Shared, expected: u64, deadline: TokioInstant) -> bool {
+    wait_until(deadline, || {
         shared.unique.load(Ordering::Relaxed) >= expected
             || shared.alive.load(Ordering::Relaxed) == 0
     })
-    .await;
-    timed_out |= !delivered;
-    let cpu_delivered = server_cpu.seconds();
+    .await
+}
+
+/// Lets the listeners read on for [`LINGER`] (to catch late duplicates), then tells
+/// them to stop; returns whether the run has timed out.
+async fn stop_listeners(shared: &Shared, timed_out: bool, deadline: TokioInstant) -> bool {
     if !timed_out {
         tokio::time::sleep_until((TokioInstant::now() + LINGER).min(deadline)).await;
     }
-    if TokioInstant::now() >= deadline {
-        timed_out = true;
-    }
+    let timed_out = timed_out || TokioInstant::now() >= deadline;
     shared.stop.cancel();
+    timed_out
+}
 
-    // 5. Collect.
-    let mut counts = Counts::default();
-    let mut loss = 0;
-    let mut made = 0;
-    let mut failed = 0;
-    let mut drops = 0;
-    let mut errors: Vec<String> = Vec::new();
+/// What the listeners handed in.
+#[derive(Debug, Default)]
+struct Collected {
+    counts: Counts,
+    loss: u64,
+    /// Streams that opened.
+    made: u64,
+    /// Streams that never opened.
+    failed: u64,
+    /// Streams the server closed.
+    drops: u64,
+    /// The first few errors, for the report.
+    errors: Vec<String>,
+}
+
+/// Collects each listener's outcome (a stuck one is aborted after
+/// [`JOIN_LIMIT`]) and adds them up.
+async fn collect(
+    tasks: Vec<tokio::task::JoinHandle<Outcome>>,
+    ok_by_publisher: &[Vec<u64>],
+) -> Collected {
+    let mut collected = Collected::default();
     // Listeners stop at once when told; this only bounds a stuck one.
     let join_deadline = TokioInstant::now() + JOIN_LIMIT;
     for mut task in tasks {
@@ -997,38 +1138,58 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             }
         };
         if outcome.connected {
-            made += 1;
-            loss += outcome.checker.loss(&ok_by_publisher);
-            counts.add(&outcome.checker.counts);
+            collected.made += 1;
+            collected.loss += outcome.checker.loss(ok_by_publisher);
+            collected.counts.add(&outcome.checker.counts);
         } else {
-            failed += 1;
+            collected.failed += 1;
         }
         if outcome.dropped {
-            drops += 1;
+            collected.drops += 1;
         }
         if let Some(error) = outcome.error
-            && errors.len() < 5
+            && collected.errors.len() < 5
         {
-            errors.push(error);
+            collected.errors.push(error);
         }
     }
-    let elapsed = started.elapsed();
-    if !args.no_connect && !args.keep_listeners {
-        let failed = forget_listeners(&plan, &client).await;
-        if failed > 0 && errors.len() < 10 {
-            errors.push(format!(
-                "{failed} listeners could not be disconnected at the end"
-            ));
-        }
-    }
-    for p in &published {
-        if let Some(error) = &p.error
-            && errors.len() < 10
-        {
-            errors.push(error.clone());
-        }
-    }
+    collected
+}
 
+/// What the steps measured, for the report.
+#[derive(Debug)]
+struct Measured {
+    timed_out: bool,
+    elapsed: Duration,
+    setup: Option<report::Setup>,
+    connect_seconds: f64,
+    published: Vec<Published>,
+    per_track: Vec<u64>,
+    expected: u64,
+    collected: Collected,
+    /// The servers' CPU seconds at the start, subscribed, opened and delivered.
+    cpu: [f64; 4],
+}
+
+/// The report, from the shared histograms and what the steps measured.
+fn build_report(
+    args: &BenchArgs,
+    plan: &Plan,
+    shared: &Shared,
+    server_cpu: &cpu::ServerCpu,
+    measured: Measured,
+) -> report::Report {
+    let Measured {
+        timed_out,
+        elapsed,
+        setup,
+        connect_seconds,
+        published,
+        per_track,
+        expected,
+        collected,
+        cpu,
+    } = measured;
     let mut latency = listener::histogram();
     for shard in &shared.latency {
         let shard = shard
@@ -1054,8 +1215,8 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             (count as f64 / (span_ns as f64 / 1e9)).round()
         }
     };
-
-    let report = report::Report {
+    let counts = collected.counts;
+    report::Report {
         run: plan.run.clone(),
         servers: plan.servers.iter().map(|s| s.base.clone()).collect(),
         transport: args.transport,
@@ -1070,10 +1231,10 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
         complete: !timed_out,
         timed_out,
         elapsed_s: seconds(elapsed),
-        setup: setup_report,
+        setup,
         connections: report::Connections {
-            made,
-            failed,
+            made: collected.made,
+            failed: collected.failed,
             seconds: connect_seconds,
             connect_ms: report::Quantiles::of(&connect_latency),
         },
@@ -1092,30 +1253,17 @@ pub(crate) async fn run(args: BenchArgs) -> anyhow::Result<()> {
             per_second: rate(counts.unique, delivery_span),
         },
         latency_ms: report::Quantiles::of(&latency),
-        loss,
+        loss: collected.loss,
         duplicates: counts.duplicates,
         misroutes: counts.misroutes,
         reordered: counts.reordered,
         resets: counts.resets,
-        drops,
-        errors,
-        server_cpu: server_cpu.enabled().then(|| {
-            server_cpu.report(
-                [cpu_at_start, cpu_subscribed, cpu_opened, cpu_delivered],
-                counts.unique,
-                messages_ok,
-            )
-        }),
-    };
-    if args.json {
-        println!("{}", serde_json::to_string(&report)?);
-    } else {
-        print!("{}", report.human());
+        drops: collected.drops,
+        errors: collected.errors,
+        server_cpu: server_cpu
+            .enabled()
+            .then(|| server_cpu.report(cpu, counts.unique, messages_ok)),
     }
-    if args.strict && !report.clean() {
-        bail!("the run was not clean (see the report)");
-    }
-    Ok(())
 }
 
 #[cfg(test)]
