@@ -17,14 +17,16 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
+use dolores_protocol::api as paths;
+
 use crate::auth::{self, DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS};
 use crate::engine::{IdempotencyKey, Update};
 use crate::error::{ApiError, ErrorCode};
 use crate::names;
 use crate::node::Node;
 
-/// Most updates in one batch: keeps one request's commit (and its memory) bounded.
-pub const MAX_BATCH: usize = 1000;
+// Most updates in one batch; the bench keeps to the same limit.
+pub use dolores_protocol::api::MAX_BATCH;
 /// Smallest request body limit; raised to fit one message of `max_message_bytes`.
 /// 8 MiB fits a full batch of ordinary messages without letting one request eat memory.
 const MIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -34,12 +36,12 @@ type ApiResult = Result<Json<Value>, ApiError>;
 /// The backend's calls, each behind the api key, and `/healthz` and `/metrics`.
 pub fn router(node: &Node) -> Router<Node> {
     let backend = Router::new()
-        .route("/api/v1/update", post(update))
-        .route("/api/v1/connect", post(connect))
-        .route("/api/v1/disconnect", post(disconnect))
-        .route("/api/v1/listeners/{uid}", get(listener))
-        .route("/api/v1/tokens", post(tokens))
-        .route("/api/v1/stats", get(stats))
+        .route(paths::UPDATE, post(update))
+        .route(paths::CONNECT, post(connect))
+        .route(paths::DISCONNECT, post(disconnect))
+        .route(paths::LISTENER, get(listener))
+        .route(paths::TOKENS, post(tokens))
+        .route(paths::STATS, get(stats))
         .route_layer(middleware::from_fn_with_state(
             node.clone(),
             require_api_key,

@@ -4,7 +4,7 @@
 //! themselves. Every failure is one line and a non-zero exit code.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -87,23 +87,8 @@ impl Target {
             return Ok(given.clone());
         }
         let file = self.settings.api_key_file();
-        let key = api_key_or_file(None, &file)?;
+        let key = dolores_protocol::local::api_key_or_file(None, &file)?;
         Ok((key, KeySource::Generated(file)))
-    }
-}
-
-/// The api key given, else the one a local server generated into `key_file`.
-pub(super) fn api_key_or_file(given: Option<&str>, key_file: &Path) -> anyhow::Result<String> {
-    if let Some(key) = given {
-        return Ok(key.to_owned());
-    }
-    match std::fs::read_to_string(key_file) {
-        Ok(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
-        _ => bail!(
-            "no api key: pass --api-key or set DOLORES_API_KEY (a local server keeps its \
-             generated key in {})",
-            key_file.display()
-        ),
     }
 }
 

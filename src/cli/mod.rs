@@ -1,6 +1,6 @@
 //! The command line: `dolores serve` runs the server; `update`, `connect`,
 //! `disconnect`, `listen` and `token` are a client of a running server; `bench` is a
-//! load generator for servers on loopback.
+//! load generator for servers on loopback (the crate `dolores_bench`).
 //! Each command lives in its own file; this one only parses and dispatches.
 
 use std::process::ExitCode;
@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{ClientOptions, KeyOptions, Options, Settings};
 
-mod bench;
 mod client;
 mod serve;
 
@@ -118,7 +117,7 @@ enum Command {
         key: KeyOptions,
     },
     /// Load-test servers on loopback: open listeners, publish, measure delivery
-    Bench(bench::BenchArgs),
+    Bench(dolores_bench::BenchArgs),
     /// Check the embedded store in --data without changing it (stop the server first)
     Check {
         /// The data dir [default: ./dolores-data]
@@ -198,7 +197,7 @@ pub fn main() -> ExitCode {
                 let target = target(&client, Some(&key), token_secret)?;
                 client::token(target, uid, tracks, ttl).await
             }
-            Command::Bench(args) => bench::run(args).await,
+            Command::Bench(args) => dolores_bench::run(args).await,
             Command::Check { data } => check_store(data, false),
             Command::Repair { data } => check_store(data, true),
         }
