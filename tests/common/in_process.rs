@@ -1,7 +1,8 @@
 //! The server in the test's own process: the `Settings` the binary would make of the
 //! same flags, served on a thread of its own with its own multi-thread runtime (so the
-//! test's runtime and the server's are separate, as with a real process), and stopped
-//! through the same graceful shutdown the binary runs on SIGTERM.
+//! test's runtime and the server's are separate, as with a real process). A stop is
+//! the graceful shutdown the binary runs on SIGTERM; a drop ends it at once, as the
+//! process is killed when dropped.
 //!
 //! No process to spawn and no log line to parse makes a start cheap. What it cannot do:
 //! read `DOLORES_*` variables (the environment is shared by every test in the process),
@@ -33,11 +34,16 @@ const LISTEN_BACKLOG: u32 = 8192;
 /// own (on drop).
 const STOP_LIMIT: Duration = Duration::from_secs(10);
 
-/// A server running in this process; stopped (gracefully) when dropped.
+/// A server running in this process: [`InProcess::stop`] stops it gracefully; dropping
+/// it ends it at once, as a killed process ends.
 #[derive(Debug)]
 pub(super) struct InProcess {
-    /// Sending, or dropping, stops the server.
+    /// Sending stops the server gracefully.
     stop_tx: Option<oneshot::Sender<()>>,
+    /// Dropping ends the server at once: a graceful stop would wait for the clients'
+    /// side of open connections (an HTTP/2 connection's, say), which lives on the test's
+    /// runtime, blocked in the drop.
+    abandon_tx: Option<oneshot::Sender<()>>,
     /// How the server ended: `Err` with what went wrong.
     done_rx: Option<oneshot::Receiver<Result<(), String>>>,
     thread: Option<JoinHandle<()>>,
@@ -64,6 +70,7 @@ pub(super) async fn start(
     let https = settings.tls.is_some();
     let (ready_tx, ready_rx) = oneshot::channel();
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let (abandon_tx, abandon_rx) = oneshot::channel::<()>();
     let (done_tx, done_rx) = oneshot::channel();
     let thread = std::thread::Builder::new()
         .name("dolores-server".into())
@@ -79,9 +86,14 @@ pub(super) async fn start(
                         // Sent or dropped: either way the test is done with the server.
                         let _ = stop_rx.await;
                     };
-                    let served = runtime.block_on(serve(settings, api_key, ready_tx, stop));
-                    // What is left of the server's tasks ends here, and lets go of the
-                    // store before a restart opens it again.
+                    let served = runtime.block_on(async move {
+                        tokio::select! {
+                            served = serve(settings, api_key, ready_tx, stop) => served,
+                            _ = abandon_rx => Ok(()),
+                        }
+                    });
+                    // What is left of the server's tasks ends here (all of them, when
+                    // abandoned), and lets go of the store before a restart opens it.
                     drop(runtime);
                     served.map_err(|e| format!("{e:#}"))
                 }
@@ -93,6 +105,7 @@ pub(super) async fn start(
         .expect("spawn the server's thread");
     let mut server = InProcess {
         stop_tx: Some(stop_tx),
+        abandon_tx: Some(abandon_tx),
         done_rx: Some(done_rx),
         thread: Some(thread),
     };
@@ -194,13 +207,13 @@ impl InProcess {
 
 impl Drop for InProcess {
     fn drop(&mut self) {
-        // Dropping the sender stops the server.
-        self.stop_tx.take();
+        self.abandon_tx.take();
         let Some(thread) = self.thread.take() else {
             return;
         };
-        // Blocking is fine here: the server runs on its own runtime. Waiting lets it
-        // flush its store and free its data dir before the test process exits.
+        // Blocking is fine here: the server runs on its own runtime, and ending it
+        // takes no help from the test's. Waiting lets its thread delete the data dir
+        // before the test process exits.
         let deadline = Instant::now() + STOP_LIMIT;
         while !thread.is_finished() && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
