@@ -216,7 +216,7 @@ impl Drop for InProcess {
         // before the test process exits.
         let deadline = Instant::now() + STOP_LIMIT;
         while !thread.is_finished() && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
         if thread.is_finished() {
             let _ = thread.join();

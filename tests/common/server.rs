@@ -17,7 +17,7 @@ use std::time::Duration;
 use tokio::process::Child;
 
 use super::API_KEY;
-use super::http::install_crypto;
+use super::http::{install_crypto, plain_tls};
 use super::in_process::{self, InProcess};
 use super::process;
 use super::wait::WAIT;
@@ -211,7 +211,10 @@ impl Server {
             api_key: String::new(),
             stdout_lines: Vec::new(),
             stderr: Arc::default(),
+            // Without the system's roots: reading them took ~27 ms, most of a start,
+            // and the HTTPS tests bring their own.
             client: reqwest::Client::builder()
+                .tls_backend_preconfigured(plain_tls())
                 .connect_timeout(Duration::from_secs(5))
                 .timeout(Duration::from_secs(30))
                 .build()
