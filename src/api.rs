@@ -1,23 +1,27 @@
 //! The backend's HTTP API under `/api/v1`: thin handlers that check every field, call
-//! the engine, and answer JSON. The api key is checked before any of them runs (see
-//! `server`).
+//! the engine, and answer JSON. The api key is checked before any of them runs. Beside
+//! it, what an operator's tools read without a key: `/healthz` and `/metrics`.
 //!
 //! Bodies are parsed by hand from a JSON value rather than derived, so each mistake
 //! gets its own precise error: a missing field, a wrong type, an unknown key.
 
-use axum::Json;
+use std::net::SocketAddr;
+
 use axum::body::{Body, to_bytes};
 use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::extract::{ConnectInfo, OriginalUri, Path, Request, State};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
-use crate::auth::{DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS};
-use crate::engine::{Update, now_ms};
-use crate::error::ApiError;
-use crate::metrics::Transport;
+use crate::auth::{self, DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS};
+use crate::engine::{IdempotencyKey, Update};
+use crate::error::{ApiError, ErrorCode};
 use crate::names;
-use crate::server::AppState;
+use crate::node::Node;
 
 /// Most updates in one batch: keeps one request's commit (and its memory) bounded.
 pub const MAX_BATCH: usize = 1000;
@@ -27,9 +31,144 @@ const MIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
 
 type ApiResult = Result<Json<Value>, ApiError>;
 
-/// `POST /api/v1/update`: one message or a batch, stored before the answer.
-pub async fn update(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let mut fields = read_object(&state, &headers, body).await?;
+/// The backend's calls, each behind the api key, and `/healthz` and `/metrics`.
+pub fn router(node: &Node) -> Router<Node> {
+    let backend = Router::new()
+        .route("/api/v1/update", post(update))
+        .route("/api/v1/connect", post(connect))
+        .route("/api/v1/disconnect", post(disconnect))
+        .route("/api/v1/listeners/{uid}", get(listener))
+        .route("/api/v1/tokens", post(tokens))
+        .route("/api/v1/stats", get(stats))
+        .route_layer(middleware::from_fn_with_state(
+            node.clone(),
+            require_api_key,
+        ));
+    backend
+        .route("/api/v1/openapi.json", get(openapi))
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics))
+}
+
+/// Lets a backend call through only with the api key; a refusal is logged with the
+/// client and the path as sent.
+async fn require_api_key(State(node): State<Node>, request: Request, next: Next) -> Response {
+    match auth::check_api_key(&node.api_key, request.headers()) {
+        Ok(()) => next.run(request).await,
+        Err(e) => {
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0);
+            let client = node
+                .settings
+                .trusted_proxies
+                .client(peer, request.headers());
+            // The path as sent, base path included (nesting strips it from the URI).
+            let uri = request
+                .extensions()
+                .get::<OriginalUri>()
+                .map_or(request.uri(), |o| &o.0);
+            tracing::warn!(
+                "refused {} {} from {client}: {}",
+                request.method(),
+                uri.path(),
+                e.code
+            );
+            e.into_response()
+        }
+    }
+}
+
+/// `GET /healthz`: 200 while the node can serve and store, 503 saying why otherwise.
+async fn healthz(State(node): State<Node>) -> Response {
+    if node.shutdown.is_cancelled() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::ShuttingDown,
+            "shutting down",
+        )
+        .into_response();
+    }
+    if !node.engine.healthy() {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            ErrorCode::StoreUnavailable,
+            format!(
+                "the {} store is failing (a write or a read did not go through; the log says why)",
+                node.engine.kind()
+            ),
+        )
+        .into_response();
+    }
+    Json(json!({"status": "ok", "engine": node.engine.kind()})).into_response()
+}
+
+/// `GET /metrics`: Prometheus text.
+async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
+    let counts = node.engine.counts().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        node.metrics.render(counts),
+    )
+        .into_response())
+}
+
+/// The request header that makes an update safe to retry (SPEC, "Retrying safely").
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The answer header on an update that repeated an earlier one: nothing new was stored.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// `POST /api/v1/update`: one message or a batch, stored before the answer; once per
+/// `Idempotency-Key`.
+pub async fn update(
+    State(state): State<Node>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+    let key = match (values.next(), values.next()) {
+        (None, _) => None,
+        (Some(key), None) => Some(key.as_bytes()),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_field(
+                ErrorCode::BadIdempotencyKey,
+                "send one Idempotency-Key, not several",
+            ));
+        }
+    };
+    let fields = read_object(&state, &headers, body).await?;
+    let (updates, batch) = parse_updates(fields, state.settings.max_message_bytes)?;
+    let key = key
+        .map(|key| IdempotencyKey::new(key, &updates))
+        .transpose()
+        .map_err(|e| ApiError::bad_field(ErrorCode::BadIdempotencyKey, e.0))?;
+    let appended = state.engine.append_with_key(updates, key).await?;
+    let ids: Vec<String> = appended.positions.iter().map(u64::to_string).collect();
+    let answer = if batch {
+        json!({ "ids": ids })
+    } else {
+        json!({ "id": ids.first().cloned().unwrap_or_default() })
+    };
+    let mut response = Json(answer).into_response();
+    if appended.repeated {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The updates of an update request's body, and whether it was a batch
+/// (`{"updates": […]}`). Pure, like every `parse_*` here: the property tests below throw
+/// any JSON at them.
+fn parse_updates(
+    mut fields: Fields,
+    max_message_bytes: usize,
+) -> Result<(Vec<Update>, bool), ApiError> {
     if let Some(batch) = fields.0.remove("updates") {
         fields.allow(&[])?;
         let Value::Array(items) = batch else {
@@ -39,7 +178,7 @@ pub async fn update(State(state): State<AppState>, headers: HeaderMap, body: Bod
         };
         if items.is_empty() || items.len() > MAX_BATCH {
             return Err(ApiError::bad_field(
-                "bad_batch",
+                ErrorCode::BadBatch,
                 format!(
                     "a batch has 1 to {MAX_BATCH} updates, this one has {}",
                     items.len()
@@ -51,23 +190,18 @@ pub async fn update(State(state): State<AppState>, headers: HeaderMap, body: Bod
             let Value::Object(item) = item else {
                 return Err(bad_request(format!("updates[{i}] must be an object")));
             };
-            let update = parse_update(&state, Fields(item)).map_err(|e| ApiError {
+            let update = parse_update(Fields(item), max_message_bytes).map_err(|e| ApiError {
                 message: format!("updates[{i}]: {}", e.message),
                 ..e
             })?;
             updates.push(update);
         }
-        let ids = state.engine.append(updates).await?;
-        let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
-        return Ok(Json(json!({ "ids": ids })));
+        return Ok((updates, true));
     }
-    let update = parse_update(&state, fields)?;
-    let ids = state.engine.append(vec![update]).await?;
-    let id = ids.first().map(u64::to_string).unwrap_or_default();
-    Ok(Json(json!({ "id": id })))
+    Ok((vec![parse_update(fields, max_message_bytes)?], false))
 }
 
-fn parse_update(state: &AppState, mut fields: Fields) -> Result<Update, ApiError> {
+fn parse_update(mut fields: Fields, max_message_bytes: usize) -> Result<Update, ApiError> {
     let track = fields.track()?;
     let message = fields
         .0
@@ -75,10 +209,10 @@ fn parse_update(state: &AppState, mut fields: Fields) -> Result<Update, ApiError
         .ok_or_else(|| bad_request("\"message\" is missing (any JSON value)"))?;
     fields.allow(&[])?;
     let json = message.to_string();
-    let limit = state.settings.max_message_bytes;
+    let limit = max_message_bytes;
     if json.len() > limit {
         return Err(ApiError::too_large(
-            "message_too_large",
+            ErrorCode::MessageTooLarge,
             format!(
                 "the message is {} bytes as JSON; the limit is {limit}",
                 json.len()
@@ -89,29 +223,24 @@ fn parse_update(state: &AppState, mut fields: Fields) -> Result<Update, ApiError
 }
 
 /// `POST /api/v1/connect`: subscribes a listener (created if new) to a track.
-pub async fn connect(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let mut fields = read_object(&state, &headers, body).await?;
-    let uid = fields.uid()?;
-    let track = fields.track()?;
-    fields.allow(&[])?;
+pub async fn connect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
+    let (uid, track) = parse_connect(read_object(&state, &headers, body).await?)?;
     let tracks = state.engine.connect(&uid, vec![track]).await?;
     Ok(Json(json!({ "uid": uid, "tracks": tracks })))
 }
 
-/// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener.
-pub async fn disconnect(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-    body: Body,
-) -> ApiResult {
-    let mut fields = read_object(&state, &headers, body).await?;
+/// A connect body: `{"uid", "track"}`.
+fn parse_connect(mut fields: Fields) -> Result<(String, String), ApiError> {
     let uid = fields.uid()?;
-    let track = if fields.0.contains_key("track") {
-        Some(fields.track()?)
-    } else {
-        None
-    };
+    let track = fields.track()?;
     fields.allow(&[])?;
+    Ok((uid, track))
+}
+
+/// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener — which
+/// also revokes its listener tokens issued until now (see `Engine::disconnect`).
+pub async fn disconnect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
+    let (uid, track) = parse_disconnect(read_object(&state, &headers, body).await?)?;
     let tracks = state
         .engine
         .disconnect(&uid, track)
@@ -120,13 +249,25 @@ pub async fn disconnect(
     Ok(Json(json!({ "uid": uid, "tracks": tracks })))
 }
 
+/// A disconnect body: `{"uid"}` (the whole listener) or `{"uid", "track"}`.
+fn parse_disconnect(mut fields: Fields) -> Result<(String, Option<String>), ApiError> {
+    let uid = fields.uid()?;
+    let track = if fields.0.contains_key("track") {
+        Some(fields.track()?)
+    } else {
+        None
+    };
+    fields.allow(&[])?;
+    Ok((uid, track))
+}
+
 /// `GET /api/v1/listeners/{uid}`.
 pub async fn listener(
-    State(state): State<AppState>,
+    State(state): State<Node>,
     uid: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
     let Path(uid) = uid.map_err(ApiError::from_uid_path)?;
-    names::check_uid(&uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
+    names::check_uid(&uid).map_err(|e| ApiError::bad_field(ErrorCode::BadUid, e.0))?;
     let listener = state
         .engine
         .listener(&uid)
@@ -143,8 +284,38 @@ pub async fn listener(
 }
 
 /// `POST /api/v1/tokens`: a listener token signed with the server's secret.
-pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Body) -> ApiResult {
-    let mut fields = read_object(&state, &headers, body).await?;
+pub async fn tokens(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
+    let request = parse_token_request(read_object(&state, &headers, body).await?)?;
+    let Some(tokens) = state.tokens() else {
+        return Err(ApiError::bad_field(
+            ErrorCode::NoTokenSecret,
+            "this server has no token secret: start it with --token-secret to use listener tokens",
+        ));
+    };
+    let token = tokens
+        .mint(&request.uid, request.tracks, request.ttl_seconds)
+        .map_err(|e| {
+            tracing::error!("cannot sign a token: {e}");
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                ErrorCode::Internal,
+                "cannot sign a token",
+            )
+        })?;
+    Ok(Json(json!({ "token": token })))
+}
+
+/// A token request's fields.
+#[derive(Debug, PartialEq, Eq)]
+struct TokenRequest {
+    uid: String,
+    /// The `tracks` claim, if any.
+    tracks: Option<Vec<String>>,
+    ttl_seconds: u64,
+}
+
+/// A token request body: `{"uid", "tracks"?, "ttl_seconds"?}`.
+fn parse_token_request(mut fields: Fields) -> Result<TokenRequest, ApiError> {
     let uid = fields.uid()?;
     let tracks = match fields.0.remove("tracks") {
         None | Some(Value::Null) => None,
@@ -154,7 +325,8 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
                 let Value::String(track) = item else {
                     return Err(bad_request("\"tracks\" must be an array of strings"));
                 };
-                names::check_track(&track).map_err(|e| ApiError::bad_field("bad_track", e.0))?;
+                names::check_track(&track)
+                    .map_err(|e| ApiError::bad_field(ErrorCode::BadTrack, e.0))?;
                 tracks.push(track);
             }
             Some(tracks)
@@ -168,80 +340,54 @@ pub async fn tokens(State(state): State<AppState>, headers: HeaderMap, body: Bod
             .filter(|t| (1..=MAX_TOKEN_TTL_SECONDS).contains(t))
             .ok_or_else(|| {
                 ApiError::bad_field(
-                    "bad_ttl",
+                    ErrorCode::BadTtl,
                     format!("\"ttl_seconds\" is a whole number from 1 to {MAX_TOKEN_TTL_SECONDS}"),
                 )
             })?,
         Some(_) => {
             return Err(ApiError::bad_field(
-                "bad_ttl",
+                ErrorCode::BadTtl,
                 "\"ttl_seconds\" must be a number",
             ));
         }
     };
     fields.allow(&[])?;
-    let Some(tokens) = state.tokens() else {
-        return Err(ApiError::bad_field(
-            "no_token_secret",
-            "this server has no token secret: start it with --token-secret to use listener tokens",
-        ));
-    };
-    let token = tokens.mint(&uid, tracks, ttl).map_err(|e| {
-        tracing::error!("cannot sign a token: {e}");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "cannot sign a token",
-        )
-    })?;
-    Ok(Json(json!({ "token": token })))
+    Ok(TokenRequest {
+        uid,
+        tracks,
+        ttl_seconds: ttl,
+    })
+}
+
+/// This API's OpenAPI document, `docs/openapi.json`: written once, served as it is.
+pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+
+/// `GET /api/v1/openapi.json`. It needs no api key: it describes the API and holds
+/// nothing of the node's data, and tools (code generators, fuzzers) read it before they
+/// have a key.
+pub async fn openapi() -> impl axum::response::IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// `GET /api/v1/stats`.
-pub async fn stats(State(state): State<AppState>) -> ApiResult {
-    Ok(Json(stats_json(&state).await?))
-}
-
-/// The node's counts, for `/api/v1/stats` and the status page.
-pub async fn stats_json(state: &AppState) -> Result<Value, ApiError> {
-    let counts = state.engine.counts().await?;
-    let m = &state.metrics;
-    Ok(json!({
-        "version": env!("CARGO_PKG_VERSION"),
-        "engine": state.engine.kind(),
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "listeners": counts.listeners,
-        "tracks": counts.tracks,
-        "messages_stored": counts.messages,
-        "messages_published": m.published_total(),
-        "messages_delivered": m.delivered_total(),
-        "streams": {
-            "sse": m.open_streams(Transport::Sse),
-            "ws": m.open_streams(Transport::Ws),
-            "poll": m.open_streams(Transport::Poll),
-        },
-        "time_ms": now_ms(),
-    }))
+pub async fn stats(State(state): State<Node>) -> ApiResult {
+    Ok(Json(state.stats().await?))
 }
 
 fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError::bad_field("bad_request", message)
+    ApiError::bad_field(ErrorCode::BadRequest, message)
 }
 
 /// Reads a JSON object body: 415 if it says it is not JSON, 413 past the limit, 400
 /// when it does not parse or is not an object.
-async fn read_object(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<Fields, ApiError> {
+async fn read_object(state: &Node, headers: &HeaderMap, body: Body) -> Result<Fields, ApiError> {
     if let Some(kind) = headers.get(header::CONTENT_TYPE) {
         let kind = kind.to_str().unwrap_or("").to_ascii_lowercase();
         let essence = kind.split(';').next().unwrap_or("").trim();
         if essence != "application/json" && !essence.ends_with("+json") {
             return Err(ApiError::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "not_json",
+                ErrorCode::NotJson,
                 format!("send JSON with Content-Type: application/json (got {essence:?})"),
             ));
         }
@@ -252,18 +398,23 @@ async fn read_object(
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
         if too_large {
             ApiError::too_large(
-                "body_too_large",
+                ErrorCode::BodyTooLarge,
                 format!("the request body is over {limit} bytes"),
             )
         } else {
             bad_request(format!("the request body could not be read: {e}"))
         }
     })?;
-    match serde_json::from_slice::<Value>(&bytes) {
+    parse_object(&bytes)
+}
+
+/// A body's bytes as a JSON object: 400 when they do not parse or are not an object.
+fn parse_object(bytes: &[u8]) -> Result<Fields, ApiError> {
+    match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(map)) => Ok(Fields(map)),
         Ok(_) => Err(bad_request("the body must be a JSON object")),
         Err(e) => Err(ApiError::bad_field(
-            "bad_json",
+            ErrorCode::BadJson,
             format!("the body is not valid JSON: {e}"),
         )),
     }
@@ -283,13 +434,13 @@ impl Fields {
 
     fn uid(&mut self) -> Result<String, ApiError> {
         let uid = self.string("uid")?;
-        names::check_uid(&uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
+        names::check_uid(&uid).map_err(|e| ApiError::bad_field(ErrorCode::BadUid, e.0))?;
         Ok(uid)
     }
 
     fn track(&mut self) -> Result<String, ApiError> {
         let track = self.string("track")?;
-        names::check_track(&track).map_err(|e| ApiError::bad_field("bad_track", e.0))?;
+        names::check_track(&track).map_err(|e| ApiError::bad_field(ErrorCode::BadTrack, e.0))?;
         Ok(track)
     }
 
@@ -298,6 +449,235 @@ impl Fields {
         match self.0.keys().find(|k| !allowed.contains(&k.as_str())) {
             Some(key) => Err(bad_request(format!("unknown field \"{key}\""))),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A small message limit, so that the limit is met by generated messages too.
+    const LIMIT: usize = 64;
+
+    /// Names: valid uids and tracks, and everything near them.
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[A-Za-z0-9._-]{6,10}",
+            ":[a-z/;]{0,8}",
+            "\\PC{0,6}",
+            "[\\s\\S]{0,4}",
+            Just("x".repeat(257)),
+        ]
+    }
+
+    /// Any JSON value, names among the strings.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<f64>()
+                .prop_map(|f| serde_json::Number::from_f64(f).map_or(Value::Null, Value::Number)),
+            (0u64..700_000).prop_map(Value::from),
+            name().prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 24, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                proptest::collection::btree_map(key(), inner, 0..4)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// The keys the bodies use, and others.
+    fn key() -> impl Strategy<Value = String> {
+        "uid|track|message|updates|tracks|ttl_seconds|\\PC{0,3}"
+    }
+
+    /// A request body: an object of the keys the API knows (and others), their values
+    /// of every type — including arrays of update-like objects for `updates` and
+    /// arrays of names for `tracks`.
+    fn body() -> impl Strategy<Value = Map<String, Value>> {
+        let update = proptest::collection::btree_map("track|message|\\PC{0,2}", json(), 0..3)
+            .prop_map(|m| Value::Object(m.into_iter().collect()));
+        let value = prop_oneof![
+            json(),
+            name().prop_map(Value::from),
+            proptest::collection::vec(update, 0..4).prop_map(Value::Array),
+            proptest::collection::vec(name().prop_map(Value::from), 0..3).prop_map(Value::Array),
+        ];
+        proptest::collection::btree_map(key(), value, 0..4).prop_map(|m| m.into_iter().collect())
+    }
+
+    fn is_track(value: &Value) -> bool {
+        value
+            .as_str()
+            .is_some_and(|t| names::check_track(t).is_ok())
+    }
+
+    fn is_uid(value: &Value) -> bool {
+        value.as_str().is_some_and(|u| names::check_uid(u).is_ok())
+    }
+
+    fn only(body: &Map<String, Value>, allowed: &[&str]) -> bool {
+        body.keys().all(|k| allowed.contains(&k.as_str()))
+    }
+
+    /// An update as the contract writes it: `{"track", "message"}`, the message at most
+    /// the limit as JSON.
+    fn is_update(value: &Value) -> bool {
+        let Value::Object(item) = value else {
+            return false;
+        };
+        only(item, &["track", "message"])
+            && item.get("track").is_some_and(is_track)
+            && item
+                .get("message")
+                .is_some_and(|m| m.to_string().len() <= LIMIT)
+    }
+
+    /// A refusal is a 4xx the contract lists, with a snake_case code and a message.
+    fn refused_well(e: &ApiError, codes: &[&str]) -> Result<(), TestCaseError> {
+        prop_assert!(
+            matches!(e.status.as_u16(), 400 | 413),
+            "status {} for {}",
+            e.status,
+            e.code
+        );
+        prop_assert!(codes.contains(&e.code.as_str()), "code {}", e.code);
+        prop_assert!(!e.message.is_empty());
+        Ok(())
+    }
+
+    const FIELD_CODES: &[&str] = &["bad_request", "bad_uid", "bad_track"];
+
+    proptest! {
+        /// Any bytes as a body: no panic; an object exactly when they are JSON of one.
+        #[test]
+        fn any_bytes_are_an_object_or_a_400(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let parsed = serde_json::from_slice::<Value>(&bytes);
+            match parse_object(&bytes) {
+                Ok(fields) => prop_assert_eq!(Ok(Value::Object(fields.0)), parsed.map_err(|_| ())),
+                Err(e) => {
+                    prop_assert!(!matches!(parsed, Ok(Value::Object(_))));
+                    refused_well(&e, &["bad_json", "bad_request"])?;
+                }
+            }
+        }
+
+        /// Any JSON text: no panic, whatever its nesting.
+        #[test]
+        fn any_json_text_is_an_object_or_a_400(value in json()) {
+            let text = value.to_string();
+            // Compared with the text parsed again: a float may not survive the trip
+            // exactly (serde_json without `float_roundtrip`), and that is not the point.
+            let reparsed = serde_json::from_str::<Value>(&text).ok();
+            match parse_object(text.as_bytes()) {
+                Ok(fields) => prop_assert_eq!(Some(Value::Object(fields.0)), reparsed),
+                Err(e) => {
+                    prop_assert!(!value.is_object());
+                    refused_well(&e, &["bad_request"])?;
+                }
+            }
+        }
+
+        /// An update body is taken exactly when it is one update or a batch of 1 to
+        /// 1000 as the contract writes them; anything else is a precise 4xx.
+        #[test]
+        fn update_bodies_follow_the_contract(body in body()) {
+            let one = is_update(&Value::Object(body.clone()));
+            let batch = only(&body, &["updates"])
+                && body.get("updates").and_then(Value::as_array).is_some_and(|items| {
+                    (1..=MAX_BATCH).contains(&items.len()) && items.iter().all(is_update)
+                });
+            match parse_updates(Fields(body.clone()), LIMIT) {
+                Ok((updates, is_batch)) => {
+                    prop_assert!(one || batch, "accepted {:?}", body);
+                    prop_assert_eq!(is_batch, batch);
+                    let sent: Vec<Value> = if batch {
+                        body["updates"].as_array().cloned().unwrap_or_default()
+                    } else {
+                        vec![Value::Object(body.clone())]
+                    };
+                    prop_assert_eq!(updates.len(), sent.len());
+                    for (update, sent) in updates.iter().zip(&sent) {
+                        prop_assert_eq!(Some(update.track.as_str()), sent["track"].as_str());
+                        prop_assert_eq!(&update.json, &sent["message"].to_string());
+                    }
+                }
+                Err(e) => {
+                    prop_assert!(!one && !batch, "refused {:?}: {}", body, e.message);
+                    refused_well(&e, &["bad_request", "bad_track", "bad_batch", "message_too_large"])?;
+                }
+            }
+        }
+
+        #[test]
+        fn connect_bodies_follow_the_contract(body in body()) {
+            let valid = only(&body, &["uid", "track"])
+                && body.get("uid").is_some_and(is_uid)
+                && body.get("track").is_some_and(is_track);
+            match parse_connect(Fields(body.clone())) {
+                Ok((uid, track)) => {
+                    prop_assert!(valid, "accepted {:?}", body);
+                    prop_assert_eq!(Some(uid.as_str()), body["uid"].as_str());
+                    prop_assert_eq!(Some(track.as_str()), body["track"].as_str());
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {:?}: {}", body, e.message);
+                    refused_well(&e, FIELD_CODES)?;
+                }
+            }
+        }
+
+        #[test]
+        fn disconnect_bodies_follow_the_contract(body in body()) {
+            let valid = only(&body, &["uid", "track"])
+                && body.get("uid").is_some_and(is_uid)
+                && body.get("track").is_none_or(is_track);
+            match parse_disconnect(Fields(body.clone())) {
+                Ok((uid, track)) => {
+                    prop_assert!(valid, "accepted {:?}", body);
+                    prop_assert_eq!(Some(uid.as_str()), body["uid"].as_str());
+                    prop_assert_eq!(track.as_deref(), body.get("track").and_then(Value::as_str));
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {:?}: {}", body, e.message);
+                    refused_well(&e, FIELD_CODES)?;
+                }
+            }
+        }
+
+        #[test]
+        fn token_bodies_follow_the_contract(body in body()) {
+            let tracks_ok = match body.get("tracks") {
+                None | Some(Value::Null) => true,
+                Some(Value::Array(items)) => items.iter().all(is_track),
+                Some(_) => false,
+            };
+            let ttl_ok = match body.get("ttl_seconds") {
+                None | Some(Value::Null) => true,
+                Some(n) => n.as_u64().is_some_and(|t| (1..=MAX_TOKEN_TTL_SECONDS).contains(&t)),
+            };
+            let valid = only(&body, &["uid", "tracks", "ttl_seconds"])
+                && body.get("uid").is_some_and(is_uid)
+                && tracks_ok
+                && ttl_ok;
+            match parse_token_request(Fields(body.clone())) {
+                Ok(request) => {
+                    prop_assert!(valid, "accepted {:?}", body);
+                    prop_assert_eq!(Some(request.uid.as_str()), body["uid"].as_str());
+                    let ttl = body.get("ttl_seconds").and_then(Value::as_u64);
+                    prop_assert_eq!(request.ttl_seconds, ttl.unwrap_or(DEFAULT_TOKEN_TTL_SECONDS));
+                }
+                Err(e) => {
+                    prop_assert!(!valid, "refused {:?}: {}", body, e.message);
+                    refused_well(&e, &["bad_request", "bad_uid", "bad_track", "bad_ttl"])?;
+                }
+            }
         }
     }
 }

@@ -3,7 +3,8 @@
 //! The api key guards `/api/v1`; it is compared in constant time so its bytes cannot be
 //! guessed by timing. Listener tokens are HS256 JWTs: `sub` is the uid, `exp` is
 //! checked with [`LEEWAY_SECONDS`] of clock skew, and an optional `tracks` claim
-//! connects the listener to those tracks when it opens its stream.
+//! connects the listener to those tracks when it opens its stream. A `disconnect` of
+//! the whole listener revokes the tokens issued before it ([`check_revocation`]).
 
 use axum::http::HeaderMap;
 use jsonwebtoken::errors::ErrorKind;
@@ -11,13 +12,19 @@ use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use subtle::ConstantTimeEq;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 
 /// Clock skew tolerated on `exp`, as the spec promises.
 pub const LEEWAY_SECONDS: u64 = 60;
 /// Longest lifetime `POST /api/v1/tokens` will sign: long-lived tokens are keys that
 /// cannot be revoked, so a week is the most we hand out.
 pub const MAX_TOKEN_TTL_SECONDS: u64 = 7 * 24 * 3600;
+/// How long the revocation of a listener's tokens (`disconnect` of the whole listener)
+/// is kept: the longest a token accepted here can live after its `iat` — the 7-day cap,
+/// the leeway on that cap, and the leeway on `exp` — so every token it revokes has
+/// expired before it is dropped.
+pub const REVOCATION_TTL: std::time::Duration =
+    std::time::Duration::from_secs(MAX_TOKEN_TTL_SECONDS + 2 * LEEWAY_SECONDS);
 /// Lifetime of a token when the caller does not say.
 pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3600;
 
@@ -25,7 +32,7 @@ pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3600;
 pub fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
-            "missing_api_key",
+            ErrorCode::MissingApiKey,
             "send the api key as 'Authorization: Bearer <key>'",
         ));
     };
@@ -43,7 +50,7 @@ pub fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
         Ok(())
     } else {
         Err(ApiError::unauthorized(
-            "wrong_api_key",
+            ErrorCode::WrongApiKey,
             "the api key is wrong",
         ))
     }
@@ -118,15 +125,16 @@ impl Tokens {
     pub fn verify(&self, token: &str, uid: &str) -> Result<Claims, ApiError> {
         let claims = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation)
             .map_err(|e| match e.kind() {
-                ErrorKind::ExpiredSignature => {
-                    ApiError::unauthorized("token_expired", "the listener token has expired")
-                }
+                ErrorKind::ExpiredSignature => ApiError::unauthorized(
+                    ErrorCode::TokenExpired,
+                    "the listener token has expired",
+                ),
                 ErrorKind::ImmatureSignature => ApiError::unauthorized(
-                    "token_not_yet_valid",
+                    ErrorCode::TokenNotYetValid,
                     "the listener token is not valid yet (nbf)",
                 ),
                 _ => ApiError::unauthorized(
-                    "bad_token",
+                    ErrorCode::BadToken,
                     format!("the listener token is not valid here: {e}"),
                 ),
             })?
@@ -136,18 +144,38 @@ impl Tokens {
         let issued = claims.iat.unwrap_or_else(|| crate::engine::now_ms() / 1000);
         if claims.exp > issued + MAX_TOKEN_TTL_SECONDS + LEEWAY_SECONDS {
             return Err(ApiError::unauthorized(
-                "token_too_long",
+                ErrorCode::TokenTooLong,
                 "the listener token lives longer than 7 days; mint shorter ones",
             ));
         }
         if claims.sub != uid {
             return Err(ApiError::unauthorized(
-                "token_wrong_listener",
+                ErrorCode::TokenWrongListener,
                 "the listener token was given to another uid",
             ));
         }
         Ok(claims)
     }
+}
+
+/// Refuses with 401 `token_revoked` a token issued no later than the second its
+/// listener was revoked (`revoked_at_ms`, from `Engine::revoked_at`), or without `iat`
+/// while a revocation is kept. `iat` counts whole seconds, so a token of the very
+/// second of the revocation may have been minted before it: it is refused too. That
+/// errs on the side of refusing — a client minted in that second asks once more,
+/// a second later — rather than let a revoked token through.
+pub fn check_revocation(claims: &Claims, revoked_at_ms: Option<u64>) -> Result<(), ApiError> {
+    let Some(revoked_at_ms) = revoked_at_ms else {
+        return Ok(());
+    };
+    let revoked_second = revoked_at_ms / 1000;
+    if claims.iat.is_some_and(|iat| iat > revoked_second) {
+        return Ok(());
+    }
+    Err(ApiError::unauthorized(
+        ErrorCode::TokenRevoked,
+        "the listener was disconnected after this token was issued; ask the app for a new one",
+    ))
 }
 
 #[cfg(test)]
@@ -177,6 +205,34 @@ mod tests {
             tokens.verify("garbage", "listener-1").unwrap_err().code,
             "bad_token"
         );
+    }
+
+    #[test]
+    fn a_token_of_the_revoked_second_or_before_or_without_iat_is_revoked() {
+        let claims = |iat| Claims {
+            sub: "listener-1".into(),
+            exp: 2_000_000_000,
+            iat,
+            nbf: None,
+            tracks: None,
+        };
+        let revoked_at_ms = Some(1_700_000_000_500);
+        let refused = |iat| {
+            check_revocation(&claims(iat), revoked_at_ms)
+                .err()
+                .map(|e| e.code)
+        };
+        assert_eq!(
+            refused(Some(1_699_999_999)).map(|c| c.as_str()),
+            Some("token_revoked")
+        );
+        assert_eq!(
+            refused(Some(1_700_000_000)).map(|c| c.as_str()),
+            Some("token_revoked")
+        );
+        assert_eq!(refused(None).map(|c| c.as_str()), Some("token_revoked"));
+        assert_eq!(refused(Some(1_700_000_001)), None);
+        assert!(check_revocation(&claims(None), None).is_ok());
     }
 
     #[test]

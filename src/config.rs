@@ -62,6 +62,9 @@ pub struct Options {
     /// Origins allowed to use the listener endpoints from a browser, comma-separated
     #[arg(long, env = "DOLORES_CORS_ORIGINS", value_delimiter = ',')]
     pub cors_origins: Option<Vec<String>>,
+    /// This server's own origins, where the pages that use it are served, comma-separated (like https://app.example) [default: the listen address]
+    #[arg(long, env = "DOLORES_PUBLIC_ORIGINS", value_delimiter = ',')]
+    pub public_origins: Option<Vec<String>>,
     /// Certificate chain (PEM) to serve HTTPS with HTTP/2; renewed files are picked up
     #[arg(long, env = "DOLORES_TLS_CERT", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -143,6 +146,7 @@ struct FileSettings {
     listener_ttl: Option<String>,
     max_message_bytes: Option<usize>,
     cors_origins: Option<Vec<String>>,
+    public_origins: Option<Vec<String>>,
     tls_cert: Option<PathBuf>,
     tls_key: Option<PathBuf>,
     head_timeout: Option<String>,
@@ -185,6 +189,8 @@ pub struct Settings {
     pub max_message_bytes: usize,
     /// Allowed browser origins.
     pub cors_origins: Vec<String>,
+    /// The server's own origins (empty: those of the listen address).
+    pub public_origins: Vec<String>,
     /// Certificate and key for HTTPS, when both are set.
     pub tls: Option<crate::tls::CertFiles>,
     /// Longest a request head may take, and an idle kept-alive connection may wait.
@@ -218,6 +224,7 @@ impl Default for Settings {
             // Push servers carry notices, not documents.
             max_message_bytes: 64 * 1024,
             cors_origins: Vec::new(),
+            public_origins: Vec::new(),
             tls: None,
             // Generous for a phone on a bad network; short enough that a client holding
             // connections open without finishing a request runs out of patience first.
@@ -335,6 +342,11 @@ impl Settings {
                 .or(file.cors_origins)
                 .map(|list| list.iter().map(|o| o.trim().to_owned()).collect())
                 .unwrap_or(d.cors_origins),
+            public_origins: o
+                .public_origins
+                .or(file.public_origins)
+                .map(|list| list.iter().map(|o| o.trim().to_owned()).collect())
+                .unwrap_or(d.public_origins),
             tls: match (o.tls_cert.or(file.tls_cert), o.tls_key.or(file.tls_key)) {
                 (Some(cert), Some(key)) => Some(crate::tls::CertFiles { cert, key }),
                 (None, None) => None,
@@ -420,7 +432,16 @@ impl Settings {
         }
         check_listen(&self.listen)?;
         for origin in &self.cors_origins {
-            check_origin(origin)?;
+            check_origin("cors_origins", origin)?;
+        }
+        for origin in &self.public_origins {
+            if origin == "*" || origin == "null" {
+                return invalid(&format!(
+                    "public_origins {origin:?}: list this server's own origins, like \
+                     https://app.example; pages of any other site go in cors_origins"
+                ));
+            }
+            check_origin("public_origins", origin)?;
         }
         // Only a dir can hold the store and the key file; a file would fail later, in a
         // message about the store.
@@ -505,12 +526,8 @@ fn check_listen(listen: &str) -> Result<(), ConfigError> {
 
 /// An entry of `cors_origins` is `*` or what a browser sends as `Origin`:
 /// `scheme://host[:port]`, nothing after. Anything else matches no page ever.
-fn check_origin(origin: &str) -> Result<(), ConfigError> {
-    let invalid = |why: String| {
-        Err(ConfigError::Invalid(format!(
-            "cors_origins {origin:?}: {why}"
-        )))
-    };
+fn check_origin(setting: &str, origin: &str) -> Result<(), ConfigError> {
+    let invalid = |why: String| Err(ConfigError::Invalid(format!("{setting} {origin:?}: {why}")));
     // `null` is what sandboxed pages and file:// pages send.
     if origin == "*" || origin == "null" {
         return Ok(());
@@ -665,7 +682,7 @@ mod tests {
     #[test]
     fn cors_origins_are_origins() {
         for good in ["*", "null", "http://127.0.0.1:8081", "https://app.example/"] {
-            assert!(check_origin(good).is_ok(), "{good}");
+            assert!(check_origin("cors_origins", good).is_ok(), "{good}");
         }
         for (bad, says) in [
             ("127.0.0.1:8081", "write it as http://127.0.0.1:8081"),
@@ -678,7 +695,7 @@ mod tests {
             ("https://*.example", "* works only alone"),
             ("https://", "no host"),
         ] {
-            let e = check_origin(bad).unwrap_err().to_string();
+            let e = check_origin("cors_origins", bad).unwrap_err().to_string();
             assert!(e.contains(says), "{bad}: {e}");
         }
     }

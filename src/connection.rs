@@ -22,10 +22,10 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tower_http::add_extension::AddExtension;
 
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
+use crate::node::Node;
 use crate::proxy::strip_base;
-use crate::server::AppState;
-use crate::transport::{sse, ws};
+use crate::transport::{Head, sse, ws};
 
 /// Longest request head read here; anything longer is hyper's to refuse.
 const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -35,24 +35,11 @@ const MAX_HTTP2_STREAMS: u32 = 1000;
 /// Most headers parsed from a first request.
 const MAX_HEADERS: usize = 64;
 
-/// The parts of a first request that the direct SSE path needs.
-#[derive(Debug)]
-pub struct Head {
-    /// The path and query, as sent.
-    pub target: String,
-    /// The headers.
-    pub headers: HeaderMap,
-    /// Whether the client speaks HTTP/1.1 (and so understands chunked bodies).
-    pub http11: bool,
-    /// The TCP peer (a proxy's address, behind one).
-    pub peer: Option<SocketAddr>,
-}
-
 /// Serves one accepted connection from `peer` until it closes.
 pub async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
-    state: AppState,
+    state: Node,
     router: Router,
     watcher: Watcher,
 ) {
@@ -81,10 +68,10 @@ pub async fn serve(
             // connection (and a file descriptor) for free. Say so and hang up.
             let error = ApiError::new(
                 StatusCode::REQUEST_TIMEOUT,
-                "head_timeout",
+                ErrorCode::HeadTimeout,
                 format!("the request head did not arrive within {head_timeout:?}"),
             );
-            crate::transport::write_error(&mut stream, &error, "").await;
+            crate::transport::direct::write_error(&mut stream, &error, "").await;
             return;
         }
     }
@@ -103,7 +90,7 @@ pub async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,
-    state: AppState,
+    state: Node,
     router: Router,
     watcher: Watcher,
 ) {

@@ -12,7 +12,10 @@
 //!   transport; `sse`, `ws` and `poll` each turn it into their wire format.
 //! - [`auth`] — api keys and listener tokens.
 //! - [`page`] — the status page at `/`, `/status`, and the JS client at `/dolores.js`.
-//! - [`server`] — wires state and routes, runs and shuts down.
+//! - [`node`] — the node: engine, hub, metrics, keys and settings in one handle that
+//!   every handler receives. `api`, `transport` and `page` → `node` → `hub`, `engine`.
+//! - [`cors`] — which browser pages may listen, and their CORS headers, for every path.
+//! - [`server`] — merges the routers of `api`, `transport` and `page`; runs and shuts down.
 //! - [`notify`] — tells systemd the server is ready or stopping (`sd_notify`).
 //! - [`connection`] — accepts connections: SSE and WebSocket streams served directly on the socket,
 //!   everything else through hyper and axum.
@@ -30,11 +33,13 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod connection;
+pub mod cors;
 pub mod engine;
 pub mod error;
 pub mod hub;
 pub mod metrics;
 pub mod names;
+pub mod node;
 pub mod notify;
 pub mod page;
 pub mod proxy;

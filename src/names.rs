@@ -17,7 +17,9 @@ pub const MAX_UID_CHARS: usize = 128;
 #[error("{0}")]
 pub struct BadName(pub String);
 
-/// Checks a track name: 1–256 bytes of UTF-8, no control characters, no whitespace.
+/// Checks a track name: 1–256 bytes of UTF-8, no control characters (Unicode `Cc`: C0,
+/// DEL, C1), no whitespace (Unicode `White_Space`). Format characters such as U+FEFF are
+/// neither, so they pass: `tests/vectors/names.json` holds the cases every client agrees on.
 pub fn check_track(track: &str) -> Result<(), BadName> {
     if track.is_empty() || track.len() > MAX_TRACK_BYTES {
         return Err(BadName(format!(
@@ -76,6 +78,31 @@ mod tests {
         assert!(check_uid("has/slash1").is_err());
         assert!(check_uid("ünicode12").is_err());
         assert!(check_uid(&"u".repeat(129)).is_err());
+    }
+
+    /// The vectors every suite reads (Rust, Python, JS): the rule is written once.
+    const VECTORS: &str = include_str!("../tests/vectors/names.json");
+
+    #[test]
+    fn names_follow_the_shared_vectors() {
+        let vectors: serde_json::Value = serde_json::from_str(VECTORS).expect("names.json");
+        for (kind, check) in [
+            ("tracks", check_track as fn(&str) -> Result<(), BadName>),
+            ("uids", check_uid),
+        ] {
+            let cases = vectors[kind].as_array().expect("an array of vectors");
+            assert!(!cases.is_empty(), "no {kind} in names.json");
+            for case in cases {
+                let name = case["name"].as_str().expect("name");
+                let valid = case["valid"].as_bool().expect("valid");
+                assert_eq!(
+                    check(name).is_ok(),
+                    valid,
+                    "{kind}: {name:?} ({})",
+                    case["why"]
+                );
+            }
+        }
     }
 
     proptest::proptest! {

@@ -1,6 +1,8 @@
 //! Running behind a reverse proxy: the base path everything is served under
 //! (`base_path`), and the proxies believed when they say who the client is
-//! (`trusted_proxies`, for `X-Forwarded-For`, `X-Forwarded-Proto`, `X-Forwarded-Host`).
+//! (`trusted_proxies`, for `X-Forwarded-For`). The forwarded host and scheme decide
+//! nothing: which pages are the server's own is configured (`public_origins`, see
+//! `cors`), since a `Host` header is whatever the browser was pointed at.
 //!
 //! Forwarded headers are read only when the TCP peer is inside one of the trusted
 //! blocks: from anyone else they are whatever the client chose to write, and must never
@@ -158,39 +160,17 @@ impl TrustedProxies {
     }
 
     /// Who sent a request that came from `peer` (the TCP peer, when known) with
-    /// `headers`. From an untrusted peer: the peer and its `Host`. From a trusted
-    /// proxy: the right-most `X-Forwarded-For` address that is not itself a trusted
-    /// proxy, and the forwarded host and scheme.
+    /// `headers`: the peer itself, or, from a trusted proxy, the right-most
+    /// `X-Forwarded-For` address that is not itself a trusted proxy.
     pub fn client(&self, peer: Option<SocketAddr>, headers: &HeaderMap) -> Client {
-        let host = headers
-            .get("host")
-            .and_then(|h| h.to_str().ok())
-            .filter(|h| valid_host(h))
-            .map(str::to_owned);
-        let Some(peer) = peer.map(|p| p.ip().to_canonical()) else {
-            return Client {
-                addr: None,
-                host,
-                proto: None,
-            };
-        };
-        if !self.contains(peer) {
-            return Client {
-                addr: Some(peer),
-                host,
-                proto: None,
-            };
-        }
-        Client {
-            addr: Some(self.forwarded_for(peer, headers)),
-            host: last_value(headers, "x-forwarded-host")
-                .filter(|h| valid_host(h))
-                .map(str::to_owned)
-                .or(host),
-            proto: last_value(headers, "x-forwarded-proto")
-                .map(str::to_ascii_lowercase)
-                .filter(|p| p == "http" || p == "https"),
-        }
+        let addr = peer.map(|p| p.ip().to_canonical()).map(|peer| {
+            if self.contains(peer) {
+                self.forwarded_for(peer, headers)
+            } else {
+                peer
+            }
+        });
+        Client { addr }
     }
 
     /// Walks `X-Forwarded-For` from the right while the hop that added the entry is
@@ -239,64 +219,12 @@ fn forwarded_addr(entry: &str) -> Option<IpAddr> {
     Some(addr.to_canonical())
 }
 
-/// The last value of a header that may be repeated or comma-separated: the one the
-/// proxy nearest to this server wrote.
-fn last_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
-    headers
-        .get_all(name)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .next_back()?
-        .rsplit(',')
-        .map(str::trim)
-        .find(|v| !v.is_empty())
-}
-
-/// Whether `host` can be a `host[:port]` at all (what an origin is compared with).
-fn valid_host(host: &str) -> bool {
-    !host.is_empty()
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && !b"/\\@?#,".contains(&b))
-}
-
 /// Who a request comes from, as far as the server can tell (see
 /// [`TrustedProxies::client`]). Shown in logs as the address.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Client {
     /// The client's address, when the connection's peer is known.
     pub addr: Option<IpAddr>,
-    /// The host the client asked for (`host[:port]`).
-    pub host: Option<String>,
-    /// The scheme the client used (`http` or `https`), when a trusted proxy said.
-    pub proto: Option<String>,
-}
-
-impl Client {
-    /// Whether a page at `origin` (`scheme://host[:port]`) is this server itself, as
-    /// the client reached it. The scheme is compared when a trusted proxy gave it.
-    pub fn same_origin(&self, origin: &str) -> bool {
-        let (Some((scheme, rest)), Some(host)) = (origin.split_once("://"), self.host.as_deref())
-        else {
-            return false;
-        };
-        let scheme = scheme.to_ascii_lowercase();
-        if self.proto.as_ref().is_some_and(|proto| *proto != scheme) {
-            return false;
-        }
-        without_default_port(&scheme, rest)
-            .eq_ignore_ascii_case(without_default_port(&scheme, host))
-    }
-}
-
-/// `host` without `:80` (http) or `:443` (https): an origin leaves the default out.
-fn without_default_port<'a>(scheme: &str, host: &'a str) -> &'a str {
-    let default = match scheme {
-        "http" => ":80",
-        "https" => ":443",
-        _ => return host,
-    };
-    host.strip_suffix(default).unwrap_or(host)
 }
 
 impl fmt::Display for Client {
@@ -408,30 +336,14 @@ mod tests {
 
     #[test]
     fn forwarded_headers_count_only_from_a_trusted_peer() {
-        let forwarded = headers(&[
-            ("host", "127.0.0.1:8007"),
-            ("x-forwarded-for", "198.51.100.7"),
-            ("x-forwarded-host", "app.example"),
-            ("x-forwarded-proto", "https"),
-        ]);
+        let forwarded = headers(&[("x-forwarded-for", "198.51.100.7")]);
         let proxies = trusted(&["127.0.0.1/32"]);
         let via_proxy = proxies.client(peer("127.0.0.1"), &forwarded);
         assert_eq!(via_proxy.addr, Some("198.51.100.7".parse().expect("ip")));
-        assert_eq!(via_proxy.host.as_deref(), Some("app.example"));
-        assert_eq!(via_proxy.proto.as_deref(), Some("https"));
-        assert!(via_proxy.same_origin("https://app.example"));
-        assert!(!via_proxy.same_origin("http://app.example"));
-
         let direct = proxies.client(peer("127.0.0.2"), &forwarded);
         assert_eq!(direct.addr, Some("127.0.0.2".parse().expect("ip")));
-        assert_eq!(direct.host.as_deref(), Some("127.0.0.1:8007"));
-        assert_eq!(direct.proto, None);
-        assert!(!direct.same_origin("https://app.example"));
-        assert!(direct.same_origin("http://127.0.0.1:8007"));
-
         let nobody = TrustedProxies::default().client(peer("127.0.0.1"), &forwarded);
         assert_eq!(nobody.addr, Some("127.0.0.1".parse().expect("ip")));
-        assert!(!nobody.same_origin("https://app.example"));
     }
 
     #[test]
@@ -459,31 +371,5 @@ mod tests {
         // No header: the proxy itself.
         let client = proxies.client(peer("127.0.0.1"), &HeaderMap::new());
         assert_eq!(client.addr, Some("127.0.0.1".parse().expect("ip")));
-    }
-
-    #[test]
-    fn odd_forwarded_hosts_and_schemes_are_ignored() {
-        let proxies = trusted(&["127.0.0.1/32"]);
-        let odd = headers(&[
-            ("host", "backend:8007"),
-            ("x-forwarded-host", "evil.example/path"),
-            ("x-forwarded-proto", "gopher"),
-        ]);
-        let client = proxies.client(peer("127.0.0.1"), &odd);
-        assert_eq!(client.host.as_deref(), Some("backend:8007"));
-        assert_eq!(client.proto, None);
-    }
-
-    #[test]
-    fn default_ports_and_case_do_not_matter_to_same_origin() {
-        let client = Client {
-            addr: None,
-            host: Some("App.Example:443".into()),
-            proto: Some("https".into()),
-        };
-        assert!(client.same_origin("https://app.example"));
-        assert!(!client.same_origin("https://app.example:8443"));
-        assert!(!client.same_origin("null"));
-        assert!(!Client::default().same_origin("http://app.example"));
     }
 }

@@ -470,7 +470,10 @@ fn help_flags(help: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_help_lists_only_the_client_options() {
     for (command, own) in [
-        ("update", &["--string", "--api-key", "--data"][..]),
+        (
+            "update",
+            &["--string", "--idempotency-key", "--api-key", "--data"][..],
+        ),
         ("connect", &["--api-key", "--data"]),
         ("disconnect", &["--api-key", "--data"]),
         ("listen", &["--token", "--last-event-id"]),

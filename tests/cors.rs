@@ -139,12 +139,14 @@ fn assert_open_for(answer: &Answer, origin: &str, framework: bool) {
         Some("text/event-stream"),
         "{answer:?}"
     );
-    let allowed = answer.header("access-control-allow-origin");
-    // Echoing the origin or `*` both let the page read; which one is CORS policy's.
-    assert!(
-        allowed == Some(origin) || allowed == Some("*"),
+    // One answer on both paths: the origin echoed (also for `*`, so a page that sends
+    // credentials is served too), and `Vary` so caches keep one answer per origin.
+    assert_eq!(
+        answer.header("access-control-allow-origin"),
+        Some(origin),
         "access-control-allow-origin for {origin}: {answer:?}"
     );
+    assert_eq!(answer.header("vary"), Some("origin"), "{answer:?}");
     let closes = answer.header("connection") == Some("close");
     assert_eq!(
         closes,
@@ -209,10 +211,8 @@ async fn assert_preflights_allow(server: &Server, uid: &str, origin: &str) {
                 .to_ascii_lowercase()
         };
         let allowed = header("access-control-allow-origin");
-        assert!(
-            allowed == origin || allowed == "*",
-            "{path}: access-control-allow-origin {allowed:?}"
-        );
+        assert_eq!(allowed, origin, "{path}: access-control-allow-origin");
+        assert!(header("vary").contains("origin"), "{path}: {response:?}");
         assert!(
             header("access-control-allow-methods").contains("get"),
             "{path}: {response:?}"
@@ -357,10 +357,7 @@ async fn the_wildcard_allows_every_origin_on_every_endpoint() {
     let (status, body) = common::read_json(response).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(event_ids(&body), vec![id]);
-    assert!(
-        allowed.as_deref() == Some(anywhere) || allowed.as_deref() == Some("*"),
-        "{allowed:?}"
-    );
+    assert_eq!(allowed.as_deref(), Some(anywhere));
     // And the WebSocket.
     let mut request =
         tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(format!(
@@ -429,4 +426,101 @@ async fn cors_origins_come_from_the_environment() {
         .spawn()
         .await;
     assert_origins(&server, &["http://env.test", "http://second.env.test"]).await;
+}
+
+/// `GET {path}` naming `host` in `Host` and `origin` in `Origin`, as a page at a name
+/// that resolves to this server sends it.
+fn get_as(path: &str, host: &str, origin: &str) -> String {
+    format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\n\r\n")
+}
+
+/// A WebSocket upgrade naming `host` and `origin`.
+fn upgrade_as(path: &str, host: &str, origin: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nOrigin: {origin}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+    )
+}
+
+/// DNS rebinding: a page at `http://evil.test:PORT`, whose name was made to resolve to
+/// this server, sends a `Host` that matches its `Origin`. That is not this server's
+/// origin, on any endpoint, either path; its own address and `localhost` are.
+#[tokio::test]
+async fn a_host_that_matches_the_origin_is_not_same_origin() {
+    let server = Server::start().await;
+    let uid = uid("rebinding");
+    server.connect(&uid, ":data").await;
+    let port = server.addr().rsplit(':').next().expect("port").to_owned();
+    let rebound = format!("evil.test:{port}");
+    let rebound_origin = format!("http://{rebound}");
+    for path in [format!("/listen/{uid}"), format!("/poll/{uid}?timeout=0")] {
+        let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
+        let direct = exchange(&mut stream, &get_as(&path, &rebound, &rebound_origin)).await;
+        assert_refused(&direct);
+        let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
+        let first = exchange(&mut stream, &get_as("/healthz", &rebound, &rebound_origin)).await;
+        assert_eq!(first.status, 200, "{first:?}");
+        let framework = exchange(&mut stream, &get_as(&path, &rebound, &rebound_origin)).await;
+        assert_refused(&framework);
+    }
+    let ws = format!("/ws/{uid}");
+    let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
+    assert_refused(&exchange(&mut stream, &upgrade_as(&ws, &rebound, &rebound_origin)).await);
+    // The server's own origins, as a browser at its address or at localhost sends them.
+    for own in [
+        format!("http://{}", server.addr()),
+        format!("http://localhost:{port}"),
+    ] {
+        let host = own.trim_start_matches("http://");
+        let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
+        let answer = exchange(
+            &mut stream,
+            &get_as(&format!("/poll/{uid}?timeout=0"), host, &own),
+        )
+        .await;
+        assert_eq!(answer.status, 200, "{own}: {answer:?}");
+        assert!(
+            answer.cors().is_empty(),
+            "same origin needs no CORS: {answer:?}"
+        );
+        let mut stream = TcpStream::connect(server.addr()).await.expect("connect");
+        let answer = exchange(&mut stream, &upgrade_as(&ws, host, &own)).await;
+        assert_eq!(answer.status, 101, "{own}: {answer:?}");
+    }
+}
+
+/// With `public_origins`, those are the server's own origins (behind a proxy, the
+/// app's), and the listen address no longer is; a `*` there is refused at start.
+#[tokio::test]
+async fn public_origins_name_the_servers_own_pages() {
+    let server = Server::start_args(&["--public-origins", "https://app.test"]).await;
+    let uid = uid("public");
+    server.connect(&uid, ":data").await;
+    let poll = format!("/poll/{uid}?timeout=0");
+    let answer = first_request(&server, &poll, Some("https://app.test")).await;
+    assert_eq!(answer.status, 200, "{answer:?}");
+    assert!(
+        answer.cors().is_empty(),
+        "same origin needs no CORS: {answer:?}"
+    );
+    assert_refused(&first_request(&server, &poll, Some("http://app.test")).await);
+    let own = format!("http://{}", server.addr());
+    assert_refused(&first_request(&server, &poll, Some(&own)).await);
+
+    let refused = common::command()
+        .args([
+            "serve",
+            "--memory",
+            "--listen",
+            "127.0.0.1:0",
+            "--public-origins",
+            "*",
+        ])
+        .output()
+        .await
+        .expect("run dolores");
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("public_origins \"*\""), "{stderr}");
 }

@@ -45,11 +45,10 @@ struct Proxy {
 }
 
 impl Proxy {
-    /// Starts `kind` with `deploy/{file}`, Dolores at `dolores` (`host:port`) and the
-    /// app at `app`.
-    async fn start(kind: Kind, file: &str, dolores: &str, app: &str) -> Proxy {
+    /// Starts `kind` on `port` with `deploy/{file}`, Dolores at `dolores` (`host:port`)
+    /// and the app at `app`.
+    async fn start(kind: Kind, port: u16, file: &str, dolores: &str, app: &str) -> Proxy {
         let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port().await;
         let text = std::fs::read_to_string(deploy_file(file)).expect("read the deploy file");
         let text = substitute(&text, "127.0.0.1:8007", dolores);
         let text = if text.contains("127.0.0.1:8000") {
@@ -202,9 +201,17 @@ async fn start_app() -> String {
     addr
 }
 
-/// A Dolores trusting loopback's proxies, with `base` as its base path ("" for none).
-async fn start_dolores(base: &str) -> Server {
-    let mut args = vec!["--trusted-proxies", TRUSTED, "--heartbeat", "1s"];
+/// A Dolores trusting loopback's proxies, with `base` as its base path ("" for none),
+/// whose pages are served at `public` (the proxy's origin).
+async fn start_dolores(base: &str, public: &str) -> Server {
+    let mut args = vec![
+        "--trusted-proxies",
+        TRUSTED,
+        "--heartbeat",
+        "1s",
+        "--public-origins",
+        public,
+    ];
     if !base.is_empty() {
         args.extend(["--base-path", base]);
     }
@@ -479,9 +486,11 @@ async fn check_forwarded_client(proxy: &Proxy, base: &str, dolores: &Server) {
 }
 
 async fn behind(kind: Kind, file: &str, base: &str) {
-    let dolores = start_dolores(base).await;
+    // The proxy's port first: it is the origin of the pages Dolores serves.
+    let port = free_port().await;
+    let dolores = start_dolores(base, &format!("http://127.0.0.1:{port}")).await;
     let app = start_app().await;
-    let proxy = Proxy::start(kind, file, &host_port(&dolores), &app).await;
+    let proxy = Proxy::start(kind, port, file, &host_port(&dolores), &app).await;
     let at = format!("{}{base}", proxy.origin());
     check_every_endpoint(&proxy, &at, &dolores).await;
     check_forwarded_client(&proxy, &at, &dolores).await;
@@ -518,33 +527,30 @@ async fn caddy_in_front_on_its_own_host_serves_every_endpoint() {
 
 #[tokio::test]
 async fn forwarded_headers_count_only_from_a_trusted_peer() {
-    let dolores = start_dolores("/dolores").await;
+    let dolores = start_dolores("/dolores", "http://app.example").await;
     let uid = uid("forged");
     dolores.connect(&uid, ":forged").await;
     let url = format!("ws://{}/dolores/ws/{uid}", host_port(&dolores));
+    // A page elsewhere that says, through its own forged headers, it is the app: the
+    // forwarded host decides nothing, and the log names the browser, not 6.6.6.6.
     let forged = [
-        ("origin", "http://app.example"),
-        ("x-forwarded-host", "app.example"),
+        ("origin", "http://evil.example"),
+        ("x-forwarded-host", "evil.example"),
         ("x-forwarded-proto", "http"),
         ("x-forwarded-for", "6.6.6.6"),
     ];
-    // Straight from a browser (127.0.0.2 is no proxy): the forged host does not pass.
     assert_eq!(websocket(OUTSIDER, &url, &forged).await.err(), Some(403));
     eventually("the refusal in the log", WAIT, || async {
         dolores
             .stderr_text()
-            .contains("refused a WebSocket from 127.0.0.2 at origin \"http://app.example\"")
+            .contains("refused a WebSocket from 127.0.0.2 at origin \"http://evil.example\"")
             .then_some(())
     })
     .await;
-    // From a trusted proxy, the same headers are the truth.
+    // Through a trusted proxy, the forwarded address names the browser; the origin
+    // is still refused.
     let mut proxied = forged;
     proxied[3] = ("x-forwarded-for", "203.0.113.9");
-    websocket("127.0.0.1", &url, &proxied)
-        .await
-        .unwrap_or_else(|status| panic!("refused from a trusted proxy: {status}"));
-    // Its scheme counts too: https forwarded, an http page is another origin.
-    proxied[2] = ("x-forwarded-proto", "https");
     assert_eq!(
         websocket("127.0.0.1", &url, &proxied).await.err(),
         Some(403)
@@ -556,6 +562,10 @@ async fn forwarded_headers_count_only_from_a_trusted_peer() {
             .then_some(())
     })
     .await;
+    // The app's own pages, whoever carries them.
+    websocket(OUTSIDER, &url, &[("origin", "http://app.example")])
+        .await
+        .unwrap_or_else(|status| panic!("a page at a public origin refused: {status}"));
 
     // The backend API names the client the same way when it refuses a key.
     let wrong = client_from(OUTSIDER)
@@ -586,7 +596,7 @@ async fn forwarded_headers_count_only_from_a_trusted_peer() {
 
 #[tokio::test]
 async fn a_base_path_moves_every_route_and_the_direct_stream_path() {
-    let dolores = start_dolores("/dolores/").await;
+    let dolores = start_dolores("/dolores/", "http://app.example").await;
     assert!(
         dolores.stdout_lines()[0].contains("listening on http://127.0.0.1:")
             && dolores.stdout_lines()[0].contains("/dolores ("),

@@ -27,8 +27,8 @@ export interface DoloresOptions {
   /** The app's disconnect view, called by disconnect(track) the same way. */
   disconnectUrl?: string;
   /** The listener token, where the server has a token secret: a function the client calls
-   * with its uid for a fresh token (again whenever the server says the token expired), or
-   * a fixed token. */
+   * with its uid for a fresh token (again whenever the server says the token expired or
+   * was revoked — the app disconnected the listener), or a fixed token. */
   token?: string | ((uid: string) => string | Promise<string>);
   /** Default "auto". */
   transport?: Transport;
@@ -38,7 +38,8 @@ export interface DoloresOptions {
 export interface DoloresError extends Error {
   name: "DoloresError";
   /** The server's or the app's error code, e.g. "unknown_listener", "bad_token",
-   * "token_wrong_listener", "token_required", "csrf_failed"; or the client's own:
+   * "token_wrong_listener", "token_required", "token_revoked" (token(uid) kept giving
+   * revoked tokens, or there is none), "csrf_failed"; or the client's own:
    * "unreachable" (not fatal: still trying), "token_failed" (token() threw; still
    * trying), "network" (a connect/disconnect POST failed), "http_<status>". */
   code: string;

@@ -20,7 +20,8 @@
 //   which is how "auto" notices a buffering proxy (headers come, bytes do not) and falls
 //   back to long-polling.
 // - Failures back off exponentially with jitter; 401/404 stop the client and say why,
-//   except an expired token, which is fetched again from the `token(uid)` option.
+//   except an expired or revoked token (the app disconnected the listener), which is
+//   fetched again from the `token(uid)` option.
 //
 // Types: `// @ts-check` and the JSDoc below are checked by tsc (tests/browser/types/), and
 // dolores.d.ts, the types an app imports, is checked against them (test/types.test.js).
@@ -43,7 +44,7 @@
  * @property {string} [connectUrl] the app's connect view: POST {"uid"} to connectUrl + track
  * @property {string} [disconnectUrl] the app's disconnect view, the same way
  * @property {string | ((uid: string) => string | Promise<string>)} [token] listener token,
- *   or a function of the uid that makes one (called again when it has expired)
+ *   or a function of the uid that makes one (called again when it has expired or was revoked)
  * @property {Transport} [transport] default "auto"
  */
 
@@ -61,13 +62,13 @@
  *   `network` when the server was not reached, `wsMiss` when a WebSocket never opened;
  * - "ended": the server ended an open stream on purpose (come back after `retry:`);
  * - "fatal": stop and report `error`;
- * - "token_expired": get a new token and try again;
+ * - "token_expired", "token_revoked": get a new token and try again;
  * - "bad_cursor": the server cannot read the saved event id: drop it, emit "reset";
  * - "fallback": "auto" saw SSE held back: long-polling from now on;
  * - "primed": the first immediate poll of a listener without a cursor is done;
  * - "aborted": stopped from here (close(), a new start()).
  * @typedef {{opened?: boolean, network?: boolean, wsMiss?: boolean, cause?: unknown}
- *   & ({kind: "retry" | "ended" | "token_expired" | "bad_cursor" | "fallback" | "primed" | "aborted"}
+ *   & ({kind: "retry" | "ended" | "token_expired" | "token_revoked" | "bad_cursor" | "fallback" | "primed" | "aborted"}
  *     | {kind: "fatal", error: DoloresError})} Outcome
  */
 
@@ -111,7 +112,10 @@ const BACKOFF_FIRST_MS = 500;
 const BACKOFF_MAX_MS = 30000;
 /** The server's `retry:` default: the pause before coming back after it ended a stream. */
 const DEFAULT_RETRY_MS = 2000;
-/** Token refreshes in a row that still end in `token_expired` before giving up. */
+/** Token refreshes in a row that still end in `token_expired` or `token_revoked` before
+ * giving up. Three, with the backoff before each after a revocation, span more than a
+ * second: a token minted in the very second of the disconnect is refused too (`iat`
+ * counts whole seconds), so the last try gets one from a later second. */
 const MAX_TOKEN_REFRESHES = 3;
 /** Failed connection attempts in a row before an `unreachable` error is reported (the
  * client keeps trying; a wrong `server` or a missing CORS origin looks like this). */
@@ -156,10 +160,17 @@ function makeUid() {
   return Array.from(bytes, (b) => UID_ALPHABET[b & 63]).join("");
 }
 
+/** No control character (Unicode Cc: C0, DEL and C1), no whitespace (Unicode White_Space,
+ * which is not JS's `\s`: that one takes U+FEFF and leaves out U+0085), and no lone
+ * surrogate (it cannot be sent as UTF-8). tests/vectors/names.json holds the cases. */
+const TRACK_REFUSED = /[\p{Cc}\p{Cs}\p{White_Space}]/u;
+/** Longest track, in bytes of UTF-8 (the server's limit). */
+const MAX_TRACK_BYTES = 256;
+
 /** @param {unknown} track */
 function checkTrack(track) {
-  if (typeof track !== "string" || track.length === 0 || /[\s\u0000-\u001f\u007f]/u.test(track)
-      || new TextEncoder().encode(track).length > 256) {
+  if (typeof track !== "string" || track.length === 0 || TRACK_REFUSED.test(track)
+      || new TextEncoder().encode(track).length > MAX_TRACK_BYTES) {
     throw new TypeError(`not a track name: ${JSON.stringify(track)}`);
   }
 }
@@ -509,18 +520,24 @@ export class Dolores {
       if (outcome.kind === "fatal") return this.#stop(outcome.error);
       this.#setStatus("connecting");
       if (this.#transportOption === "auto" && !priming && this.#autoStep(outcome)) continue;
-      if (outcome.kind !== "token_expired") this.#tokenRefreshes = 0;
+      if (outcome.kind !== "token_expired" && outcome.kind !== "token_revoked") this.#tokenRefreshes = 0;
       switch (outcome.kind) {
         case "token_expired":
+        case "token_revoked": {
+          const code = outcome.kind;
+          const what = code === "token_revoked" ? "revoked (the app disconnected this listener)" : "expired";
           this.#token = null;
           if (typeof this.#tokenOption !== "function") {
-            return this.#stop(doloresError("token_expired", "the listener token has expired and there is no token(uid) function to get another", { status: 401 }));
+            return this.#stop(doloresError(code, `the listener token was ${what} and there is no token(uid) function to get another`, { status: 401 }));
           }
           if (++this.#tokenRefreshes > MAX_TOKEN_REFRESHES) {
-            return this.#stop(doloresError("token_expired", "token(uid) keeps giving expired tokens", { status: 401 }));
+            return this.#stop(doloresError(code, `token(uid) keeps giving ${code === "token_revoked" ? "revoked" : "expired"} tokens`, { status: 401 }));
           }
-          if (this.#tokenRefreshes > 1) await this.#sleep(this.#backoff());
+          // After a revocation every try waits: the app may hand out a token of the same
+          // second as the disconnect (refused too), and a page must not hammer it.
+          if (code === "token_revoked" || this.#tokenRefreshes > 1) await this.#sleep(this.#backoff());
           continue;
+        }
         case "primed":
           primed = true;
           continue;
@@ -655,6 +672,7 @@ export class Dolores {
     const code = error ? error.code : `http_${status}`;
     const message = error ? error.message : `${response.url} answered ${status}`;
     if (status === 401 && code === "token_expired") return { kind: "token_expired" };
+    if (status === 401 && code === "token_revoked") return { kind: "token_revoked" };
     if (status === 400 && code === "bad_event_id") return { kind: "bad_cursor" };
     if (status === 429 || status >= 500) return { kind: "retry" };
     // Something that is not Dolores answered the SSE request (a proxy, a filter): try
@@ -1016,6 +1034,7 @@ function wsOutcome(code, reason, opened) {
   switch (code) {
     case 4401:
       if (reason === "token_expired") return { kind: "token_expired" };
+      if (reason === "token_revoked") return { kind: "token_revoked" };
       return { kind: "fatal", error: doloresError(reason || "unauthorized", `the server refused the listener: ${reason || code}`, { status: 401, closeCode: code }) };
     case 4404:
       return { kind: "fatal", error: doloresError(reason || "unknown_listener", "no such listener: the app must connect it to a track first", { status: 404, closeCode: code }) };

@@ -54,6 +54,11 @@ enum Command {
         /// Send MESSAGE as a string even if it looks like JSON
         #[arg(long)]
         string: bool,
+        /// The Idempotency-Key to send (1 to 255 printable ASCII): the update sent again
+        /// with it (for at least 24 h) stores nothing new [default: a new one per call,
+        /// the same on its retries]
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         client: ClientOptions,
         #[command(flatten)]
@@ -157,9 +162,13 @@ pub fn main() -> ExitCode {
                 track,
                 message,
                 string,
+                idempotency_key,
                 client,
                 key,
-            } => client::update(target(&client, Some(&key), None)?, track, message, string).await,
+            } => {
+                let target = target(&client, Some(&key), None)?;
+                client::update(target, track, message, string, idempotency_key).await
+            }
             Command::Connect {
                 uid,
                 track,

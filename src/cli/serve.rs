@@ -8,10 +8,11 @@ use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
-use crate::server::{self, AppState};
+use crate::node::Node;
+use crate::server;
 
 /// Runs the server with `settings`.
-pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
+pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -27,6 +28,8 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", settings.listen))?;
     let addr = listener.local_addr()?;
+    // The address as bound (a port 0 resolved): the server's own origin is made of it.
+    settings.listen = addr.to_string();
     let (api_key, generated) = api_key(&settings, addr)?;
     let where_stored = if let Some(url) = &settings.redis {
         format!(
@@ -43,7 +46,7 @@ pub(crate) async fn run(settings: Settings) -> anyhow::Result<()> {
     // With a base path, that is where everything is, the status page included.
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{addr}{}", settings.base_path);
-    let state = AppState::open(settings, api_key.clone()).await?;
+    let state = Node::open(settings, api_key.clone()).await?;
     let shutdown = shutdown_signal();
     let mut out = std::io::stdout().lock();
     writeln!(

@@ -3,22 +3,22 @@
 //!
 //! A storage (`memory`, `embedded`) only has to offer a [`Snapshot`] to read from and a
 //! [`StorageTxn`] to write in; the rules — positions, subscriptions, cursors, retention,
-//! expiry — live here once.
+//! expiry, idempotency keys — live here once.
 //!
 //! Why one writer: the order the writer takes updates is the log order, every commit
 //! costs one sync however many updates it carries, and the [`Tail`] hears every change
 //! in exactly that order — which is what keeps live delivery gap-free.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use super::acks::{Ack, PendingAcks};
 use super::{
-    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
-    Subscription, Tail, Update, now_ms,
+    Appended, Change, Engine, EngineError, IdempotencyKey, Limits, Listener, Message, Position,
+    Replay, Result, StoreCounts, Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// How many operations the writer takes into one commit. Bounds a commit's size (and
@@ -27,11 +27,10 @@ const MAX_OPS_PER_COMMIT: usize = 512;
 /// Room in the writer's inbox; callers wait (asynchronously) when it is full, which is
 /// the back-pressure on publishers when the disk cannot keep up.
 const OP_QUEUE: usize = 4096;
-/// Most messages or listeners deleted by retention and expiry in one commit, so a big
-/// clean-up never stalls publishers for long; the rest goes in the next ticks.
+/// Most messages, listeners or idempotency keys deleted by retention and expiry in one
+/// commit, so a big clean-up never stalls publishers for long; the rest goes in the
+/// next ticks.
 const MAX_DELETES_PER_COMMIT: usize = 10_000;
-/// How often the writer flushes cursors and looks for expired messages and listeners.
-const TICK: Duration = Duration::from_secs(1);
 
 /// The log's bounds, kept by the storage beside the data.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -40,6 +39,28 @@ pub(crate) struct Bounds {
     pub head: Position,
     /// Every position up to this one has been deleted.
     pub trimmed_through: Position,
+}
+
+/// What the store remembers of an append made with an `Idempotency-Key`. The positions
+/// of one append are consecutive (the writer hands them out in one go), so the first
+/// and the count say them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyRecord {
+    /// When the append was committed (ms since the epoch): the key expires from then.
+    pub time_ms: u64,
+    /// The digest of its updates ([`IdempotencyKey::digest`]).
+    pub digest: String,
+    /// Its first position.
+    pub first: Position,
+    /// How many messages it stored.
+    pub count: u64,
+}
+
+impl KeyRecord {
+    /// The append's positions.
+    pub(crate) fn positions(&self) -> Vec<Position> {
+        (self.first..self.first + self.count).collect()
+    }
 }
 
 /// A consistent view to read from.
@@ -54,6 +75,10 @@ pub(crate) trait Snapshot {
     fn counts(&self) -> Result<StoreCounts>;
     /// Up to `limit` uids of listeners last seen before `seen_before_ms`.
     fn stale_listeners(&self, seen_before_ms: u64, limit: usize) -> Result<Vec<String>>;
+    /// When `uid`'s tokens were last revoked (ms since the epoch), if recorded.
+    fn revocation(&self, uid: &str) -> Result<Option<u64>>;
+    /// Up to `limit` uids whose revocation was recorded before `before_ms`.
+    fn old_revocations(&self, before_ms: u64, limit: usize) -> Result<Vec<String>>;
 }
 
 /// One write transaction: nothing is visible to readers before `commit`.
@@ -68,10 +93,23 @@ pub(crate) trait StorageTxn: Snapshot {
     fn put_listener(&mut self, listener: &Listener) -> Result<()>;
     /// Deletes a listener.
     fn remove_listener(&mut self, uid: &str) -> Result<()>;
+    /// Records that `uid`'s tokens issued up to `at_ms` are revoked (replacing an older
+    /// revocation).
+    fn put_revocation(&mut self, uid: &str, at_ms: u64) -> Result<()>;
+    /// Drops `uid`'s revocation.
+    fn remove_revocation(&mut self, uid: &str) -> Result<()>;
     /// Changes a track's subscriber count by `delta` (the track is gone at zero).
     fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()>;
     /// Writes the log's bounds.
     fn set_bounds(&mut self, bounds: Bounds) -> Result<()>;
+    /// The append recorded under an idempotency key, including one recorded earlier in
+    /// this transaction.
+    fn idempotency_key(&self, key: &str) -> Result<Option<KeyRecord>>;
+    /// Records an append under an idempotency key.
+    fn put_idempotency_key(&mut self, key: &str, record: &KeyRecord) -> Result<()>;
+    /// Forgets up to `limit` keys recorded before `before_ms`, oldest first; returns
+    /// how many it forgot.
+    fn expire_idempotency_keys(&mut self, before_ms: u64, limit: usize) -> Result<usize>;
     /// Makes it all durable (as the storage promises) and visible.
     fn commit(self) -> Result<()>;
 }
@@ -105,7 +143,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Op {
-    Append(Vec<Update>, Reply<Vec<Position>>),
+    Append(Vec<Update>, Option<IdempotencyKey>, Reply<Appended>),
     Connect(String, Vec<String>, Reply<Vec<String>>),
     Disconnect(String, Option<String>, Reply<Option<Vec<String>>>),
     Tick,
@@ -124,10 +162,8 @@ pub(crate) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "a panic".to_owned())
 }
 
-/// Deliveries recorded but not yet committed: uid → (cursor, last seen). An entry leaves
-/// the map only after the commit that wrote it, so a reader that looks at the map before
-/// and after it reads its snapshot never misses an ack (see `LocalEngine::listener`).
-type Acks = Arc<Mutex<HashMap<String, (Position, u64)>>>;
+/// Deliveries recorded but not yet committed, shared by the engine and its writer.
+type Acks = Arc<PendingAcks>;
 
 /// An engine over a local storage. See the module docs.
 pub(crate) struct LocalEngine<S: Storage> {
@@ -140,6 +176,8 @@ pub(crate) struct LocalEngine<S: Storage> {
     failing: Arc<AtomicBool>,
     /// Set once a read found the file damaged.
     corrupt: AtomicBool,
+    /// How long a revocation counts (the sweep drops it a little later).
+    revocation_ttl: Duration,
 }
 
 impl<S: Storage> std::fmt::Debug for LocalEngine<S> {
@@ -163,6 +201,7 @@ impl<S: Storage> LocalEngine<S> {
         let acks = Acks::default();
         let failing = Arc::new(AtomicBool::new(false));
         let (ops_tx, ops_rx) = mpsc::channel(OP_QUEUE);
+        let revocation_ttl = limits.revocation_ttl;
         let writer = Writer {
             storage: storage.clone(),
             acks: acks.clone(),
@@ -197,6 +236,7 @@ impl<S: Storage> LocalEngine<S> {
             writer: Mutex::new(writer),
             failing,
             corrupt: AtomicBool::new(false),
+            revocation_ttl,
         }
     }
 
@@ -230,13 +270,6 @@ impl<S: Storage> LocalEngine<S> {
         }
         read
     }
-
-    fn pending_ack(&self, uid: &str) -> Option<(Position, u64)> {
-        self.acks
-            .lock()
-            .ok()
-            .and_then(|acks| acks.get(uid).copied())
-    }
 }
 
 #[async_trait::async_trait]
@@ -249,8 +282,12 @@ impl<S: Storage> Engine for LocalEngine<S> {
         self.kind
     }
 
-    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
-        self.call(|done| Op::Append(updates, done)).await
+    async fn append_with_key(
+        &self,
+        updates: Vec<Update>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Appended> {
+        self.call(|done| Op::Append(updates, key, done)).await
     }
 
     async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
@@ -263,19 +300,19 @@ impl<S: Storage> Engine for LocalEngine<S> {
             .await
     }
 
-    async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
-        // The pending ack is read before the snapshot as well as after: the writer may
-        // commit it (and drop it from the map) while the snapshot is being read.
-        let before = self.pending_ack(uid);
+    async fn revoked_at(&self, uid: &str) -> Result<Option<u64>> {
         let owned = uid.to_owned();
-        let mut found = self.read(move |snap| snap.listener(&owned)).await?;
-        if let Some(listener) = found.as_mut() {
-            for (cursor, seen) in [before, self.pending_ack(uid)].into_iter().flatten() {
-                listener.cursor = listener.cursor.max(cursor);
-                listener.last_seen_ms = listener.last_seen_ms.max(seen);
-            }
-        }
-        Ok(found)
+        let at = self.read(move |snap| snap.revocation(&owned)).await?;
+        // The sweep runs only now and then: one past its time no longer counts.
+        let kept_after = now_ms().saturating_sub(self.revocation_ttl.as_millis() as u64);
+        Ok(at.filter(|&at| at >= kept_after))
+    }
+
+    async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
+        let owned = uid.to_owned();
+        self.acks
+            .merged(uid, self.read(move |snap| snap.listener(&owned)))
+            .await
     }
 
     async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>> {
@@ -285,7 +322,7 @@ impl<S: Storage> Engine for LocalEngine<S> {
     }
 
     fn ack(&self, uid: &str, pos: Position) {
-        super::record_ack(&self.acks, uid, pos);
+        self.acks.record(uid, pos);
     }
 
     async fn counts(&self) -> Result<StoreCounts> {
@@ -301,6 +338,11 @@ impl<S: Storage> Engine for LocalEngine<S> {
         if let Some(writer) = writer {
             let _ = tokio::task::spawn_blocking(move || writer.join()).await;
         }
+    }
+
+    #[cfg(test)]
+    fn pending_acks(&self) -> &PendingAcks {
+        &self.acks
     }
 }
 
@@ -346,7 +388,8 @@ struct Writer<S: Storage> {
 
 /// What a commit owes its callers once it is done.
 enum Answer {
-    Append(Reply<Vec<Position>>, Vec<Position>),
+    /// An append's own answer: a repeat with other updates fails alone, not the commit.
+    Append(Reply<Appended>, Result<Appended>),
     Connect(Reply<Vec<String>>, Vec<String>),
     Disconnect(Reply<Option<Vec<String>>>, Option<Vec<String>>),
     Close(oneshot::Sender<()>),
@@ -360,7 +403,7 @@ impl Answer {
                 .unwrap_or_else(|| EngineError::Storage(String::new()))
         };
         match (self, failure) {
-            (Answer::Append(tx, v), None) => drop(tx.send(Ok(v))),
+            (Answer::Append(tx, v), None) => drop(tx.send(v)),
             (Answer::Append(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
             (Answer::Connect(tx, v), None) => drop(tx.send(Ok(v))),
             (Answer::Connect(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
@@ -413,13 +456,24 @@ impl<S: Storage> Writer<S> {
         } else {
             Ok(())
         };
-        let result = result.and_then(|()| self.apply(ops, &mut answers, &mut changes));
+        // Cursors are written once a tick, not with every commit: with thousands of
+        // streams acking every delivery, writing them all in each publish's commit
+        // made a publish cost a write per listener. Until written they are merged
+        // from `acks` by every read, so nothing is redelivered. The snapshot is taken
+        // before the transaction begins, so a flush held there (by the shared suite)
+        // holds no lock of the store.
+        let acks = if self.ack_flush_due(&ops) {
+            self.acks.snapshot()
+        } else {
+            Vec::new()
+        };
+        let result = result.and_then(|()| self.apply(ops, &acks, &mut answers, &mut changes));
         match &result {
-            Ok(flushed) => {
+            Ok(()) => {
                 if self.failing.swap(false, Ordering::Relaxed) {
                     tracing::info!("the store writes again");
                 }
-                self.forget_flushed_acks(flushed);
+                self.acks.forget_written(&acks);
             }
             Err(e) => {
                 tracing::error!("commit failed, {} operation(s) refused: {e}", answers.len());
@@ -436,109 +490,106 @@ impl<S: Storage> Writer<S> {
         }
     }
 
+    /// Whether this commit writes the pending acks: on a tick, on close, and when a
+    /// tick's worth of time passed (a busy writer's inbox may have no room for ticks).
+    fn ack_flush_due(&mut self, ops: &[Op]) -> bool {
+        let due = self.last_ack_flush.elapsed() >= TICK
+            || ops.iter().any(|op| matches!(op, Op::Tick | Op::Close(_)));
+        if due {
+            self.last_ack_flush = Instant::now();
+        }
+        due
+    }
+
+    /// Runs one commit: every op in order (each answer waits for the commit), the
+    /// pending acks, the `max_stored_messages` trim and, on a tick, the clean-up.
     fn apply(
         &mut self,
         ops: Vec<Op>,
+        acks: &[(String, Ack)],
         answers: &mut Vec<Answer>,
         changes: &mut Vec<Change>,
-    ) -> Result<HashMap<String, (Position, u64)>> {
+    ) -> Result<()> {
         let mut txn = self.storage.write()?;
         let mut bounds = txn.bounds()?;
         let now = now_ms();
         let mut maintain = false;
-        let mut closing = false;
         for op in ops {
             match op {
-                Op::Append(updates, done) => {
-                    let mut positions = Vec::with_capacity(updates.len());
-                    for update in updates {
-                        bounds.head += 1;
-                        let message = Arc::new(Message::new(
-                            bounds.head,
-                            update.track.into(),
-                            update.json.into(),
-                            now,
-                        ));
-                        txn.append(&message)?;
-                        positions.push(bounds.head);
-                        changes.push(Change::Appended(message));
-                    }
-                    answers.push(Answer::Append(done, positions));
+                Op::Append(updates, key, done) => {
+                    let answer = append(&mut txn, &mut bounds, updates, key, now, changes)?;
+                    answers.push(Answer::Append(done, answer));
                 }
                 Op::Connect(uid, tracks, done) => {
-                    let mut listener = txn.listener(&uid)?.unwrap_or_else(|| Listener {
-                        uid: uid.clone(),
-                        tracks: Vec::new(),
-                        cursor: bounds.head,
-                        last_seen_ms: now,
-                    });
-                    let uid: Arc<str> = uid.into();
-                    for track in tracks {
-                        if listener.tracks.iter().any(|s| s.track == track) {
-                            continue;
-                        }
-                        txn.add_subscribers(&track, 1)?;
-                        changes.push(Change::Connected {
-                            uid: uid.clone(),
-                            track: track.as_str().into(),
-                        });
-                        listener.tracks.push(Subscription {
-                            track,
-                            since: bounds.head,
-                        });
-                    }
-                    listener.last_seen_ms = now;
-                    txn.put_listener(&listener)?;
-                    answers.push(Answer::Connect(done, listener.track_names()));
+                    let tracks = connect(&mut txn, bounds.head, uid, tracks, now, changes)?;
+                    answers.push(Answer::Connect(done, tracks));
                 }
                 Op::Disconnect(uid, track, done) => {
+                    if track.is_none() {
+                        txn.put_revocation(&uid, now)?;
+                    }
                     let left = disconnect(&mut txn, &uid, track, changes)?;
                     answers.push(Answer::Disconnect(done, left));
                 }
                 Op::Tick => maintain = true,
-                Op::Close(done) => {
-                    closing = true;
-                    answers.push(Answer::Close(done));
-                }
+                Op::Close(done) => answers.push(Answer::Close(done)),
             }
         }
-        // Cursors are written once a tick, not with every commit: with thousands of
-        // streams acking every delivery, writing them all in each publish's commit
-        // made a publish cost a write per listener. Until written they are merged
-        // from the map by every read (see `Acks`), so nothing is redelivered.
-        let flushed = if maintain || closing || self.last_ack_flush.elapsed() >= TICK {
-            self.last_ack_flush = Instant::now();
-            self.flush_acks(&mut txn)?
-        } else {
-            HashMap::new()
-        };
+        write_acks(&mut txn, acks)?;
+        let deleted = self.trim_to_max(&mut txn, &mut bounds)?;
+        if maintain && self.last_maintenance.elapsed() >= self.limits.clean_up_every() {
+            self.last_maintenance = Instant::now();
+            self.clean_up(&mut txn, &mut bounds, deleted, now, changes)?;
+        }
+        txn.set_bounds(bounds)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes the oldest messages while more than `max_stored_messages` are kept (at
+    /// most [`MAX_DELETES_PER_COMMIT`]); returns how many went.
+    fn trim_to_max(&self, txn: &mut S::Txn<'_>, bounds: &mut Bounds) -> Result<usize> {
         let mut deleted = 0;
         while bounds.head - bounds.trimmed_through > self.limits.max_stored_messages
             && deleted < MAX_DELETES_PER_COMMIT
         {
-            bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
+            bounds.trimmed_through = self.delete_oldest(txn, *bounds)?;
             deleted += 1;
         }
-        if maintain && self.last_maintenance.elapsed() >= self.maintenance_every() {
-            self.last_maintenance = Instant::now();
-            let keep_after = now.saturating_sub(self.limits.retention.as_millis() as u64);
-            while deleted < MAX_DELETES_PER_COMMIT {
-                match txn.oldest()? {
-                    Some((_, time)) if time < keep_after => {
-                        bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
-                        deleted += 1;
-                    }
-                    _ => break,
+        Ok(deleted)
+    }
+
+    /// The tick's clean-up, bounded per commit: messages past `retention`, idempotency
+    /// keys past their keep time, listeners unseen for `listener_ttl`, and revocations
+    /// no token can outlive any more.
+    fn clean_up(
+        &self,
+        txn: &mut S::Txn<'_>,
+        bounds: &mut Bounds,
+        mut deleted: usize,
+        now: u64,
+        changes: &mut Vec<Change>,
+    ) -> Result<()> {
+        let keep_after = self.limits.keep_messages_after(now);
+        while deleted < MAX_DELETES_PER_COMMIT {
+            match txn.oldest()? {
+                Some((_, time)) if time < keep_after => {
+                    bounds.trimmed_through = self.delete_oldest(txn, *bounds)?;
+                    deleted += 1;
                 }
-            }
-            let seen_before = now.saturating_sub(self.limits.listener_ttl.as_millis() as u64);
-            for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
-                disconnect(&mut txn, &uid, None, changes)?;
+                _ => break,
             }
         }
-        txn.set_bounds(bounds)?;
-        txn.commit()?;
-        Ok(flushed)
+        txn.expire_idempotency_keys(self.limits.forget_keys_before(now), MAX_DELETES_PER_COMMIT)?;
+        let seen_before = self.limits.forget_listeners_seen_before(now);
+        for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
+            disconnect(txn, &uid, None, changes)?;
+        }
+        let revoked_before = now.saturating_sub(self.limits.revocation_ttl.as_millis() as u64);
+        for uid in txn.old_revocations(revoked_before, MAX_DELETES_PER_COMMIT)? {
+            txn.remove_revocation(&uid)?;
+        }
+        Ok(())
     }
 
     /// Deletes the oldest message; returns its position (now trimmed).
@@ -547,44 +598,103 @@ impl<S: Storage> Writer<S> {
         txn.delete_oldest()?;
         Ok(oldest.map_or(bounds.head, |(pos, _)| pos))
     }
+}
 
-    /// Retention and expiry run this often: often enough to keep within a tenth of the
-    /// shortest limit, rarely enough that a scan of all listeners costs nothing.
-    fn maintenance_every(&self) -> Duration {
-        (self.limits.retention.min(self.limits.listener_ttl) / 10)
-            .clamp(Duration::from_millis(500), Duration::from_secs(60))
+/// Appends `updates` after `bounds.head`, unless `key` was seen: then the first
+/// request's positions (or `KeyReused` for another body). The key is checked in the
+/// commit that would store the updates: two requests with one key in one group commit
+/// store once.
+fn append(
+    txn: &mut impl StorageTxn,
+    bounds: &mut Bounds,
+    updates: Vec<Update>,
+    key: Option<IdempotencyKey>,
+    now: u64,
+    changes: &mut Vec<Change>,
+) -> Result<Result<Appended>> {
+    if let Some(key) = &key
+        && let Some(seen) = txn.idempotency_key(key.key())?
+    {
+        return Ok(if seen.digest == key.digest() {
+            Ok(Appended {
+                positions: seen.positions(),
+                repeated: true,
+            })
+        } else {
+            Err(EngineError::KeyReused)
+        });
     }
-
-    /// Writes the pending acks into `txn`; returns what it wrote. The acks stay in the
-    /// map until the commit is done (see [`Acks`]).
-    fn flush_acks(&self, txn: &mut S::Txn<'_>) -> Result<HashMap<String, (Position, u64)>> {
-        let acks = match self.acks.lock() {
-            Ok(acks) if !acks.is_empty() => acks.clone(),
-            _ => return Ok(HashMap::new()),
+    let mut positions = Vec::with_capacity(updates.len());
+    for update in updates {
+        bounds.head += 1;
+        let message = Arc::new(Message::new(
+            bounds.head,
+            update.track.into(),
+            update.json.into(),
+            now,
+        ));
+        txn.append(&message)?;
+        positions.push(bounds.head);
+        changes.push(Change::Appended(message));
+    }
+    if let (Some(key), Some(&first)) = (key, positions.first()) {
+        let record = KeyRecord {
+            time_ms: now,
+            digest: key.digest().to_owned(),
+            first,
+            count: positions.len() as u64,
         };
-        for (uid, &(cursor, seen)) in &acks {
-            if let Some(mut listener) = txn.listener(uid)? {
-                listener.cursor = listener.cursor.max(cursor);
-                listener.last_seen_ms = listener.last_seen_ms.max(seen);
-                txn.put_listener(&listener)?;
-            }
-        }
-        Ok(acks)
+        txn.put_idempotency_key(key.key(), &record)?;
     }
+    Ok(Ok(Appended {
+        positions,
+        repeated: false,
+    }))
+}
 
-    /// After a commit: drops the acks it wrote, unless a newer one came meanwhile.
-    fn forget_flushed_acks(&self, flushed: &HashMap<String, (Position, u64)>) {
-        if flushed.is_empty() {
-            return;
+/// Subscribes `uid` (created if new, its cursor at `head`) to each of `tracks` it does
+/// not have yet, from `head` on; returns its tracks.
+fn connect(
+    txn: &mut impl StorageTxn,
+    head: Position,
+    uid: String,
+    tracks: Vec<String>,
+    now: u64,
+    changes: &mut Vec<Change>,
+) -> Result<Vec<String>> {
+    let mut listener = txn.listener(&uid)?.unwrap_or_else(|| Listener {
+        uid: uid.clone(),
+        tracks: Vec::new(),
+        cursor: head,
+        last_seen_ms: now,
+    });
+    let uid: Arc<str> = uid.into();
+    for track in tracks {
+        if listener.tracks.iter().any(|s| s.track == track) {
+            continue;
         }
-        if let Ok(mut acks) = self.acks.lock() {
-            for (uid, written) in flushed {
-                if acks.get(uid) == Some(written) {
-                    acks.remove(uid);
-                }
-            }
+        txn.add_subscribers(&track, 1)?;
+        changes.push(Change::Connected {
+            uid: uid.clone(),
+            track: track.as_str().into(),
+        });
+        listener.tracks.push(Subscription { track, since: head });
+    }
+    listener.last_seen_ms = now;
+    txn.put_listener(&listener)?;
+    Ok(listener.track_names())
+}
+
+/// Writes `acks` (a snapshot of the pending ones) into the listeners they belong to;
+/// the acks of listeners forgotten meanwhile are dropped.
+fn write_acks(txn: &mut impl StorageTxn, acks: &[(String, Ack)]) -> Result<()> {
+    for (uid, ack) in acks {
+        if let Some(mut listener) = txn.listener(uid)? {
+            ack.apply_to(&mut listener);
+            txn.put_listener(&listener)?;
         }
     }
+    Ok(())
 }
 
 /// Takes `uid` off `track`, or forgets it; returns the tracks left (`None`: unknown).

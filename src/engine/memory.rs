@@ -5,7 +5,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::local::{Bounds, Snapshot, Storage, StorageTxn};
+use super::local::{Bounds, KeyRecord, Snapshot, Storage, StorageTxn};
 use super::{EngineError, Listener, Message, Position, Result, StoreCounts};
 
 /// Everything, behind one lock. The writer holds it for a commit; readers for a read.
@@ -22,7 +22,13 @@ pub(crate) struct MemState {
     by_track: HashMap<Arc<str>, VecDeque<Position>>,
     listeners: HashMap<String, Listener>,
     subscribers: HashMap<String, u64>,
+    /// uid → when its tokens were revoked (ms).
+    revocations: HashMap<String, u64>,
     bounds: Bounds,
+    /// Appends made with an `Idempotency-Key`, by key.
+    keys: HashMap<String, KeyRecord>,
+    /// The same keys in the order they were recorded (so oldest first), for expiry.
+    keys_by_age: VecDeque<(u64, String)>,
 }
 
 /// A locked view: serves as both snapshot and transaction.
@@ -90,6 +96,21 @@ impl Snapshot for MemView<'_> {
             .map(|l| l.uid.clone())
             .collect())
     }
+
+    fn revocation(&self, uid: &str) -> Result<Option<u64>> {
+        Ok(self.0.revocations.get(uid).copied())
+    }
+
+    fn old_revocations(&self, before_ms: u64, limit: usize) -> Result<Vec<String>> {
+        Ok(self
+            .0
+            .revocations
+            .iter()
+            .filter(|&(_, &at)| at < before_ms)
+            .take(limit)
+            .map(|(uid, _)| uid.clone())
+            .collect())
+    }
 }
 
 impl StorageTxn for MemView<'_> {
@@ -133,6 +154,16 @@ impl StorageTxn for MemView<'_> {
         Ok(())
     }
 
+    fn put_revocation(&mut self, uid: &str, at_ms: u64) -> Result<()> {
+        self.0.revocations.insert(uid.to_owned(), at_ms);
+        Ok(())
+    }
+
+    fn remove_revocation(&mut self, uid: &str) -> Result<()> {
+        self.0.revocations.remove(uid);
+        Ok(())
+    }
+
     fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()> {
         let count = self.0.subscribers.entry(track.to_owned()).or_default();
         *count = count.saturating_add_signed(delta);
@@ -145,6 +176,34 @@ impl StorageTxn for MemView<'_> {
     fn set_bounds(&mut self, bounds: Bounds) -> Result<()> {
         self.0.bounds = bounds;
         Ok(())
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<KeyRecord>> {
+        Ok(self.0.keys.get(key).cloned())
+    }
+
+    fn put_idempotency_key(&mut self, key: &str, record: &KeyRecord) -> Result<()> {
+        let state = &mut *self.0;
+        state.keys.insert(key.to_owned(), record.clone());
+        state
+            .keys_by_age
+            .push_back((record.time_ms, key.to_owned()));
+        Ok(())
+    }
+
+    fn expire_idempotency_keys(&mut self, before_ms: u64, limit: usize) -> Result<usize> {
+        let state = &mut *self.0;
+        let mut expired = 0;
+        while expired < limit
+            && let Some((time, _)) = state.keys_by_age.front()
+            && *time < before_ms
+        {
+            if let Some((_, key)) = state.keys_by_age.pop_front() {
+                state.keys.remove(&key);
+            }
+            expired += 1;
+        }
+        Ok(expired)
     }
 
     fn commit(self) -> Result<()> {

@@ -11,6 +11,12 @@
 //! - `l:{uid}` — a hash per listener: `cursor`, `seen`, and `s:{track}` = the position
 //!   its subscription began. `seen` (a sorted set of uids by last seen) drives expiry;
 //!   `subs` (track → subscriber count) the track count.
+//! - `i:{key}` — an append made with an `Idempotency-Key`: `digest first count`, with a
+//!   time to live of [`Limits::idempotency_keep`]. The append script checks and writes
+//!   it with the messages, so a repeat stores nothing, whichever node it reaches.
+//! - `r:{uid}` — when the listener's tokens were revoked (ms), set by the same script
+//!   that forgets it, with a Redis TTL of `Limits::revocation_ttl`, so revocations are
+//!   bounded without a sweep.
 //!
 //! Every write is one Lua script, so it is atomic and costs one round trip whatever the
 //! number of listeners or nodes. Each node tails `log` with one blocking reader on its
@@ -18,17 +24,18 @@
 //! every message, and every subscription change before the messages that follow it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, Script};
 use tokio_util::sync::CancellationToken;
 
+use super::acks::PendingAcks;
 use super::{
-    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
-    Subscription, Tail, Update, now_ms,
+    Appended, Change, Engine, EngineError, IdempotencyKey, Limits, Listener, Message, Position,
+    Replay, Result, StoreCounts, Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// Longest a command may take before the caller gets a 503: Redis answers in well
@@ -40,17 +47,31 @@ const TAIL_BLOCK_MS: u64 = 1000;
 const TAIL_BATCH: usize = 1000;
 /// Entries read per `XRANGE` while replaying a listener's queue.
 const REPLAY_SCAN: usize = 1000;
-/// How often acks are written, retention and expiry run, and health is checked.
-const TICK: Duration = Duration::from_secs(1);
 /// Most listeners expired in one tick.
 const MAX_EXPIRED_PER_TICK: usize = 1000;
 
+/// KEYS[3], when given, is the idempotency key; ARGV[3] the digest of the updates and
+/// ARGV[4] the key's time to live in ms. Answers `{0, ids…}` for a new append, `{1,
+/// ids…}` for a repeat (nothing stored), `{2}` for the key used with other updates.
 const APPEND: &str = r"
-local ids = {}
-for i = 3, #ARGV, 2 do
+if KEYS[3] then
+  local seen = redis.call('GET', KEYS[3])
+  if seen then
+    local digest, first, count = string.match(seen, '^(%x+) (%d+) (%d+)$')
+    if digest ~= ARGV[3] then return {2} end
+    local ids = {1}
+    for n = tonumber(first), tonumber(first) + tonumber(count) - 1 do ids[#ids + 1] = n end
+    return ids
+  end
+end
+local ids = {0}
+for i = 5, #ARGV, 2 do
   local n = redis.call('INCR', KEYS[2])
   redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], n .. '-0', 'k', 'm', 't', ARGV[i], 'j', ARGV[i + 1], 'ts', ARGV[2])
   ids[#ids + 1] = n
+end
+if KEYS[3] and #ids > 1 then
+  redis.call('SET', KEYS[3], ARGV[3] .. ' ' .. ids[2] .. ' ' .. (#ids - 1), 'PX', ARGV[4])
 end
 return ids
 ";
@@ -69,9 +90,12 @@ redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
 return redis.call('HGETALL', KEYS[1])
 ";
 
-/// ARGV[3] is the track, or '' to forget the listener; ARGV[4], when given, forgets
-/// only a listener still unseen since then (expiry racing a reconnect).
+/// ARGV[3] is the track, or '' to forget the listener; ARGV[4], when not '', forgets
+/// only a listener still unseen since then (expiry racing a reconnect); ARGV[5], when
+/// not '', revokes the listener's tokens (KEYS[6]) for that many ms, even when the
+/// listener is already gone.
 const DISCONNECT: &str = r"
+if ARGV[3] == '' and ARGV[5] ~= '' then redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[5]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 local head = redis.call('GET', KEYS[2]) or '0'
 if ARGV[3] ~= '' then
@@ -83,7 +107,7 @@ if ARGV[3] ~= '' then
   redis.call('ZADD', KEYS[4], ARGV[1], ARGV[2])
   return redis.call('HGETALL', KEYS[1])
 end
-if ARGV[4] and tonumber(redis.call('HGET', KEYS[1], 'seen') or '0') >= tonumber(ARGV[4]) then
+if ARGV[4] ~= '' and tonumber(redis.call('HGET', KEYS[1], 'seen') or '0') >= tonumber(ARGV[4]) then
   return redis.call('HGETALL', KEYS[1])
 end
 for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
@@ -136,6 +160,14 @@ impl Keys {
     fn listener(&self, uid: &str) -> String {
         format!("{}l:{uid}", self.prefix)
     }
+
+    fn idempotency(&self, key: &str) -> String {
+        format!("{}i:{key}", self.prefix)
+    }
+
+    fn revocation(&self, uid: &str) -> String {
+        format!("{}r:{uid}", self.prefix)
+    }
 }
 
 struct Scripts {
@@ -152,7 +184,7 @@ struct Shared {
     keys: Keys,
     scripts: Scripts,
     limits: Limits,
-    acks: Mutex<HashMap<String, (Position, u64)>>,
+    acks: PendingAcks,
     healthy: AtomicBool,
 }
 
@@ -199,6 +231,16 @@ fn parse_entry((id, flat): RawEntry) -> Entry {
 
 fn field(entry: &Entry, name: &str) -> String {
     entry.fields.get(name).cloned().unwrap_or_default()
+}
+
+/// The message a `k=m` entry holds.
+fn message(entry: &Entry) -> Arc<Message> {
+    Arc::new(Message::new(
+        entry.pos,
+        field(entry, "t").into(),
+        field(entry, "j").into(),
+        field(entry, "ts").parse().unwrap_or(0),
+    ))
 }
 
 /// A listener from its hash (flat field/value list).
@@ -273,7 +315,7 @@ impl RedisEngine {
                 snapshot: Script::new(SNAPSHOT),
             },
             limits,
-            acks: Mutex::default(),
+            acks: PendingAcks::default(),
             healthy: AtomicBool::new(true),
         });
         let stop = CancellationToken::new();
@@ -337,60 +379,66 @@ impl Shared {
     ) -> Result<Option<Vec<String>>> {
         let k = &self.keys;
         let mut call = self.scripts.disconnect.prepare_invoke();
+        // Expiry revokes nothing; the app's disconnect of a whole listener does.
+        let revoke_for_ms = match (track, stale_before) {
+            (None, None) => self.limits.revocation_ttl.as_millis().max(1).to_string(),
+            _ => String::new(),
+        };
         call.key(k.listener(uid))
             .key(&k.seq)
             .key(&k.subs)
             .key(&k.seen)
             .key(&k.log)
+            .key(k.revocation(uid))
             .arg(now_ms())
             .arg(uid)
-            .arg(track.unwrap_or(""));
-        if let Some(before) = stale_before {
-            call.arg(before);
-        }
+            .arg(track.unwrap_or(""))
+            .arg(stale_before.map(|b| b.to_string()).unwrap_or_default())
+            .arg(revoke_for_ms);
         let left: Option<Vec<String>> = self.observe(call.invoke_async(&mut self.conn()).await)?;
         Ok(left.map(|flat| parse_listener(uid, flat).track_names()))
     }
 
+    /// Writes the pending acks; they stay pending until written (see `acks`), and
+    /// those that fail are written by the next tick.
     async fn flush_acks(&self) {
-        let acks = match self.acks.lock() {
-            Ok(mut acks) if !acks.is_empty() => std::mem::take(&mut *acks),
-            _ => return,
-        };
-        let calls = acks.iter().map(|(uid, (cursor, seen))| async move {
+        let acks = self.acks.snapshot();
+        if acks.is_empty() {
+            return;
+        }
+        let calls = acks.iter().map(|(uid, ack)| async move {
             let mut call = self.scripts.ack.prepare_invoke();
             call.key(self.keys.listener(uid))
                 .key(&self.keys.seen)
-                .arg(*cursor)
-                .arg(*seen)
+                .arg(ack.cursor)
+                .arg(ack.seen_ms)
                 .arg(uid);
-            let done: redis::RedisResult<i64> = call.invoke_async(&mut self.conn()).await;
-            done.map(|_| ())
-                .map_err(|e| (uid.clone(), (*cursor, *seen), e))
+            call.invoke_async::<i64>(&mut self.conn()).await
         });
-        let failed: Vec<_> = futures_util::future::join_all(calls)
-            .await
-            .into_iter()
-            .filter_map(std::result::Result::err)
-            .collect();
-        if let Some((_, _, e)) = failed.first() {
-            tracing::warn!("cannot write {} cursor(s) to redis: {e}", failed.len());
-            self.healthy.store(false, Ordering::Relaxed);
-            // Keep them for the next tick; newer acks win.
-            if let Ok(mut acks) = self.acks.lock() {
-                for (uid, (cursor, seen), _) in failed {
-                    let entry = acks.entry(uid).or_insert((cursor, seen));
-                    entry.0 = entry.0.max(cursor);
-                    entry.1 = entry.1.max(seen);
+        let results = futures_util::future::join_all(calls).await;
+        let mut written = Vec::with_capacity(acks.len());
+        let mut failed = None;
+        let mut failures = 0;
+        for (entry, result) in acks.iter().zip(results) {
+            match result {
+                Ok(_) => written.push(entry),
+                Err(e) => {
+                    failures += 1;
+                    failed.get_or_insert(e);
                 }
             }
+        }
+        self.acks.forget_written(written);
+        if let Some(e) = failed {
+            tracing::warn!("cannot write {failures} cursor(s) to redis: {e}");
+            self.healthy.store(false, Ordering::Relaxed);
         }
     }
 
     /// Deletes entries older than the retention, and forgets listeners unseen for the
     /// listener ttl.
     async fn clean_up(&self) -> Result<()> {
-        let cutoff = now_ms().saturating_sub(self.limits.retention.as_millis() as u64);
+        let cutoff = self.limits.keep_messages_after(now_ms());
         let oldest: Vec<RawEntry> = self.observe(
             redis::cmd("XRANGE")
                 .arg(&self.keys.log)
@@ -420,7 +468,7 @@ impl Shared {
                     .await,
             )?;
         }
-        let seen_before = now_ms().saturating_sub(self.limits.listener_ttl.as_millis() as u64);
+        let seen_before = self.limits.forget_listeners_seen_before(now_ms());
         let stale: Vec<String> = self.observe(
             redis::cmd("ZRANGEBYSCORE")
                 .arg(&self.keys.seen)
@@ -441,8 +489,7 @@ impl Shared {
 
 /// Every tick: write cursors, clean up, check health.
 async fn maintenance(shared: Arc<Shared>, stop: CancellationToken) {
-    let every = (shared.limits.retention.min(shared.limits.listener_ttl) / 10)
-        .clamp(Duration::from_millis(200), Duration::from_secs(60));
+    let every = shared.limits.clean_up_every();
     let mut last_clean_up = Instant::now();
     loop {
         tokio::select! {
@@ -560,12 +607,7 @@ fn to_change(entry: &Entry, last_message: &mut Position) -> Option<Vec<Change>> 
                 changes.push(Change::Lost);
             }
             *last_message = entry.pos;
-            changes.push(Change::Appended(Arc::new(Message::new(
-                entry.pos,
-                field(entry, "t").into(),
-                field(entry, "j").into(),
-                field(entry, "ts").parse().unwrap_or(0),
-            ))));
+            changes.push(Change::Appended(message(entry)));
             Some(changes)
         }
         "c" => Some(vec![Change::Connected {
@@ -590,7 +632,11 @@ impl Engine for RedisEngine {
         "redis"
     }
 
-    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
+    async fn append_with_key(
+        &self,
+        updates: Vec<Update>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Appended> {
         self.check_open()?;
         let s = &self.shared;
         let mut call = s.scripts.append.prepare_invoke();
@@ -598,10 +644,34 @@ impl Engine for RedisEngine {
             .key(&s.keys.seq)
             .arg(s.limits.max_stored_messages)
             .arg(now_ms());
+        match &key {
+            Some(key) => {
+                call.key(s.keys.idempotency(key.key()))
+                    .arg(key.digest())
+                    .arg(s.limits.idempotency_keep.as_millis().max(1) as u64);
+            }
+            None => {
+                call.arg("").arg(0);
+            }
+        }
         for update in &updates {
             call.arg(&update.track).arg(&update.json);
         }
-        s.observe(call.invoke_async(&mut s.conn()).await)
+        let answer: Vec<u64> = s.observe(call.invoke_async(&mut s.conn()).await)?;
+        match answer.split_first() {
+            Some((0, positions)) => Ok(Appended {
+                positions: positions.to_vec(),
+                repeated: false,
+            }),
+            Some((1, positions)) => Ok(Appended {
+                positions: positions.to_vec(),
+                repeated: true,
+            }),
+            Some((2, _)) => Err(EngineError::KeyReused),
+            _ => Err(EngineError::Storage(format!(
+                "redis: unexpected answer to the append script: {answer:?}"
+            ))),
+        }
     }
 
     async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
@@ -627,25 +697,30 @@ impl Engine for RedisEngine {
         self.shared.disconnect(uid, track.as_deref(), None).await
     }
 
-    async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
+    /// One `GET` more when a stream opens with a token; Redis drops the key itself.
+    async fn revoked_at(&self, uid: &str) -> Result<Option<u64>> {
         let s = &self.shared;
-        let flat: Vec<String> = s.observe(
-            redis::cmd("HGETALL")
-                .arg(s.keys.listener(uid))
+        let at: Option<u64> = s.observe(
+            redis::cmd("GET")
+                .arg(s.keys.revocation(uid))
                 .query_async(&mut s.conn())
                 .await,
         )?;
-        if flat.is_empty() {
-            return Ok(None);
-        }
-        let mut listener = parse_listener(uid, flat);
-        if let Ok(acks) = s.acks.lock()
-            && let Some(&(cursor, seen)) = acks.get(uid)
-        {
-            listener.cursor = listener.cursor.max(cursor);
-            listener.last_seen_ms = listener.last_seen_ms.max(seen);
-        }
-        Ok(Some(listener))
+        Ok(at)
+    }
+
+    async fn listener(&self, uid: &str) -> Result<Option<Listener>> {
+        let s = &self.shared;
+        let read = async {
+            let flat: Vec<String> = s.observe(
+                redis::cmd("HGETALL")
+                    .arg(s.keys.listener(uid))
+                    .query_async(&mut s.conn())
+                    .await,
+            )?;
+            Ok((!flat.is_empty()).then(|| parse_listener(uid, flat)))
+        };
+        s.acks.merged(uid, read).await
     }
 
     async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>> {
@@ -696,17 +771,9 @@ impl Engine for RedisEngine {
                 if field(&entry, "k") != "m" {
                     continue;
                 }
-                let track = field(&entry, "t");
-                if since
-                    .get(track.as_str())
-                    .is_some_and(|&since| entry.pos > since)
-                {
-                    messages.push(Arc::new(Message::new(
-                        entry.pos,
-                        track.into(),
-                        field(&entry, "j").into(),
-                        field(&entry, "ts").parse().unwrap_or(0),
-                    )));
+                let track = entry.fields.get("t").map_or("", String::as_str);
+                if since.get(track).is_some_and(|&since| entry.pos > since) {
+                    messages.push(message(&entry));
                 }
             }
             if scanned < REPLAY_SCAN {
@@ -723,7 +790,7 @@ impl Engine for RedisEngine {
     }
 
     fn ack(&self, uid: &str, pos: Position) {
-        super::record_ack(&self.shared.acks, uid, pos);
+        self.shared.acks.record(uid, pos);
     }
 
     async fn counts(&self) -> Result<StoreCounts> {
@@ -754,6 +821,11 @@ impl Engine for RedisEngine {
         self.closed.store(true, Ordering::Relaxed);
         self.shared.flush_acks().await;
         self.stop.cancel();
+    }
+
+    #[cfg(test)]
+    fn pending_acks(&self) -> &PendingAcks {
+        &self.shared.acks
     }
 }
 

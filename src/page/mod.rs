@@ -5,15 +5,33 @@
 
 use axum::extract::State;
 use axum::http::header;
+use axum::middleware;
 use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
 
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::node::Node;
 
 /// The status page.
 const INDEX_HTML: &str = include_str!("index.html");
 /// The browser client, the same file as `clients/js/dolores.js`.
 pub const DOLORES_JS: &str = include_str!("../../clients/js/dolores.js");
+
+/// `/status` and `/dolores.js` (with CORS: pages of other sites load the client). The
+/// page at `/` is routed by the server, which knows where the base path puts it.
+pub fn router(node: &Node) -> Router<Node> {
+    Router::new()
+        .route(
+            "/dolores.js",
+            get(client_js).options(crate::cors::preflight),
+        )
+        .layer(middleware::from_fn_with_state(
+            node.origins.clone(),
+            crate::cors::layer,
+        ))
+        .route("/status", get(status))
+}
 
 /// `GET /`.
 pub async fn index() -> Html<&'static str> {
@@ -34,8 +52,8 @@ pub async fn client_js() -> Response {
 
 /// `GET /status`: the same counts as `/api/v1/stats` (and `/metrics`), without a key,
 /// and the last five minutes of published and delivered counts for the chart.
-pub async fn status(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let mut status = crate::api::stats_json(&state).await?;
+pub async fn status(State(state): State<Node>) -> Result<Response, ApiError> {
+    let mut status = state.stats().await?;
     status["history"] = state.metrics.history_json();
-    Ok(axum::Json(status).into_response())
+    Ok(Json(status).into_response())
 }

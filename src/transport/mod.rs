@@ -12,22 +12,39 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use axum::Router;
 use axum::extract::{ConnectInfo, FromRequestParts, Path, Query};
 use axum::http::HeaderMap;
-use axum::http::StatusCode;
+use axum::middleware;
+use axum::routing::get;
 use serde::Deserialize;
 
-use crate::connection::Head;
+use crate::cors::preflight;
 use crate::engine::{Message, Position};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::hub::{Received, Subscription};
 use crate::names;
+use crate::node::Node;
 use crate::proxy::Client;
-use crate::server::AppState;
 
+pub mod direct;
 pub mod poll;
 pub mod sse;
 pub mod ws;
+
+pub use direct::Head;
+
+/// The listener endpoints, with CORS for the pages allowed to use them.
+pub fn router(node: &Node) -> Router<Node> {
+    Router::new()
+        .route("/listen/{uid}", get(sse::listen).options(preflight))
+        .route("/ws/{uid}", get(ws::listen).options(preflight))
+        .route("/poll/{uid}", get(poll::listen).options(preflight))
+        .layer(middleware::from_fn_with_state(
+            node.origins.clone(),
+            crate::cors::layer,
+        ))
+}
 
 /// Messages read from the store per page of replay: bounds the memory a stream
 /// catching up holds at once.
@@ -42,53 +59,6 @@ pub struct ListenQuery {
     pub last_event_id: Option<String>,
     /// Long-poll only: seconds to wait for an event.
     pub timeout: Option<String>,
-}
-
-/// Whether a browser page at the request's `Origin` may use the listener endpoints:
-/// no `Origin` (not a browser), the same origin as the server as the client reached it
-/// (behind a trusted proxy: the forwarded host and scheme), or one of `cors_origins`
-/// (`*` allows any).
-pub fn origin_allowed(state: &AppState, request: &ListenRequest) -> bool {
-    let Some(origin) = request.headers.get("origin").and_then(|o| o.to_str().ok()) else {
-        return true;
-    };
-    request.client(state).same_origin(origin) || origin_listed(state, origin)
-}
-
-/// Refuses a page at a foreign origin with 403 `origin_not_allowed`, the same on every
-/// listener endpoint: what a foreign page cannot read it must not be able to cause
-/// either (a poll from it would move the listener's cursor, a stream would keep the
-/// listener alive). `what` names the request in the log, which says why: behind a
-/// proxy that does not forward the host, every same-origin page lands here, and the
-/// operator needs to see it.
-pub fn check_origin(state: &AppState, request: &ListenRequest, what: &str) -> Result<(), ApiError> {
-    if origin_allowed(state, request) {
-        return Ok(());
-    }
-    let client = request.client(state);
-    let origin = request
-        .headers
-        .get("origin")
-        .map(|o| o.to_str().unwrap_or("?"));
-    tracing::warn!(
-        "refused {what} from {client} at origin {:?}: neither this server ({:?}) nor in cors_origins",
-        origin.unwrap_or_default(),
-        client.host.as_deref().unwrap_or_default(),
-    );
-    Err(ApiError::new(
-        StatusCode::FORBIDDEN,
-        "origin_not_allowed",
-        "this page's origin is not in cors_origins",
-    ))
-}
-
-/// Whether `origin` is one of `cors_origins` (`*` lists every origin).
-pub fn origin_listed(state: &AppState, origin: &str) -> bool {
-    state
-        .settings
-        .cors_origins
-        .iter()
-        .any(|allowed| allowed == "*" || allowed.trim_end_matches('/') == origin)
 }
 
 /// What every listener endpoint reads from a request: the uid from the path, the
@@ -107,11 +77,17 @@ pub struct ListenRequest {
 
 impl ListenRequest {
     /// Who sent the request: the peer, or what a trusted proxy says.
-    pub fn client(&self, state: &AppState) -> Client {
+    pub fn client(&self, state: &Node) -> Client {
         state
             .settings
             .trusted_proxies
             .client(self.peer, &self.headers)
+    }
+
+    /// Refuses a browser page at a foreign origin (`cors`): the same rule on every
+    /// listener endpoint. `what` names the request in the log.
+    pub fn check_origin(&self, state: &Node, what: &str) -> Result<(), ApiError> {
+        crate::cors::check_origin(&state.origins, &self.headers, what, self.client(state))
     }
 }
 
@@ -165,7 +141,7 @@ pub enum End {
 /// A listener's stream of deliveries. See the module docs.
 #[derive(Debug)]
 pub struct Deliveries {
-    state: AppState,
+    state: Node,
     uid: Arc<str>,
     subscription: Subscription,
     cursor: Position,
@@ -175,19 +151,21 @@ pub struct Deliveries {
 
 /// Opens the stream of `uid`: checks it and its token, connects the token's tracks,
 /// and finds where to start. Errors are ready to answer (400, 401, 404, 503).
-pub async fn open(state: &AppState, request: &ListenRequest) -> Result<Deliveries, ApiError> {
+pub async fn open(state: &Node, request: &ListenRequest) -> Result<Deliveries, ApiError> {
     let (uid, query, headers) = (request.uid.as_str(), &request.query, &request.headers);
-    names::check_uid(uid).map_err(|e| ApiError::bad_field("bad_uid", e.0))?;
+    names::check_uid(uid).map_err(|e| ApiError::bad_field(ErrorCode::BadUid, e.0))?;
     if let Some(auth) = state.tokens() {
         let token = query
             .token
             .as_deref()
             .ok_or_else(ApiError::token_required)?;
         let claims = auth.verify(token, uid)?;
+        // Before the token's tracks may re-create a listener the app has forgotten.
+        crate::auth::check_revocation(&claims, state.engine.revoked_at(uid).await?)?;
         if let Some(tracks) = claims.tracks.filter(|t| !t.is_empty()) {
             for track in &tracks {
                 names::check_track(track).map_err(|e| {
-                    ApiError::unauthorized("bad_token", format!("token track: {}", e.0))
+                    ApiError::unauthorized(ErrorCode::BadToken, format!("token track: {}", e.0))
                 })?;
             }
             state.engine.connect(uid, tracks).await?;
@@ -227,7 +205,7 @@ fn resume_cursor(query: &ListenQuery, headers: &HeaderMap) -> Result<Option<Posi
     }
     id.parse().map(Some).map_err(|_| {
         ApiError::bad_field(
-            "bad_event_id",
+            ErrorCode::BadEventId,
             format!("{id:?} is not an event id this server gave out"),
         )
     })
@@ -312,58 +290,119 @@ impl Deliveries {
     }
 }
 
-/// The listener request of a stream served directly on its socket: uid from the path
-/// (`{base}{endpoint}{uid}`, with `endpoint` like `/listen/`), the query, the headers.
-pub(crate) fn direct_request(
-    head: Head,
-    base: &str,
-    endpoint: &str,
-) -> Result<ListenRequest, ApiError> {
-    let not_found = || ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint");
-    let uri: axum::http::Uri = head.target.parse().map_err(|_| not_found())?;
-    let raw = crate::proxy::strip_base(base, uri.path())
-        .and_then(|path| path.strip_prefix(endpoint))
-        .ok_or_else(not_found)?;
-    if raw.is_empty() || raw.contains('/') {
-        return Err(not_found());
-    }
-    let uid = percent_encoding::percent_decode_str(raw)
-        .decode_utf8()
-        .map_err(|_| ApiError::bad_field("bad_uid", "the uid is not valid UTF-8"))?
-        .into_owned();
-    let Query(query) = Query::<ListenQuery>::try_from_uri(&uri).map_err(ApiError::from_query)?;
-    Ok(ListenRequest {
-        uid,
-        query,
-        headers: head.headers,
-        peer: head.peer,
-    })
-}
-
-/// Answers a direct stream's request with `error` as JSON (plus `extra` header lines,
-/// each ending in CRLF), and closes the connection.
-pub(crate) async fn write_error<W>(socket: &mut W, error: &ApiError, extra: &str)
-where
-    W: tokio::io::AsyncWrite + Unpin,
-{
-    use tokio::io::AsyncWriteExt;
-    let body = error.body().to_string();
-    let answer = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
-        error.status.as_u16(),
-        error.status.canonical_reason().unwrap_or(""),
-        body.len(),
-    );
-    let _ = socket.write_all(answer.as_bytes()).await;
-    let _ = socket.shutdown().await;
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{ListenQuery, resume_cursor};
-    use axum::http::{HeaderMap, HeaderValue};
+    use super::{Head, ListenQuery, ListenRequest, direct, resume_cursor};
+    use crate::error::{ApiError, ErrorCode};
+    use axum::Json;
+    use axum::body::Body;
+    use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
+    use serde_json::{Value, json};
+
+    /// What a listener endpoint made of a request: its uid and query, or its refusal
+    /// (status, and code when the answer is one of ours, not hyper's bare 400).
+    #[derive(Debug, PartialEq)]
+    enum Outcome {
+        Taken(Value),
+        Refused(u16, Option<String>),
+    }
+
+    fn taken(request: &ListenRequest) -> Value {
+        json!({
+            "uid": request.uid,
+            "token": request.query.token,
+            "last_event_id": request.query.last_event_id,
+            "timeout": request.query.timeout,
+        })
+    }
+
+    /// The direct path (`connection` → `direct::listen_request`), as for `GET {target}`.
+    fn direct(target: &str) -> Outcome {
+        let head = Head {
+            target: target.to_owned(),
+            headers: HeaderMap::new(),
+            http11: true,
+            peer: None,
+        };
+        match direct::listen_request(head, "", "/listen/") {
+            Ok(request) => Outcome::Taken(taken(&request)),
+            Err(e) => Outcome::Refused(e.status.as_u16(), Some(e.code.as_str().to_owned())),
+        }
+    }
+
+    /// The framework path: hyper's parse of the target, then axum's routing and the
+    /// `ListenRequest` extractor (the same route and fallback as the server's).
+    async fn framework(target: &str) -> Outcome {
+        let Ok(request) = Request::builder().uri(target).body(Body::empty()) else {
+            // hyper answers a target it cannot parse with a bare 400.
+            return Outcome::Refused(400, None);
+        };
+        let router = axum::Router::new()
+            .route(
+                "/listen/{uid}",
+                axum::routing::get(|r: ListenRequest| async move { Json(taken(&r)) }),
+            )
+            .fallback(|| async {
+                ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    ErrorCode::NotFound,
+                    "no such endpoint",
+                )
+            });
+        let service = hyper_util::service::TowerToHyperService::new(router);
+        let Ok(response) = hyper::service::Service::call(&service, request).await;
+        let status = response.status().as_u16();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .map(|b| serde_json::from_slice::<Value>(&b).unwrap_or(Value::Null))
+            .unwrap_or(Value::Null);
+        if status == 200 {
+            Outcome::Taken(body)
+        } else {
+            Outcome::Refused(status, body["error"]["code"].as_str().map(str::to_owned))
+        }
+    }
+
+    /// A query parameter's name: the three the endpoints read, near misses, anything.
+    fn query_key() -> impl proptest::strategy::Strategy<Value = String> {
+        "token|last_event_id|timeout|last%5Fevent%5Fid|Token|t%6Fken|x|\\PC{0,3}"
+    }
+
+    fn query_value() -> impl proptest::strategy::Strategy<Value = String> {
+        "[0-9]{0,6}|[%0-9A-Fa-f+ .=#?/]{0,8}|\\PC{0,5}|[\\s\\S]{0,3}"
+    }
+
+    /// A `/listen/{uid}?query` target with every kind of uid segment and query.
+    fn target() -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::strategy::Strategy;
+        let segment = "[A-Za-z0-9._~-]{0,10}|[A-Za-z0-9%/]{0,12}|\\PC{0,4}";
+        let param = (query_key(), "=|", query_value()).prop_map(|(k, eq, v)| format!("{k}{eq}{v}"));
+        let query = proptest::collection::vec(param, 0..4);
+        (segment, "[?]?", query, "[&;]").prop_map(|(segment, mark, params, glue)| {
+            format!("/listen/{segment}{mark}{}", params.join(&glue))
+        })
+    }
 
     proptest::proptest! {
+        /// The direct SSE/WebSocket path parses its own request target; whatever it
+        /// makes of a target, the framework path (poll, and streams after the first
+        /// request of a connection) makes the same: the same uid and query, or the
+        /// same refusal. What they then mean (`resume_cursor`, `poll::parse_timeout`,
+        /// the token check) is one function for both.
+        #[test]
+        fn direct_and_framework_paths_read_targets_alike(target in target()) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().map_err(|e| {
+                proptest::test_runner::TestCaseError::fail(e.to_string())
+            })?;
+            let framework = runtime.block_on(framework(&target));
+            let direct = direct(&target);
+            match (&direct, &framework) {
+                // hyper's own refusal has no code to compare.
+                (Outcome::Refused(a, _), Outcome::Refused(b, None)) => proptest::prop_assert_eq!(a, b, "{:?}", target),
+                _ => proptest::prop_assert_eq!(&direct, &framework, "{:?}", target),
+            }
+        }
+
         /// Any `Last-Event-ID` or `last_event_id`: no panic; a cursor exactly when it is
         /// an id this server gives out (a decimal position), else a 400.
         #[test]

@@ -15,9 +15,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::{BufMut, BytesMut};
 
 use super::{Delivery, End, ListenRequest};
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Transport;
-use crate::server::AppState;
+use crate::node::Node;
 
 /// How long a poll waits by default: under the 30 s idle timeout of common proxies.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
@@ -26,30 +26,37 @@ pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most events in one answer, so an answer stays a reasonable size.
 const MAX_EVENTS: usize = 1000;
 
-/// The handler.
-pub async fn listen(
-    State(state): State<AppState>,
-    request: ListenRequest,
-) -> Result<Response, ApiError> {
-    // Before anything else: a poll acknowledges, and a foreign page must not.
-    super::check_origin(&state, &request, "a long poll")?;
-    let timeout = match request.query.timeout.as_deref() {
-        None | Some("") => DEFAULT_TIMEOUT,
+/// The `timeout` query parameter: seconds from 0 to [`MAX_TIMEOUT`], fractions allowed;
+/// none (or empty) is [`DEFAULT_TIMEOUT`]. Anything else is a 400, never a panic (NaN,
+/// infinities and negatives are refused before they become a `Duration`).
+pub fn parse_timeout(timeout: Option<&str>) -> Result<Duration, ApiError> {
+    match timeout {
+        None | Some("") => Ok(DEFAULT_TIMEOUT),
         Some(t) => t
             .parse::<f64>()
             .ok()
             .filter(|t| (0.0..=MAX_TIMEOUT.as_secs_f64()).contains(t))
-            .map(Duration::from_secs_f64)
+            .and_then(|t| Duration::try_from_secs_f64(t).ok())
             .ok_or_else(|| {
                 ApiError::bad_field(
-                    "bad_timeout",
+                    ErrorCode::BadTimeout,
                     format!(
                         "timeout is a number of seconds from 0 to {}",
                         MAX_TIMEOUT.as_secs()
                     ),
                 )
-            })?,
-    };
+            }),
+    }
+}
+
+/// `GET /poll/{uid}`: waits for the listener's next events, at most `timeout`.
+pub async fn listen(
+    State(state): State<Node>,
+    request: ListenRequest,
+) -> Result<Response, ApiError> {
+    // Before anything else: a poll acknowledges, and a foreign page must not.
+    request.check_origin(&state, "a long poll")?;
+    let timeout = parse_timeout(request.query.timeout.as_deref())?;
     let mut deliveries = super::open(&state, &request).await?;
     let _open = state.metrics.open_stream(Transport::Poll);
     // The request's cursor acknowledges everything up to it.
@@ -104,4 +111,46 @@ pub async fn listen(
         body.freeze(),
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{DEFAULT_TIMEOUT, MAX_TIMEOUT, parse_timeout};
+
+    #[test]
+    fn timeouts_at_the_edges() {
+        assert_eq!(parse_timeout(None), Ok(DEFAULT_TIMEOUT));
+        assert_eq!(parse_timeout(Some("")), Ok(DEFAULT_TIMEOUT));
+        assert_eq!(parse_timeout(Some("0")), Ok(std::time::Duration::ZERO));
+        assert_eq!(parse_timeout(Some("-0")), Ok(std::time::Duration::ZERO));
+        assert_eq!(parse_timeout(Some("60")), Ok(MAX_TIMEOUT));
+        for refused in [
+            "NaN", "inf", "-inf", "-1", "60.0001", "1e400", " 1", "0x10", "1s",
+        ] {
+            assert_eq!(
+                parse_timeout(Some(refused)).map_err(|e| e.code.as_str()),
+                Err("bad_timeout"),
+                "{refused:?}"
+            );
+        }
+    }
+
+    proptest::proptest! {
+        /// Any text: no panic; taken exactly when it is a number of seconds in range.
+        #[test]
+        fn any_timeout_is_a_duration_in_range_or_a_400(t in "\\PC{0,12}|-?[0-9]{0,3}(\\.[0-9]{0,4})?(e-?[0-9]{1,3})?") {
+            let number = t.parse::<f64>().ok().filter(|n| (0.0..=60.0).contains(n));
+            match parse_timeout(Some(&t)) {
+                Ok(d) => {
+                    proptest::prop_assert!(t.is_empty() || number.is_some(), "took {:?}", t);
+                    proptest::prop_assert!(d <= MAX_TIMEOUT);
+                }
+                Err(e) => {
+                    proptest::prop_assert!(number.is_none(), "refused {:?}", t);
+                    proptest::prop_assert_eq!(e.code, "bad_timeout");
+                    proptest::prop_assert_eq!(e.status.as_u16(), 400);
+                }
+            }
+        }
+    }
 }

@@ -126,7 +126,7 @@ pub(super) async fn start(
 /// Opens the node and serves until `stop`: what `dolores serve` does once it has its
 /// settings and key, without printing. The one place that names the server's state.
 async fn serve(
-    settings: Settings,
+    mut settings: Settings,
     api_key: String,
     ready_tx: oneshot::Sender<SocketAddr>,
     stop: impl std::future::Future<Output = ()> + Send + 'static,
@@ -134,7 +134,9 @@ async fn serve(
     let tls = settings.tls.clone().map(Tls::new).transpose()?;
     let listener = bind(&settings.listen).await?;
     let addr = listener.local_addr()?;
-    let node = dolores::server::AppState::open(settings, api_key).await?;
+    // As the binary does: the server's own origin is made of the address as bound.
+    settings.listen = addr.to_string();
+    let node = dolores::node::Node::open(settings, api_key).await?;
     let _ = ready_tx.send(addr);
     dolores::server::run(listener, node, tls, stop).await
 }

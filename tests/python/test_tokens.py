@@ -133,3 +133,30 @@ def test_an_expired_token_raises_unless_it_can_be_renewed(minter, uid, track):
     with pytest.raises(DoloresError) as caught:
         next(iter(minter.listen(uid, token=lambda u: expired)))
     assert caught.value.code == "token_expired"
+
+
+def test_a_revoked_token_raises_token_revoked_and_is_not_renewed(minter, uid, track):
+    calls = []
+
+    def renew(for_uid: str) -> str:
+        calls.append(for_uid)
+        return minter.token(for_uid, tracks=[track])
+
+    events = Collector(minter.listen(uid, token=renew))
+    try:
+        wait_until(lambda: _tracks(minter, uid) == [track], what="the token's tracks to connect the listener")
+        published = minter.update(track, "before")
+        assert events.next() == Event(published, track, "before")
+        # The app forgets the listener: its open stream ends, and the token it holds
+        # is refused when it comes back. It raises, without asking for another.
+        minter.disconnect(uid)
+        error = events.failure()
+        assert isinstance(error, DoloresError)
+        assert (error.status, error.code) == (401, "token_revoked")
+        assert "token_revoked" in str(error) and "disconnected" in error.message
+        assert calls == [uid]
+    finally:
+        events.close()
+    with pytest.raises(DoloresError) as caught:
+        minter.listener(uid)
+    assert caught.value.code == "unknown_listener", "the revoked token did not re-create it"

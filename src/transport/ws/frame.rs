@@ -11,6 +11,7 @@
 //! 1009) instead of a dropped connection. The handshake's accept key still comes from
 //! tungstenite.
 
+use super::CloseCode;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest control frame payload (RFC 6455 §5.5).
@@ -54,11 +55,11 @@ pub(super) enum Violation {
 
 impl Violation {
     /// The close code and reason to send.
-    pub(super) fn close(&self) -> (u16, &'static str) {
+    pub(super) fn close(&self) -> (CloseCode, &'static str) {
         match self {
-            Violation::Protocol(why) => (1002, why),
-            Violation::NotUtf8 => (1007, "invalid UTF-8"),
-            Violation::TooBig => (1009, "frame too big"),
+            Violation::Protocol(why) => (CloseCode::ProtocolError, why),
+            Violation::NotUtf8 => (CloseCode::NotUtf8, "invalid UTF-8"),
+            Violation::TooBig => (CloseCode::TooBig, "frame too big"),
         }
     }
 }
@@ -452,9 +453,9 @@ mod tests {
             read_all(&masked(0x88, &[0x03, 0xED])),
             [Err(Violation::Protocol("close code not allowed"))]
         );
-        assert_eq!(Violation::NotUtf8.close().0, 1007);
-        assert_eq!(Violation::TooBig.close().0, 1009);
-        assert_eq!(Violation::Protocol("x").close().0, 1002);
+        assert_eq!(Violation::NotUtf8.close().0.code(), 1007);
+        assert_eq!(Violation::TooBig.close().0.code(), 1009);
+        assert_eq!(Violation::Protocol("x").close().0.code(), 1002);
     }
 
     #[test]

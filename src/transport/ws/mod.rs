@@ -33,11 +33,11 @@ use tokio_tungstenite::tungstenite;
 
 use frame::{Inbound, Opcode, ReadError, Reader};
 
+use super::Head;
 use super::{Deliveries, Delivery, End, ListenRequest};
-use crate::connection::Head;
-use crate::error::ApiError;
+use crate::error::{ApiError, ErrorCode};
 use crate::metrics::Transport;
-use crate::server::AppState;
+use crate::node::Node;
 
 mod frame;
 
@@ -47,10 +47,44 @@ pub const MAX_INBOUND_BYTES: usize = 64 * 1024;
 /// chunk.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
 
-/// Close code for a shutdown: come back later, elsewhere.
-pub const CLOSE_SHUTDOWN: u16 = 1001;
-/// Close code for a reader that did not take its frames in time.
-pub const CLOSE_SLOW_READER: u16 = 4008;
+/// Every reason the server closes a WebSocket, and the code each sends (RFC 6455 §7.4
+/// for the 1000s; 4000 + an HTTP status for the server's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseCode {
+    /// 1000, or the code the client closed with, echoed (§5.5.1).
+    Echo(Option<u16>),
+    /// 1001: the server is shutting down; come back later, elsewhere.
+    Shutdown,
+    /// 1002: a frame RFC 6455 does not allow.
+    ProtocolError,
+    /// 1007: text that is not UTF-8.
+    NotUtf8,
+    /// 1009: a frame larger than [`MAX_INBOUND_BYTES`].
+    TooBig,
+    /// 1011: the store failed; retry later.
+    StoreFailed,
+    /// 4008: a reader that took no frame for `slow_reader_timeout`.
+    SlowReader,
+    /// 4000 + the HTTP status: the stream could not open (bad token, unknown listener…),
+    /// or its listener was forgotten (4404); the reason is the error code.
+    Refused(StatusCode),
+}
+
+impl CloseCode {
+    /// The number sent in the close frame.
+    pub fn code(self) -> u16 {
+        match self {
+            Self::Echo(code) => code.unwrap_or(1000),
+            Self::Shutdown => 1001,
+            Self::ProtocolError => 1002,
+            Self::NotUtf8 => 1007,
+            Self::TooBig => 1009,
+            Self::StoreFailed => 1011,
+            Self::SlowReader => 4008,
+            Self::Refused(status) => 4000 + status.as_u16(),
+        }
+    }
+}
 
 /// Whether the headers ask for a WebSocket the way RFC 6455 says; the
 /// `Sec-WebSocket-Accept` value to answer with if so.
@@ -74,14 +108,10 @@ pub fn accept_key(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The handler of `/ws/{uid}` on the framework path.
-pub async fn listen(
-    State(state): State<AppState>,
-    request: ListenRequest,
-    raw: Request,
-) -> Response {
+pub async fn listen(State(state): State<Node>, request: ListenRequest, raw: Request) -> Response {
     let Some(accept) = accept_key(&request.headers) else {
         return ApiError::bad_field(
-            "not_websocket",
+            ErrorCode::NotWebsocket,
             "this endpoint takes a WebSocket (Upgrade: websocket, Sec-WebSocket-Version: 13)",
         )
         .into_response();
@@ -93,12 +123,12 @@ pub async fn listen(
         .remove::<hyper::upgrade::OnUpgrade>()
     else {
         return ApiError::bad_field(
-            "not_websocket",
+            ErrorCode::NotWebsocket,
             "this connection cannot be upgraded: open the WebSocket over HTTP/1.1",
         )
         .into_response();
     };
-    if let Err(refused) = super::check_origin(&state, &request, "a WebSocket") {
+    if let Err(refused) = request.check_origin(&state, "a WebSocket") {
         return refused.into_response();
     }
     let opened = super::open(&state, &request).await;
@@ -123,22 +153,22 @@ pub async fn listen(
 
 /// Serves `GET /ws/{uid}` as the first request of a connection, directly on the socket
 /// (see `connection`, which sends only complete upgrade requests here).
-pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
+pub async fn serve_direct(mut socket: TcpStream, head: Head, state: Node) {
     // Boxed, like SSE's: the request and the opening live on the heap only while the
     // stream opens, not in every open socket's task.
     let opened = Box::pin(async {
-        let request = super::direct_request(head, &state.settings.base_path, "/ws/")?;
+        let request = super::direct::listen_request(head, &state.settings.base_path, "/ws/")?;
         let accept = accept_key(&request.headers).ok_or_else(|| {
-            ApiError::bad_field("not_websocket", "this endpoint takes a WebSocket")
+            ApiError::bad_field(ErrorCode::NotWebsocket, "this endpoint takes a WebSocket")
         })?;
-        super::check_origin(&state, &request, "a WebSocket")?;
+        request.check_origin(&state, "a WebSocket")?;
         Ok((accept, super::open(&state, &request).await))
     })
     .await;
     let (accept, opened) = match opened {
         Ok(ready) => ready,
         Err(e) => {
-            super::write_error(&mut socket, &e, "").await;
+            super::direct::write_error(&mut socket, &e, "").await;
             return;
         }
     };
@@ -155,14 +185,19 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: AppState) {
 
 /// Sends a close frame (waiting at most a second for a reader that does not read),
 /// then ends the connection.
-async fn close<W: AsyncWrite + Unpin>(writer: &mut W, code: u16, reason: &str) {
+async fn close<W: AsyncWrite + Unpin>(writer: &mut W, code: CloseCode, reason: &str) {
     close_after(writer, &[], code, reason).await;
 }
 
 /// Writes `rest` (the end of a frame already partly written), then a close frame, then
 /// ends the connection; all of it within a second for a reader that does not read.
-async fn close_after<W: AsyncWrite + Unpin>(writer: &mut W, rest: &[u8], code: u16, reason: &str) {
-    let frame = frame::close(code, reason);
+async fn close_after<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    rest: &[u8],
+    code: CloseCode,
+    reason: &str,
+) {
+    let frame = frame::close(code.code(), reason);
     let _ = tokio::time::timeout(Duration::from_secs(1), async {
         writer.write_all(rest).await?;
         writer.write_all(&frame).await?;
@@ -197,7 +232,7 @@ enum Out {
 }
 
 async fn serve<R, W>(
-    state: AppState,
+    state: Node,
     opened: Result<Deliveries, ApiError>,
     mut reader: R,
     mut writer: W,
@@ -207,7 +242,7 @@ async fn serve<R, W>(
 {
     let mut deliveries = match opened {
         Ok(deliveries) => deliveries,
-        Err(e) => return close(&mut writer, 4000 + e.status.as_u16(), e.code).await,
+        Err(e) => return close(&mut writer, CloseCode::Refused(e.status), e.code.as_str()).await,
     };
     let _open = state.metrics.open_stream(Transport::Ws);
     let every = state.settings.heartbeat;
@@ -217,7 +252,7 @@ async fn serve<R, W>(
     let (code, reason) = loop {
         let out = tokio::select! {
             biased;
-            () = state.shutdown.cancelled() => break (CLOSE_SHUTDOWN, "server shutting down"),
+            () = state.shutdown.cancelled() => break (CloseCode::Shutdown, "server shutting down"),
             // One frame at a time, and its answer written before the next is read: a
             // client that floods pings and never reads is held back by its own pongs.
             frame = inbound.next(&mut reader) => match frame {
@@ -225,7 +260,7 @@ async fn serve<R, W>(
                 Ok(Inbound::Ignored) => continue,
                 Ok(Inbound::Close(code)) => {
                     // Echo the client's code (RFC 6455 §5.5.1), then hang up.
-                    return close(&mut writer, code.unwrap_or(1000), "").await;
+                    return close(&mut writer, CloseCode::Echo(code), "").await;
                 }
                 Err(ReadError::Gone) => return,
                 Err(ReadError::Violation(violation)) => break violation.close(),
@@ -236,8 +271,10 @@ async fn serve<R, W>(
                     let reset = format!("{{\"reset\":true,\"id\":\"{head}\"}}");
                     Out::Frame(frame::short(Opcode::Text, reset.as_bytes()))
                 }
-                Err(End::Forgotten) => break (4404, "unknown_listener"),
-                Err(End::Store) => break (1011, "store_unavailable"),
+                Err(End::Forgotten) => {
+                    break (CloseCode::Refused(StatusCode::NOT_FOUND), ErrorCode::UnknownListener.as_str())
+                }
+                Err(End::Store) => break (CloseCode::StoreFailed, ErrorCode::StoreUnavailable.as_str()),
             },
             _ = heartbeat.tick() => Out::Frame(frame::short(Opcode::Ping, b"")),
         };
@@ -277,14 +314,15 @@ async fn serve<R, W>(
             Ok(Err(_)) => return,
             Err(_) => {
                 tracing::info!(
-                    "closing the WebSocket of {} with {CLOSE_SLOW_READER}: it took no frame for {:?}",
+                    "closing the WebSocket of {} with {}: it took no frame for {:?}",
                     deliveries.uid(),
+                    CloseCode::SlowReader.code(),
                     state.settings.slow_reader_timeout
                 );
                 // The close frame goes after the end of the frame the timeout cut, or
                 // the reader would take it for the rest of that frame.
                 let rest = &bytes[written..frame::frame_end(&bytes, written)];
-                return close_after(&mut writer, rest, CLOSE_SLOW_READER, "slow reader").await;
+                return close_after(&mut writer, rest, CloseCode::SlowReader, "slow reader").await;
             }
         }
     };

@@ -17,7 +17,7 @@ function substitute(text, from, to) {
   return text.split(from).join(to);
 }
 
-function freePort() {
+export function freePort() {
   return new Promise((resolve, reject) => {
     const server = net.createServer();
     server.once("error", reject);
@@ -51,9 +51,8 @@ function program(name) {
  * Starts `kind` ("nginx" | "caddy") with deploy/`file`, Dolores at `dolores` and the
  * app at `app` (both `host:port`). Resolves with `{ origin, port, logs(), close() }`.
  */
-export async function startProxy(kind, file, { dolores, app }) {
+export async function startProxy(kind, file, { dolores, app, port }) {
   const temp = tempDir();
-  const port = await freePort();
   let text = readFileSync(path.join(repoRoot, "deploy", file), "utf8");
   text = substitute(text, "127.0.0.1:8007", dolores);
   if (text.includes("127.0.0.1:8000")) text = substitute(text, "127.0.0.1:8000", app);

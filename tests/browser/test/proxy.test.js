@@ -2,13 +2,13 @@
 // real nginx and real Caddy run with deploy/nginx.conf and deploy/Caddyfile. The page
 // is the app's own (same origin as Dolores), imports the client from
 // /dolores/dolores.js and names no server: every transport gets through the proxy, and
-// the WebSocket's same-origin check passes on the forwarded host. The status page works
+// the WebSocket's origin check passes because the proxy's origin is public_origins. The status page works
 // under the prefix too.
 import assert from "node:assert/strict";
 import { after, before, describe, test } from "node:test";
 
 import { API_KEY, DoloresServer, PageServer, TestPage, WAIT_MS, launchBrowser, messages, runAll } from "../lib/harness.js";
-import { startProxy } from "../lib/proxies.js";
+import { freePort, startProxy } from "../lib/proxies.js";
 
 const TEST_TIMEOUT_MS = 60000;
 
@@ -23,9 +23,11 @@ for (const [kind, file] of [["nginx", "nginx.conf"], ["caddy", "Caddyfile"]]) {
     before(async () => {
       browser = await launchBrowser();
       pageServer = await PageServer.start();
-      dolores = await DoloresServer.start({ args: ["--base-path", "/dolores", "--trusted-proxies", "127.0.0.1/32,::1/128"] });
+      // The proxy's port first: its origin is where Dolores' pages are (--public-origins).
+      const port = await freePort();
+      dolores = await DoloresServer.start({ args: ["--base-path", "/dolores", "--trusted-proxies", "127.0.0.1/32,::1/128", "--public-origins", `http://127.0.0.1:${port}`] });
       pageServer.dolores = dolores;
-      proxy = await startProxy(kind, file, { dolores: new URL(dolores.url).host, app: new URL(pageServer.origin).host });
+      proxy = await startProxy(kind, file, { dolores: new URL(dolores.url).host, app: new URL(pageServer.origin).host, port });
     });
 
     after(async () => {

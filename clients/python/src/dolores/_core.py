@@ -13,6 +13,7 @@ import random
 import re
 import time
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -266,16 +267,19 @@ def error_from_exception(exc: httpx.HTTPError, server: str) -> DoloresError:
     return error
 
 
-def never_sent(exc: httpx.HTTPError) -> bool:
-    """True when the request cannot have reached the server: safe to send again even
-    when sending it twice would publish twice."""
-    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+def new_idempotency_key() -> str:
+    """A fresh ``Idempotency-Key`` for one update call: a random UUID. The server
+    stores an update sent again with the same key only once."""
+    return str(uuid.uuid4())
 
 
-def retry_status(status: int, idempotent: bool) -> bool:
-    """503 (store unavailable, shutting down) means nothing was done; a 502 or 504 from
-    something in between may hide a request that was. A 4xx is never retried."""
-    return status == 503 or (idempotent and status in (502, 504))
+def retry_status(status: int) -> bool:
+    """A 503 (store unavailable, shutting down), or a 502 or 504 from something in
+    between. Any of them may hide a request that was done (a 503 from a store that
+    committed after it stopped waiting), which is why every call the client sends
+    again is one that is safe to repeat: an update carries its ``Idempotency-Key``. A
+    4xx is never retried."""
+    return status in (502, 503, 504)
 
 
 def backoff_delay(attempt: int, first: float, most: float) -> float:
@@ -504,6 +508,16 @@ class ListenState:
             if not renewable or self.refreshes > self.MAX_TOKEN_REFRESHES:
                 raise error
             return 0.0 if self.refreshes == 1 else self.failed()
+        if error.status == 401 and error.code == "token_revoked":
+            # Not renewed, not even with a token function or the secret at hand: the
+            # app disconnected this listener after the token was issued, on purpose;
+            # whether it may listen again is the app's call (listen() with a new token).
+            raise DoloresError(
+                401,
+                "token_revoked",
+                f"the token of listener {self.uid} was revoked: the app disconnected the listener "
+                "after the token was issued; listen again with a token issued after that if it may listen",
+            )
         if error.status == 400 and error.code == "bad_event_id":
             # A cursor this server cannot read: start from its own, and say that
             # something may have been missed.
