@@ -173,7 +173,7 @@ async fn a_key_sent_to_two_nodes_stores_once() {
 
 #[tokio::test]
 async fn a_key_is_remembered_across_a_kill_9_of_the_embedded_server() {
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let listener = uid("crash");
     server.connect(&listener, ":data").await;
     let key = fresh_key("crash");
