@@ -12,23 +12,25 @@ use std::net::SocketAddr;
 use axum::body::{Body, to_bytes};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, OriginalUri, Path, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Map, Value, json};
 
+use dolores_protocol::api as paths;
+
 use crate::auth::{self, DEFAULT_TOKEN_TTL_SECONDS, MAX_TOKEN_TTL_SECONDS};
-use crate::engine::Update;
+use crate::engine::{IdempotencyKey, Update};
 use crate::error::{ApiError, ErrorCode};
 use crate::names;
 use crate::node::Node;
 
 pub mod tracks;
 
-/// Most updates in one batch: keeps one request's commit (and its memory) bounded.
-pub const MAX_BATCH: usize = 1000;
+// Most updates in one batch; the bench keeps to the same limit.
+pub use dolores_protocol::api::MAX_BATCH;
 /// Smallest request body limit; raised to fit one message of `max_message_bytes`.
 /// 8 MiB fits a full batch of ordinary messages without letting one request eat memory.
 const MIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -38,15 +40,15 @@ type ApiResult = Result<Json<Value>, ApiError>;
 /// The backend's calls, each behind the api key, and `/healthz` and `/metrics`.
 pub fn router(node: &Node) -> Router<Node> {
     let backend = Router::new()
-        .route("/api/v1/update", post(update))
-        .route("/api/v1/connect", post(connect))
-        .route("/api/v1/disconnect", post(disconnect))
-        .route("/api/v1/listeners/{uid}", get(listener))
-        .route("/api/v1/tokens", post(tokens))
-        .route("/api/v1/stats", get(stats))
-        .route("/api/v1/tracks/{track}", get(tracks::track))
-        .route("/api/v1/tracks/{track}/listeners", get(tracks::listeners))
-        .route("/api/v1/tracks/{track}/messages", get(tracks::messages))
+        .route(paths::UPDATE, post(update))
+        .route(paths::CONNECT, post(connect))
+        .route(paths::DISCONNECT, post(disconnect))
+        .route(paths::LISTENER, get(listener))
+        .route(paths::TOKENS, post(tokens))
+        .route(paths::STATS, get(stats))
+        .route(paths::TRACK, get(tracks::track))
+        .route(paths::TRACK_LISTENERS, get(tracks::listeners))
+        .route(paths::TRACK_MESSAGES, get(tracks::messages))
         .route_layer(middleware::from_fn_with_state(
             node.clone(),
             require_api_key,
@@ -124,17 +126,49 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
         .into_response())
 }
 
-/// `POST /api/v1/update`: one message or a batch, stored before the answer.
-pub async fn update(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
+/// The request header that makes an update safe to retry (SPEC, "Retrying safely").
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The answer header on an update that repeated an earlier one: nothing new was stored.
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+
+/// `POST /api/v1/update`: one message or a batch, stored before the answer; once per
+/// `Idempotency-Key`.
+pub async fn update(
+    State(state): State<Node>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let mut values = headers.get_all(&IDEMPOTENCY_KEY).iter();
+    let key = match (values.next(), values.next()) {
+        (None, _) => None,
+        (Some(key), None) => Some(key.as_bytes()),
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_field(
+                ErrorCode::BadIdempotencyKey,
+                "send one Idempotency-Key, not several",
+            ));
+        }
+    };
     let fields = read_object(&state, &headers, body).await?;
     let (updates, batch) = parse_updates(fields, state.settings.max_message_bytes)?;
-    let ids = state.engine.append(updates).await?;
-    let ids: Vec<String> = ids.iter().map(u64::to_string).collect();
-    if batch {
-        return Ok(Json(json!({ "ids": ids })));
+    let key = key
+        .map(|key| IdempotencyKey::new(key, &updates))
+        .transpose()
+        .map_err(|e| ApiError::bad_field(ErrorCode::BadIdempotencyKey, e.0))?;
+    let appended = state.engine.append_with_key(updates, key).await?;
+    let ids: Vec<String> = appended.positions.iter().map(u64::to_string).collect();
+    let answer = if batch {
+        json!({ "ids": ids })
+    } else {
+        json!({ "id": ids.first().cloned().unwrap_or_default() })
+    };
+    let mut response = Json(answer).into_response();
+    if appended.repeated {
+        response
+            .headers_mut()
+            .insert(IDEMPOTENT_REPLAYED, HeaderValue::from_static("true"));
     }
-    let id = ids.first().cloned().unwrap_or_default();
-    Ok(Json(json!({ "id": id })))
+    Ok(response)
 }
 
 /// The updates of an update request's body, and whether it was a batch

@@ -10,12 +10,8 @@ use serde::Deserialize;
 
 use crate::proxy::{TrustedProxies, parse_base_path};
 
-/// Where the server listens by default: loopback, on the port the original used.
-pub const DEFAULT_LISTEN: &str = "127.0.0.1:8007";
-/// Where the embedded store and the generated api key live by default.
-pub const DEFAULT_DATA: &str = "./dolores-data";
-/// The file in the data dir that holds a generated api key.
-pub const API_KEY_FILE: &str = "api-key";
+// Where a local server listens and keeps its key, shared with `dolores bench`.
+pub use dolores_protocol::local::{API_KEY_FILE, DEFAULT_DATA, DEFAULT_LISTEN};
 
 /// The options every subcommand takes (clap reads flags and `DOLORES_*` variables).
 #[derive(Debug, Clone, Default, clap::Args)]

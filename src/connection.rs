@@ -14,6 +14,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use dolores_protocol::Transport;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
 use hyper_util::service::TowerToHyperService;
@@ -214,9 +215,12 @@ fn parse_direct(buffer: &[u8], base: &str) -> Option<(Direct, Head)> {
     if request.method != Some("GET") {
         return None;
     }
-    let endpoint = if route.starts_with("/listen/") {
+    let endpoint = if route.starts_with(Transport::Sse.prefix()) {
         Direct::Sse
-    } else if route.starts_with("/ws/") && length == buffer.len() && request.version == Some(1) {
+    } else if route.starts_with(Transport::Ws.prefix())
+        && length == buffer.len()
+        && request.version == Some(1)
+    {
         Direct::Ws
     } else {
         return None;

@@ -186,7 +186,7 @@ pub async fn layer(State(origins): State<Origins>, request: Request, next: Next)
         );
         headers.insert(
             header::ACCESS_CONTROL_ALLOW_HEADERS,
-            HeaderValue::from_static("last-event-id"),
+            HeaderValue::from_static(dolores_protocol::LAST_EVENT_ID_HEADER),
         );
         headers.insert(
             header::ACCESS_CONTROL_MAX_AGE,

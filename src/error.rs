@@ -26,6 +26,10 @@ pub enum ErrorCode {
     BadUid,
     /// An `updates` list that is empty, too long or not a list.
     BadBatch,
+    /// An `Idempotency-Key` that is empty, too long, not printable ASCII, or sent twice.
+    BadIdempotencyKey,
+    /// An `Idempotency-Key` sent before with other updates.
+    IdempotencyKeyReused,
     /// A token lifetime out of range.
     BadTtl,
     /// A long-poll `timeout` that is not a number of seconds in range.
@@ -94,6 +98,8 @@ impl ErrorCode {
             Self::BadTrack => "bad_track",
             Self::BadUid => "bad_uid",
             Self::BadBatch => "bad_batch",
+            Self::BadIdempotencyKey => "bad_idempotency_key",
+            Self::IdempotencyKeyReused => "idempotency_key_reused",
             Self::BadTtl => "bad_ttl",
             Self::BadTimeout => "bad_timeout",
             Self::BadEventId => "bad_event_id",
@@ -251,6 +257,12 @@ impl From<EngineError> for ApiError {
                     detail,
                 )
             }
+            EngineError::KeyReused => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                ErrorCode::IdempotencyKeyReused,
+                "this Idempotency-Key was sent before with other updates: nothing was stored; \
+                 send a new key with a new request",
+            ),
             EngineError::Storage(detail) => {
                 tracing::error!("store failure: {detail}");
                 Self::new(

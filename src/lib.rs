@@ -28,7 +28,13 @@
 //!   headers are believed.
 //! - [`config`] — settings from flags, `DOLORES_*` variables and `dolores.toml`.
 //! - [`names`] — what a track and a uid may be.
-//! - [`cli`] — the command line: `serve` and the client subcommands.
+//! - [`cli`] — the command line: `serve` and the client subcommands; `bench` runs the
+//!   load generator, a crate of its own (`crates/dolores-bench`).
+//!
+//! What the server and the bench agree on (paths, transports, the batch limit) is in
+//! `crates/dolores-protocol`. This crate has no `unsafe`; the bench keeps what it needs.
+
+#![forbid(unsafe_code)]
 
 pub mod api;
 pub mod auth;

@@ -7,7 +7,7 @@
 //! [`HISTORY_SAMPLES`] seconds of published and delivered counts, sampled once a second
 //! off the hot path by a task that [`Metrics::keep_history`] starts.
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -28,40 +28,21 @@ pub const HISTORY_SAMPLES: usize = 300;
 /// One sample a second: fine enough to see the publish a person just made.
 pub const HISTORY_EVERY: Duration = Duration::from_secs(1);
 
-/// A listener transport.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// Server-Sent Events.
-    Sse,
-    /// WebSocket.
-    Ws,
-    /// Long-polling.
-    Poll,
-}
-
-impl Transport {
-    /// Its name in URLs, stats and metric labels.
-    pub fn name(self) -> &'static str {
-        match self {
-            Transport::Sse => "sse",
-            Transport::Ws => "ws",
-            Transport::Poll => "poll",
-        }
-    }
-}
-
-impl EncodeLabelValue for Transport {
-    fn encode(
-        &self,
-        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
-    ) -> Result<(), std::fmt::Error> {
-        std::fmt::Write::write_str(encoder, self.name())
-    }
-}
+/// A listener transport; its name is the metric label (shared with `dolores bench`).
+pub use dolores_protocol::Transport;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TransportLabel {
-    transport: Transport,
+    /// [`Transport::name`].
+    transport: &'static str,
+}
+
+impl From<Transport> for TransportLabel {
+    fn from(transport: Transport) -> Self {
+        TransportLabel {
+            transport: transport.name(),
+        }
+    }
 }
 
 /// The node's metrics. Cheap to share behind an `Arc`.
@@ -173,8 +154,8 @@ impl Default for Metrics {
             store_latency.clone(),
         );
         // Every transport shows, at zero, before its first stream.
-        for transport in [Transport::Sse, Transport::Ws, Transport::Poll] {
-            drop(streams.get_or_create(&TransportLabel { transport }));
+        for transport in Transport::ALL {
+            drop(streams.get_or_create(&transport.into()));
         }
         Self {
             registry,
@@ -193,19 +174,14 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts an open stream until the returned guard drops.
     pub fn open_stream(&self, transport: Transport) -> OpenStream {
-        let gauge = self
-            .streams
-            .get_or_create(&TransportLabel { transport })
-            .clone();
+        let gauge = self.streams.get_or_create(&transport.into()).clone();
         gauge.inc();
         OpenStream(gauge)
     }
 
     /// Open streams of one transport.
     pub fn open_streams(&self, transport: Transport) -> i64 {
-        self.streams
-            .get_or_create(&TransportLabel { transport })
-            .get()
+        self.streams.get_or_create(&transport.into()).get()
     }
 
     /// Counts messages written to streams.

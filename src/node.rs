@@ -122,6 +122,7 @@ impl Node {
             retention: settings.retention,
             max_stored_messages: settings.max_stored_messages,
             listener_ttl: settings.listener_ttl,
+            idempotency_keep: Limits::idempotency_keep_for(settings.retention),
             revocation_ttl: crate::auth::REVOCATION_TTL,
         };
         let engine = if let Some(url) = &settings.redis {

@@ -365,7 +365,7 @@ async fn post_truncated(server: &Server, declared: usize, sent: usize) -> (Statu
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_8_mib_is_413_body_too_large_and_the_server_stays_up() {
-    let server = Server::start().await;
+    let server = Server::spawn().await;
     let before = server.rss_kib();
     // One byte over the limit, declared as that or much larger: refused at once.
     for declared in [BODY_LIMIT + 1, 12 * 1024 * 1024, 1 << 30] {

@@ -95,7 +95,7 @@ fn assert_clean(report: &Value, listeners: u64, expected: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_listeners_get_exactly_their_messages_and_runs_do_not_collide() {
-    let server = Server::config().memory().start().await;
+    let server = Server::config().memory().spawn().await;
     let args = [
         "--server",
         &server.url(),
@@ -152,7 +152,7 @@ async fn sse_listeners_get_exactly_their_messages_and_runs_do_not_collide() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_and_long_poll_listeners_with_batches_and_a_rate() {
     // No --api-key: the bench finds the generated one in the data dir.
-    let server = Server::config().no_api_key().start().await;
+    let server = Server::config().no_api_key().spawn().await;
     let data = server.store_dir();
     let data = data.to_str().expect("utf-8 path");
     for transport in ["ws", "poll"] {
@@ -212,7 +212,7 @@ async fn websocket_and_long_poll_listeners_with_batches_and_a_rate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_pid_that_is_not_running_is_refused_before_the_run() {
-    let server = Server::config().memory().start().await;
+    let server = Server::config().memory().spawn().await;
     let output = bench(&[
         "--server",
         &server.url(),

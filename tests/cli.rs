@@ -58,7 +58,7 @@ fn closed_port() -> u16 {
 async fn connect_update_listen_and_disconnect_end_to_end() {
     // No --api-key: the server makes one and keeps it in the data dir, where the client
     // subcommands find it.
-    let server = Server::config().no_api_key().start().await;
+    let server = Server::config().no_api_key().spawn().await;
     let u = uid("cli");
     let answer = json_out(&run_with_data(&server, &["connect", &u, ":cli"]).await);
     assert_eq!(answer, json!({"uid": u, "tracks": [":cli"]}));
@@ -125,7 +125,7 @@ async fn connect_update_listen_and_disconnect_end_to_end() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_prints_a_reset_and_resumes_from_last_event_id() {
-    let server = Server::start_args(&["--max-stored-messages", "2"]).await;
+    let server = Server::spawn_args(&["--max-stored-messages", "2"]).await;
     let u = uid("clireset");
     server.connect(&u, ":r").await;
     let mut ids = Vec::new();
@@ -166,7 +166,7 @@ async fn listen_prints_a_reset_and_resumes_from_last_event_id() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_settings_come_from_dolores_environment_variables() {
-    let server = Server::start().await;
+    let server = Server::spawn().await;
     let u = uid("env");
     let output = within(
         "dolores connect",
@@ -184,7 +184,7 @@ async fn client_settings_come_from_dolores_environment_variables() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_errors_are_one_line_and_exit_1() {
-    let server = Server::start().await;
+    let server = Server::spawn().await;
     let (addr, key) = (server.addr(), server.api_key());
     let with = |args: &[&'static str]| {
         let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
@@ -273,7 +273,7 @@ async fn serve_fails_in_one_line_when_the_port_is_taken() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_makes_an_api_key_on_loopback_keeps_it_private_and_reuses_it() {
-    let mut server = Server::config().no_api_key().start().await;
+    let mut server = Server::config().no_api_key().spawn().await;
     let key = server.api_key().to_owned();
     assert!(key.len() >= 32, "a long random key: {key:?}");
     let file = server.store_dir().join("api-key");
@@ -300,7 +300,7 @@ async fn serve_makes_an_api_key_on_loopback_keeps_it_private_and_reuses_it() {
     server.publish(":k", json!(2)).await;
 
     // In memory the key is only printed.
-    let memory = Server::config().memory().no_api_key().start().await;
+    let memory = Server::config().memory().no_api_key().spawn().await;
     assert!(
         memory.stdout_lines()[1].starts_with("api key: "),
         "{:?}",
@@ -312,7 +312,7 @@ async fn serve_makes_an_api_key_on_loopback_keeps_it_private_and_reuses_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_subcommands_name_the_server_with_server_or_dolores_server() {
-    let server = Server::start().await;
+    let server = Server::spawn().await;
     let key = server.api_key();
     let u = uid("server");
     // A URL, as `dolores bench` and the Python client take it.
@@ -391,7 +391,7 @@ async fn client_subcommands_name_the_server_with_server_or_dolores_server() {
 async fn a_wrong_api_key_says_where_it_came_from() {
     // `dolores serve --api-key …` run where an earlier server left its generated key in
     // ./dolores-data/api-key: the client subcommands run there pick the stale key up.
-    let server = Server::start().await;
+    let server = Server::spawn().await;
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::create_dir(dir.path().join("dolores-data")).expect("mkdir");
     std::fs::write(dir.path().join("dolores-data/api-key"), "stale-key\n").expect("write");
@@ -470,7 +470,10 @@ fn help_flags(help: &str) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_help_lists_only_the_client_options() {
     for (command, own) in [
-        ("update", &["--string", "--api-key", "--data"][..]),
+        (
+            "update",
+            &["--string", "--idempotency-key", "--api-key", "--data"][..],
+        ),
         ("connect", &["--api-key", "--data"]),
         ("disconnect", &["--api-key", "--data"]),
         ("listen", &["--token", "--last-event-id"]),
@@ -564,7 +567,7 @@ async fn listen_says_why_it_cannot_reach_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_log_has_no_colours_when_stderr_is_not_a_terminal() {
     // An empty NO_COLOR counts as unset (no-color.org), so colours are up to the server.
-    let mut server = Server::config().memory().env("NO_COLOR", "").start().await;
+    let mut server = Server::config().memory().env("NO_COLOR", "").spawn().await;
     // Answering means it runs its loop, SIGTERM handler included.
     server.stats().await;
     assert!(server.terminate().await.success());

@@ -12,7 +12,7 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Server, Sse, WAIT, uid, within};
+use common::{Server, ServerConfig, Sse, WAIT, uid, within};
 use serde_json::json;
 use tokio::process::{Child, Command};
 
@@ -36,11 +36,18 @@ fn rand_suffix() -> u128 {
 }
 
 async fn node(redis: &str, prefix: &str, extra: &[&str]) -> Server {
+    node_config(redis, prefix, extra).start().await
+}
+
+/// A node as a process, to be killed.
+async fn node_process(redis: &str, prefix: &str, extra: &[&str]) -> Server {
+    node_config(redis, prefix, extra).spawn().await
+}
+
+fn node_config(redis: &str, prefix: &str, extra: &[&str]) -> ServerConfig {
     Server::config()
         .args(["--redis", redis, "--redis-prefix", prefix])
         .args(extra.iter().copied())
-        .start()
-        .await
 }
 
 /// A redis-server of the test's own, persisting every write, killed on drop.
@@ -200,7 +207,7 @@ async fn a_listener_moves_to_another_node_and_resumes_with_no_gap_and_no_duplica
 async fn a_node_killed_mid_stream_loses_no_acknowledged_message() {
     let redis = shared_redis();
     let prefix = prefix("kill");
-    let mut a = node(&redis, &prefix, &[]).await;
+    let mut a = node_process(&redis, &prefix, &[]).await;
     let b = node(&redis, &prefix, &[]).await;
     let uid = uid("survivor");
     b.connect(&uid, ":data").await;

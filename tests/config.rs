@@ -71,7 +71,7 @@ cors_origins = ["https://app.example"]
     let server = Server::config()
         .bare(Some("key-from-file"))
         .args(["--config".to_owned(), path.display().to_string()])
-        .start()
+        .spawn()
         .await;
     let stats = server.stats().await;
     assert_eq!(stats["engine"], "memory", "{stats}");
@@ -110,7 +110,7 @@ async fn a_config_file_heartbeat_and_data_dir_are_honoured() {
         .bare(Some("k"))
         .args(["--listen", "127.0.0.1:0", "--api-key", "k", "--config"])
         .args([path.display().to_string()])
-        .start()
+        .spawn()
         .await;
     assert!(heartbeats_within(&server, Duration::from_millis(1500)).await >= 3);
     // A relative data dir is relative to the working directory.
@@ -128,7 +128,7 @@ async fn a_config_file_heartbeat_and_data_dir_are_honoured() {
 async fn dolores_max_message_bytes_from_the_environment_is_honoured() {
     let server = Server::config()
         .env("DOLORES_MAX_MESSAGE_BYTES", "50")
-        .start()
+        .spawn()
         .await;
     assert_eq!(publish_status(&server, 50).await, StatusCode::OK);
     let answer = server
@@ -141,7 +141,7 @@ async fn dolores_max_message_bytes_from_the_environment_is_honoured() {
 async fn a_flag_beats_the_environment_which_beats_the_file() {
     let (_dir, path) = config_file("max_message_bytes = 100\n");
     let config = path.display().to_string();
-    let file_only = Server::config().args(["--config", &config]).start().await;
+    let file_only = Server::config().args(["--config", &config]).spawn().await;
     assert_eq!(
         publish_status(&file_only, 150).await,
         StatusCode::PAYLOAD_TOO_LARGE
@@ -150,7 +150,7 @@ async fn a_flag_beats_the_environment_which_beats_the_file() {
     let env_over_file = Server::config()
         .args(["--config", &config])
         .env("DOLORES_MAX_MESSAGE_BYTES", "200")
-        .start()
+        .spawn()
         .await;
     assert_eq!(publish_status(&env_over_file, 150).await, StatusCode::OK);
     assert_eq!(
@@ -161,7 +161,7 @@ async fn a_flag_beats_the_environment_which_beats_the_file() {
     let flag_over_env = Server::config()
         .args(["--config", &config, "--max-message-bytes", "300"])
         .env("DOLORES_MAX_MESSAGE_BYTES", "200")
-        .start()
+        .spawn()
         .await;
     assert_eq!(publish_status(&flag_over_env, 250).await, StatusCode::OK);
 }
@@ -181,7 +181,7 @@ async fn every_setting_can_come_from_the_environment() {
             "DOLORES_CORS_ORIGINS",
             "https://a.example,https://b.example",
         )
-        .start()
+        .spawn()
         .await;
     assert_eq!(server.stats().await["engine"], "memory");
     for i in 0..4 {
@@ -192,7 +192,7 @@ async fn every_setting_can_come_from_the_environment() {
 
     let with_secret = Server::config()
         .env("DOLORES_TOKEN_SECRET", "env-secret")
-        .start()
+        .spawn()
         .await;
     let (status, body) = with_secret.api("tokens", json!({"uid": "abcdefgh"})).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -296,7 +296,7 @@ async fn a_cors_origin_without_a_scheme_is_refused_and_star_is_allowed() {
     let server = Server::config()
         .memory()
         .args(["--cors-origins", "*"])
-        .start()
+        .spawn()
         .await;
     assert_eq!(server.stats().await["engine"], "memory");
     let server = Server::config()
@@ -305,7 +305,7 @@ async fn a_cors_origin_without_a_scheme_is_refused_and_star_is_allowed() {
             "--cors-origins",
             "http://127.0.0.1:8081,https://app.example/",
         ])
-        .start()
+        .spawn()
         .await;
     assert_eq!(server.stats().await["engine"], "memory");
 }

@@ -423,7 +423,7 @@ async fn cors_origins_come_from_the_environment() {
             "DOLORES_CORS_ORIGINS",
             "http://env.test,http://second.env.test",
         )
-        .start()
+        .spawn()
         .await;
     assert_origins(&server, &["http://env.test", "http://second.env.test"]).await;
 }

@@ -77,7 +77,7 @@ async fn publish_until_refused(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_and_restart_keeps_every_acknowledged_message_and_subscription() {
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let (early, late) = (uid("early"), uid("late"));
     server.connect(&early, ":a").await;
     server.connect(&early, ":b").await;
@@ -175,7 +175,7 @@ async fn kill9_and_restart_keeps_every_acknowledged_message_and_subscription() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_open_stream_resumes_on_the_restarted_server_without_loss() {
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let u = uid("reopen");
     server.connect(&u, ":data").await;
     let mut acked = Vec::new();
@@ -206,7 +206,7 @@ async fn an_open_stream_resumes_on_the_restarted_server_without_loss() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_restart_keeps_messages_subscriptions_and_the_delivery_cursor() {
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let u = uid("graceful");
     server.connect(&u, ":data").await;
     let mut ids = Vec::new();
@@ -240,8 +240,7 @@ async fn the_memory_engine_forgets_everything_on_restart() {
     let u = uid("mem");
     server.connect(&u, ":data").await;
     server.publish(":data", json!(1)).await;
-    let status = server.terminate().await;
-    assert!(status.success(), "{status:?}");
+    server.stop().await;
     server.restart().await;
     common::assert_error(&server.listener(&u).await, 404, "unknown_listener");
     assert_eq!(server.stats().await["messages_stored"], 0);

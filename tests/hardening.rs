@@ -70,7 +70,7 @@ async fn stuck_readers_do_not_keep_every_message_alive() {
     let server = Server::config()
         .memory()
         .args(["--max-stored-messages", "50"])
-        .start()
+        .spawn()
         .await;
     let mut sockets = Vec::new();
     for n in 0..4 {
@@ -151,7 +151,7 @@ async fn silent_and_idle_kept_alive_connections_are_closed_after_the_head_timeou
 async fn the_head_timeout_is_read_from_the_environment_and_checked() {
     let server = Server::config()
         .env("DOLORES_HEAD_TIMEOUT", "300ms")
-        .start()
+        .spawn()
         .await;
     let mut tcp = tokio::net::TcpStream::connect(server.addr())
         .await
@@ -223,7 +223,7 @@ async fn a_full_disk_answers_503_store_full_and_heals_when_space_is_freed() {
             "--data",
             data.to_str().expect("utf-8 path"),
         ])
-        .start()
+        .spawn()
         .await;
     let uid = uid("diskfull");
     server.connect(&uid, ":full").await;
@@ -332,7 +332,7 @@ fn assert_refused_with_what_to_do(said: &str) {
 
 /// A server with 300 messages of ~500 bytes for one listener, stopped by `stop`.
 async fn store_with_messages(uid: &str) -> Server {
-    let server = Server::start().await;
+    let server = Server::spawn().await;
     server.connect(uid, ":rot").await;
     for n in 0..300 {
         server

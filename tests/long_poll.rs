@@ -169,7 +169,7 @@ async fn a_client_that_vanishes_mid_poll_loses_nothing() {
 
 #[tokio::test]
 async fn a_poll_answers_at_once_when_the_server_shuts_down() {
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let uid = uid("poll-shutdown");
     server.connect(&uid, ":data").await;
     let url = format!("{}/poll/{uid}?timeout=30", server.url());
@@ -199,7 +199,7 @@ async fn a_poll_answers_at_once_when_the_server_shuts_down() {
 
 #[tokio::test]
 async fn a_zero_timeout_poll_still_answers_with_what_is_queued_after_a_restart() {
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let uid = uid("poll-zero");
     server.connect(&uid, ":data").await;
     let ids = server

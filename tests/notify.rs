@@ -136,7 +136,7 @@ async fn a_notify_socket_nobody_reads_is_a_warning_not_a_failure() {
             "NOTIFY_SOCKET",
             missing.to_str().expect("a UTF-8 temp path"),
         )
-        .start()
+        .spawn()
         .await;
     assert!(server.healthy().await, "serves anyway");
     common::eventually("the warning", WAIT, || async {

@@ -287,18 +287,17 @@ fn prefix(test: &str) -> String {
     format!("dolores-presence-{test}-{}-{nanos}", std::process::id())
 }
 
+/// Three nodes on one Redis; the third is a process of the binary, so that `kill -9`
+/// takes it down without a goodbye.
 async fn three_nodes(test: &str) -> [Server; 3] {
     let (redis, prefix) = (shared_redis(), prefix(test));
-    let mut nodes = Vec::new();
-    for _ in 0..3 {
-        nodes.push(
-            Server::config()
-                .args(["--redis", &redis, "--redis-prefix", &prefix])
-                .args(["--presence-grace", "200ms"])
-                .start()
-                .await,
-        );
-    }
+    let config = || {
+        Server::config()
+            .args(["--redis", &redis, "--redis-prefix", &prefix])
+            .args(["--presence-grace", "200ms"])
+    };
+    let mut nodes = vec![config().start().await, config().start().await];
+    nodes.push(config().spawn().await);
     nodes.try_into().unwrap_or_else(|_| panic!("three nodes"))
 }
 

@@ -215,7 +215,7 @@ async fn start_dolores(base: &str, public: &str) -> Server {
     if !base.is_empty() {
         args.extend(["--base-path", base]);
     }
-    Server::start_args(&args).await
+    Server::spawn_args(&args).await
 }
 
 /// `host:port` of a server (its URL may carry the base path).

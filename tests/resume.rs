@@ -265,3 +265,24 @@ async fn replay_longer_than_a_page_on_several_tracks_is_complete_and_ordered() {
     assert_eq!(positions(&events), expected);
     sse.assert_no_event(Duration::from_millis(300)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_resumes_on_the_same_data_dir_after_a_stop_and_a_start() {
+    let mut server = Server::start().await;
+    let u = uid("restarted");
+    server.connect(&u, ":data").await;
+    let before = server
+        .publish_batch(&[(":data", json!(1)), (":data", json!(2))])
+        .await;
+    let mut sse = server.listen(&u).await;
+    let got = sse.events(1).await;
+    drop(sse);
+    // A stop flushes the store and lets go of it, so the next start opens it again.
+    server.stop().await;
+    server.restart().await;
+    let after = server.publish(":data", json!(3)).await;
+    let mut sse = Sse::open(&server.listen_url(&u, ""), Some(&got[0].id))
+        .await
+        .expect("open after the restart");
+    assert_eq!(positions(&sse.events(2).await), vec![before[1], after]);
+}

@@ -165,7 +165,7 @@ async fn a_forgotten_listeners_old_tokens_are_revoked_on_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_survives_a_restart_of_the_embedded_store() {
-    let mut server = secured().start().await;
+    let mut server = secured().spawn().await;
     let u = uid("restart");
     let old = mint(&server, &u, &[":news"]).await;
     drop(open(&server, &u, &old).await.expect("valid"));

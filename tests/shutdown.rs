@@ -17,7 +17,7 @@ use tokio::sync::Mutex;
 async fn sigterm_with_500_open_streams_ends_each_cleanly_and_exits_0() {
     const UIDS: usize = 100;
     const STREAMS_EACH: usize = 5;
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let uids: Vec<String> = (0..UIDS).map(|_| uid("down")).collect();
     join_all(uids.iter().map(|u| server.connect(u, ":data"))).await;
     let opens = uids
@@ -73,7 +73,7 @@ async fn sigterm_with_500_open_streams_ends_each_cleanly_and_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_publishing_keeps_every_acknowledged_message() {
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let u = uid("inflight");
     server.connect(&u, ":data").await;
     let acked: Arc<Mutex<BTreeMap<u64, Value>>> = Arc::default();
@@ -149,7 +149,7 @@ async fn sigterm_while_publishing_keeps_every_acknowledged_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_with_a_reader_that_never_reads_still_exits_0_in_time() {
     use tokio::io::AsyncWriteExt;
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let u = uid("stuck");
     server.connect(&u, ":data").await;
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -206,7 +206,7 @@ async fn read_head(stream: &mut tokio::net::TcpStream) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_in_flight_when_sigterm_comes_is_answered_and_kept() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let u = uid("midflight");
     server.connect(&u, ":data").await;
     // A large batch, sent in two halves around the signal.

@@ -112,7 +112,7 @@ fn sample_rss(server: &Server, stop: Arc<AtomicU64>) -> tokio::task::JoinHandle<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reader_that_never_reads_slows_no_one_and_catches_up_later() {
-    let server = Arc::new(Server::start().await);
+    let server = Arc::new(Server::spawn().await);
     let (slow, fast) = (uid("slow"), uid("fast"));
     server.connect(&slow, ":data").await;
     server.connect(&fast, ":data").await;

@@ -172,6 +172,11 @@ async fn start_tls(files: &Files) -> Server {
     Server::config().memory().args(files.args()).start().await
 }
 
+/// As a process: for the tests that read the log.
+async fn spawn_tls(files: &Files) -> Server {
+    Server::config().memory().args(files.args()).spawn().await
+}
+
 async fn api(client: &reqwest::Client, server: &Server, path: &str, body: Value) -> Value {
     let response = client
         .post(format!("{}/api/v1/{path}", server.url()))
@@ -346,7 +351,7 @@ async fn a_renewed_certificate_is_used_without_dropping_open_streams() {
     let old = old_ca.leaf();
     let new = new_ca.leaf();
     let files = Files::new(&old);
-    let server = start_tls(&files).await;
+    let server = spawn_tls(&files).await;
     let both = [&old_ca, &new_ca];
     assert_eq!(served_certificate(&server, &both).await, old.der);
 
@@ -394,7 +399,7 @@ async fn a_bad_renewal_keeps_the_old_certificate_and_warns() {
     let other = Authority::new("other ca");
     let leaf = ca.leaf();
     let files = Files::new(&leaf);
-    let server = start_tls(&files).await;
+    let server = spawn_tls(&files).await;
 
     // A key that is not the certificate's: half a renewal.
     replace(&files.key, &other.leaf().key);

@@ -219,7 +219,7 @@ async fn websocket_from_a_foreign_origin_is_refused_unless_allowed() {
 
 #[tokio::test]
 async fn websocket_is_closed_1001_on_shutdown() {
-    let mut server = Server::start().await;
+    let mut server = Server::spawn().await;
     let uid = uid("ws-shutdown");
     server.connect(&uid, ":data").await;
     let mut socket = open(&server, &uid, "").await;
@@ -349,7 +349,7 @@ async fn websocket_protocol_errors_close_with_1002_or_1007() {
 #[tokio::test]
 async fn websocket_ping_flood_from_a_client_that_never_reads_is_held_back() {
     use tokio::io::AsyncWriteExt;
-    let server = Server::config().memory().start().await;
+    let server = Server::config().memory().spawn().await;
     let uid = uid("wsflood");
     server.connect(&uid, ":p").await;
     let before = server.rss_kib();
@@ -467,7 +467,7 @@ async fn websocket_closes_4008_a_reader_that_takes_nothing_for_the_slow_reader_t
     let server = Server::config()
         .memory()
         .env("DOLORES_SLOW_READER_TIMEOUT", "500ms")
-        .start()
+        .spawn()
         .await;
     let uid = uid("wsslow");
     server.connect(&uid, ":p").await;

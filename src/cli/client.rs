@@ -4,7 +4,7 @@
 //! themselves. Every failure is one line and a non-zero exit code.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
@@ -18,6 +18,12 @@ use crate::config::{ClientOptions, KeyOptions, Settings};
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Longest pause between reconnects of `listen`.
 const MAX_BACKOFF: Duration = Duration::from_secs(10);
+/// How many times in all `update` is sent while the server cannot take it (no answer,
+/// 502, 503, 504). Safe because every try carries the same `Idempotency-Key`; four
+/// tries, 0.25 + 0.5 + 1 s apart, ride out a restart or a Redis failover.
+const UPDATE_TRIES: u32 = 4;
+/// The pause before the second try of `update`; it doubles after each try.
+const FIRST_RETRY_DELAY: Duration = Duration::from_millis(250);
 
 /// Where a client's api key came from. A 401 says it: the usual cause is a stale key,
 /// like the file an earlier `dolores serve` generated while this one runs with
@@ -81,29 +87,44 @@ impl Target {
             return Ok(given.clone());
         }
         let file = self.settings.api_key_file();
-        let key = api_key_or_file(None, &file)?;
+        let key = dolores_protocol::local::api_key_or_file(None, &file)?;
         Ok((key, KeySource::Generated(file)))
     }
 }
 
-/// The api key given, else the one a local server generated into `key_file`.
-pub(super) fn api_key_or_file(given: Option<&str>, key_file: &Path) -> anyhow::Result<String> {
-    if let Some(key) = given {
-        return Ok(key.to_owned());
-    }
-    match std::fs::read_to_string(key_file) {
-        Ok(key) if !key.trim().is_empty() => Ok(key.trim().to_owned()),
-        _ => bail!(
-            "no api key: pass --api-key or set DOLORES_API_KEY (a local server keeps its \
-             generated key in {})",
-            key_file.display()
-        ),
-    }
+/// A new `Idempotency-Key`: a random UUID (version 4), the kind of key the IETF draft
+/// suggests and the Python client sends.
+fn new_idempotency_key() -> String {
+    let mut bytes = rand::random::<[u8; 16]>();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..]
+    )
 }
 
-async fn call(target: &Target, path: &str, body: Value) -> anyhow::Result<Value> {
+/// `POST /api/v1/{path}` (see [`send`]).
+async fn call(
+    target: &Target,
+    path: &str,
+    body: Value,
+    idempotency_key: Option<&str>,
+) -> anyhow::Result<Value> {
     let url = format!("{}/api/v1/{path}", target.settings.server_url());
-    request(target, reqwest::Client::new().post(&url).json(&body)).await
+    send(
+        target,
+        reqwest::Method::POST,
+        &url,
+        Some(&body),
+        idempotency_key,
+    )
+    .await
 }
 
 /// `GET /api/v1/tracks/{track}{rest}` with `query`, the track as one percent-encoded
@@ -125,25 +146,61 @@ async fn get_track(
         url.query_pairs_mut()
             .extend_pairs(query.iter().map(|(k, v)| (k, v.as_str())));
     }
-    request(target, reqwest::Client::new().get(url)).await
+    send(target, reqwest::Method::GET, url.as_str(), None, None).await
 }
 
-/// Sends a backend call with the api key; its JSON answer, or a one-line error.
-async fn request(target: &Target, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
+/// Sends a backend call with the api key: its JSON answer, or a one-line error. With
+/// an idempotency key the call is sent again, with that key, while the server cannot
+/// take it (see [`UPDATE_TRIES`]); without one, once.
+async fn send(
+    target: &Target,
+    method: reqwest::Method,
+    url: &str,
+    body: Option<&Value>,
+    idempotency_key: Option<&str>,
+) -> anyhow::Result<Value> {
     let settings = &target.settings;
     let (api_key, source) = target.api_key()?;
-    let response = request
-        .bearer_auth(api_key)
-        .timeout(CALL_TIMEOUT)
-        .send()
-        .await
-        .map_err(|e| {
+    let client = reqwest::Client::new();
+    let tries = if idempotency_key.is_some() {
+        UPDATE_TRIES
+    } else {
+        1
+    };
+    let mut delay = FIRST_RETRY_DELAY;
+    let mut attempt = 1;
+    let response = loop {
+        let mut request = client
+            .request(method.clone(), url)
+            .bearer_auth(&api_key)
+            .timeout(CALL_TIMEOUT);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        if let Some(key) = idempotency_key {
+            request = request.header("Idempotency-Key", key);
+        }
+        let sent = request.send().await;
+        let failed = match &sent {
+            Ok(response) => is_retryable(response.status()),
+            Err(_) => true,
+        };
+        if failed && attempt < tries {
+            // Quietly: a failure is one line, said once, after the last try.
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+            attempt += 1;
+            continue;
+        }
+        break sent.map_err(|e| {
             anyhow!(
-                "cannot reach the server at {}: {}",
+                "cannot reach the server at {}: {}{}",
                 settings.server_url(),
-                causes(&e)
+                causes(&e),
+                tried(attempt)
             )
         })?;
+    };
     let status = response.status();
     let body: Value = response.json().await.unwrap_or(Value::Null);
     if status == reqwest::StatusCode::UNAUTHORIZED {
@@ -159,9 +216,24 @@ async fn request(target: &Target, request: reqwest::RequestBuilder) -> anyhow::R
         );
     }
     if !status.is_success() {
-        bail!("{}", describe_error(status, &body));
+        bail!("{}{}", describe_error(status, &body), tried(attempt));
     }
     Ok(body)
+}
+
+/// How often a failed call was tried, when more than once.
+fn tried(attempts: u32) -> String {
+    if attempts > 1 {
+        format!(" (tried {attempts} times with the same Idempotency-Key)")
+    } else {
+        String::new()
+    }
+}
+
+/// Whether an answer means the server could not take the request now: a `503` from
+/// Dolores (restarting, its store unavailable), or a `502`/`504` from a proxy before it.
+fn is_retryable(status: reqwest::StatusCode) -> bool {
+    matches!(status.as_u16(), 502..=504)
 }
 
 /// `code: message` of an error answer.
@@ -175,22 +247,26 @@ fn describe_error(status: reqwest::StatusCode, body: &Value) -> String {
     format!("{} (HTTP {})", describe_code(body), status.as_u16())
 }
 
-/// `dolores update TRACK MESSAGE`.
+/// `dolores update TRACK MESSAGE`: sent with `idempotency_key`, or a new random one,
+/// the same on every try.
 pub(crate) async fn update(
     target: Target,
     track: String,
     message: String,
     as_string: bool,
+    idempotency_key: Option<String>,
 ) -> anyhow::Result<()> {
     let message = if as_string {
         Value::String(message)
     } else {
         serde_json::from_str(&message).unwrap_or(Value::String(message))
     };
+    let key = idempotency_key.unwrap_or_else(new_idempotency_key);
     let answer = call(
         &target,
         "update",
         json!({"track": track, "message": message}),
+        Some(&key),
     )
     .await?;
     println!("{answer}");
@@ -199,7 +275,13 @@ pub(crate) async fn update(
 
 /// `dolores connect UID TRACK`.
 pub(crate) async fn connect(target: Target, uid: String, track: String) -> anyhow::Result<()> {
-    let answer = call(&target, "connect", json!({"uid": uid, "track": track})).await?;
+    let answer = call(
+        &target,
+        "connect",
+        json!({"uid": uid, "track": track}),
+        None,
+    )
+    .await?;
     println!("{answer}");
     Ok(())
 }
@@ -214,7 +296,7 @@ pub(crate) async fn disconnect(
         Some(track) => json!({"uid": uid, "track": track}),
         None => json!({"uid": uid}),
     };
-    let answer = call(&target, "disconnect", body).await?;
+    let answer = call(&target, "disconnect", body, None).await?;
     println!("{answer}");
     Ok(())
 }
@@ -305,6 +387,7 @@ pub(crate) async fn token(
                 &target,
                 "tokens",
                 json!({"uid": uid, "tracks": tracks, "ttl_seconds": ttl}),
+                None,
             )
             .await?;
             answer["token"].as_str().unwrap_or_default().to_owned()
@@ -468,6 +551,14 @@ pub(crate) fn causes(error: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_new_idempotency_key_is_a_random_uuid() {
+        let key = new_idempotency_key();
+        assert_eq!(key.len(), 36, "{key}");
+        assert_eq!(key.as_bytes()[14], b'4', "version 4: {key}");
+        assert_ne!(key, new_idempotency_key());
+    }
 
     #[test]
     fn parses_events_split_across_chunks() {

@@ -1,6 +1,6 @@
 //! The command line: `dolores serve` runs the server; `update`, `connect`,
-//! `disconnect`, `listen`, `token`, `track` and `history` are a client of a running server; `bench` is a
-//! load generator for servers on loopback.
+//! `disconnect`, `listen`, `token`, `track` and `history` are a client of a running
+//! server; `bench` is a load generator for servers on loopback (the crate `dolores_bench`).
 //! Each command lives in its own file; this one only parses and dispatches.
 
 use std::process::ExitCode;
@@ -10,7 +10,6 @@ use clap::{Parser, Subcommand};
 
 use crate::config::{ClientOptions, KeyOptions, Options, Settings};
 
-mod bench;
 mod client;
 mod serve;
 
@@ -54,6 +53,11 @@ enum Command {
         /// Send MESSAGE as a string even if it looks like JSON
         #[arg(long)]
         string: bool,
+        /// The Idempotency-Key to send (1 to 255 printable ASCII): the update sent again
+        /// with it (for at least 24 h) stores nothing new [default: a new one per call,
+        /// the same on its retries]
+        #[arg(long, value_name = "KEY")]
+        idempotency_key: Option<String>,
         #[command(flatten)]
         client: ClientOptions,
         #[command(flatten)]
@@ -140,7 +144,7 @@ enum Command {
         key: KeyOptions,
     },
     /// Load-test servers on loopback: open listeners, publish, measure delivery
-    Bench(bench::BenchArgs),
+    Bench(dolores_bench::BenchArgs),
     /// Check the embedded store in --data without changing it (stop the server first)
     Check {
         /// The data dir [default: ./dolores-data]
@@ -184,9 +188,13 @@ pub fn main() -> ExitCode {
                 track,
                 message,
                 string,
+                idempotency_key,
                 client,
                 key,
-            } => client::update(target(&client, Some(&key), None)?, track, message, string).await,
+            } => {
+                let target = target(&client, Some(&key), None)?;
+                client::update(target, track, message, string, idempotency_key).await
+            }
             Command::Connect {
                 uid,
                 track,
@@ -232,7 +240,7 @@ pub fn main() -> ExitCode {
                 let target = target(&client, Some(&key), token_secret)?;
                 client::token(target, uid, tracks, ttl).await
             }
-            Command::Bench(args) => bench::run(args).await,
+            Command::Bench(args) => dolores_bench::run(args).await,
             Command::Check { data } => check_store(data, false),
             Command::Repair { data } => check_store(data, true),
         }

@@ -2,9 +2,11 @@
 //!
 //! Tables: `log` (position → time, track, message), `by_track` ((track, position) → ()),
 //! the index that makes a listener's queue a range scan per track, `listeners`
-//! (uid → JSON record), `subscribers` (track → count), `subscribed` ((track, uid) →
-//! (), a track's listeners in uid order), `revocations` (uid → when its
-//! tokens were revoked, ms) and `meta` (the log's bounds).
+//! (uid → JSON record), `subscribers` (track → count), `subscribed` ((track, uid) → (),
+//! a track's listeners in uid order), `revocations` (uid → when its tokens were
+//! revoked, ms), `meta` (the log's bounds), and `idempotency_keys` with
+//! `idempotency_keys_by_age` (appends made with an `Idempotency-Key`, and the same oldest
+//! first for expiry).
 //! Every commit is durable (redb's `Immediate` durability: synced before `commit`
 //! returns); the writer in `local` groups many updates into one commit.
 
@@ -16,7 +18,7 @@ use redb::{
     TableDefinition, Value, WriteTransaction,
 };
 
-use super::local::{Bounds, Snapshot, Storage, StorageTxn};
+use super::local::{Bounds, KeyRecord, Snapshot, Storage, StorageTxn};
 use super::{EngineError, Listener, Message, Position, Result, StoreCounts};
 
 const LOG: TableDefinition<u64, (u64, &str, &str)> = TableDefinition::new("log");
@@ -24,6 +26,11 @@ const BY_TRACK: TableDefinition<(&str, u64), ()> = TableDefinition::new("by_trac
 const LISTENERS: TableDefinition<&str, &[u8]> = TableDefinition::new("listeners");
 const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscribers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+/// Idempotency key → (time, digest, first position, count).
+const KEYS: TableDefinition<&str, (u64, &str, u64, u64)> = TableDefinition::new("idempotency_keys");
+/// (time, key) → (): the keys oldest first, for expiry.
+const KEYS_BY_AGE: TableDefinition<(u64, &str), ()> =
+    TableDefinition::new("idempotency_keys_by_age");
 const REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("revocations");
 const SUBSCRIBED: TableDefinition<(&str, &str), ()> = TableDefinition::new("subscribed");
 
@@ -221,6 +228,8 @@ impl RedbStorage {
             txn.open_table(LISTENERS).map_err(storage_error)?;
             txn.open_table(SUBSCRIBERS).map_err(storage_error)?;
             txn.open_table(META).map_err(storage_error)?;
+            txn.open_table(KEYS).map_err(storage_error)?;
+            txn.open_table(KEYS_BY_AGE).map_err(storage_error)?;
             // Created here for a store from before revocations, so reads find it.
             txn.open_table(REVOCATIONS).map_err(storage_error)?;
             index_subscribed(&txn)?;
@@ -561,6 +570,58 @@ impl StorageTxn for RedbTxn {
         meta.insert("trimmed_through", bounds.trimmed_through)
             .map_err(storage_error)?;
         Ok(())
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<KeyRecord>> {
+        let keys = self.0.open_table(KEYS).map_err(storage_error)?;
+        let found = keys.get(key).map_err(storage_error)?;
+        Ok(found.map(|row| {
+            let (time_ms, digest, first, count) = row.value();
+            KeyRecord {
+                time_ms,
+                digest: digest.to_owned(),
+                first,
+                count,
+            }
+        }))
+    }
+
+    fn put_idempotency_key(&mut self, key: &str, record: &KeyRecord) -> Result<()> {
+        let mut keys = self.0.open_table(KEYS).map_err(storage_error)?;
+        let row = (
+            record.time_ms,
+            record.digest.as_str(),
+            record.first,
+            record.count,
+        );
+        keys.insert(key, row).map_err(storage_error)?;
+        let mut by_age = self.0.open_table(KEYS_BY_AGE).map_err(storage_error)?;
+        by_age
+            .insert((record.time_ms, key), ())
+            .map_err(storage_error)?;
+        Ok(())
+    }
+
+    fn expire_idempotency_keys(&mut self, before_ms: u64, limit: usize) -> Result<usize> {
+        let mut by_age = self.0.open_table(KEYS_BY_AGE).map_err(storage_error)?;
+        let mut expired = Vec::new();
+        for entry in by_age
+            .range((0, "")..(before_ms, ""))
+            .map_err(storage_error)?
+            .take(limit)
+        {
+            let (age_key, _) = entry.map_err(storage_error)?;
+            let (time, key) = age_key.value();
+            expired.push((time, key.to_owned()));
+        }
+        let mut keys = self.0.open_table(KEYS).map_err(storage_error)?;
+        for (time, key) in &expired {
+            by_age
+                .remove((*time, key.as_str()))
+                .map_err(storage_error)?;
+            keys.remove(key.as_str()).map_err(storage_error)?;
+        }
+        Ok(expired.len())
     }
 
     fn commit(self) -> Result<()> {

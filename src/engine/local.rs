@@ -3,7 +3,7 @@
 //!
 //! A storage (`memory`, `embedded`) only has to offer a [`Snapshot`] to read from and a
 //! [`StorageTxn`] to write in; the rules — positions, subscriptions, cursors, retention,
-//! expiry — live here once.
+//! expiry, idempotency keys — live here once.
 //!
 //! Why one writer: the order the writer takes updates is the log order, every commit
 //! costs one sync however many updates it carries, and the [`Tail`] hears every change
@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::acks::{Ack, PendingAcks};
 use super::{
-    Change, Engine, EngineError, History, Limits, Listener, Message, Position, Replay, Result,
-    StoreCounts, Subscribers, Subscription, TICK, Tail, Update, now_ms,
+    Appended, Change, Engine, EngineError, History, IdempotencyKey, Limits, Listener, Message,
+    Position, Replay, Result, StoreCounts, Subscribers, Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// How many operations the writer takes into one commit. Bounds a commit's size (and
@@ -27,8 +27,9 @@ const MAX_OPS_PER_COMMIT: usize = 512;
 /// Room in the writer's inbox; callers wait (asynchronously) when it is full, which is
 /// the back-pressure on publishers when the disk cannot keep up.
 const OP_QUEUE: usize = 4096;
-/// Most messages or listeners deleted by retention and expiry in one commit, so a big
-/// clean-up never stalls publishers for long; the rest goes in the next ticks.
+/// Most messages, listeners or idempotency keys deleted by retention and expiry in one
+/// commit, so a big clean-up never stalls publishers for long; the rest goes in the
+/// next ticks.
 const MAX_DELETES_PER_COMMIT: usize = 10_000;
 
 /// The log's bounds, kept by the storage beside the data.
@@ -38,6 +39,28 @@ pub(crate) struct Bounds {
     pub head: Position,
     /// Every position up to this one has been deleted.
     pub trimmed_through: Position,
+}
+
+/// What the store remembers of an append made with an `Idempotency-Key`. The positions
+/// of one append are consecutive (the writer hands them out in one go), so the first
+/// and the count say them all.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct KeyRecord {
+    /// When the append was committed (ms since the epoch): the key expires from then.
+    pub time_ms: u64,
+    /// The digest of its updates ([`IdempotencyKey::digest`]).
+    pub digest: String,
+    /// Its first position.
+    pub first: Position,
+    /// How many messages it stored.
+    pub count: u64,
+}
+
+impl KeyRecord {
+    /// The append's positions.
+    pub(crate) fn positions(&self) -> Vec<Position> {
+        (self.first..self.first + self.count).collect()
+    }
 }
 
 /// A consistent view to read from.
@@ -83,6 +106,14 @@ pub(crate) trait StorageTxn: Snapshot {
     fn set_subscribed(&mut self, track: &str, uid: &str, subscribed: bool) -> Result<()>;
     /// Writes the log's bounds.
     fn set_bounds(&mut self, bounds: Bounds) -> Result<()>;
+    /// The append recorded under an idempotency key, including one recorded earlier in
+    /// this transaction.
+    fn idempotency_key(&self, key: &str) -> Result<Option<KeyRecord>>;
+    /// Records an append under an idempotency key.
+    fn put_idempotency_key(&mut self, key: &str, record: &KeyRecord) -> Result<()>;
+    /// Forgets up to `limit` keys recorded before `before_ms`, oldest first; returns
+    /// how many it forgot.
+    fn expire_idempotency_keys(&mut self, before_ms: u64, limit: usize) -> Result<usize>;
     /// Makes it all durable (as the storage promises) and visible.
     fn commit(self) -> Result<()>;
 }
@@ -116,7 +147,7 @@ pub(crate) trait Storage: Send + Sync + 'static {
 type Reply<T> = oneshot::Sender<Result<T>>;
 
 enum Op {
-    Append(Vec<Update>, Reply<Vec<Position>>),
+    Append(Vec<Update>, Option<IdempotencyKey>, Reply<Appended>),
     Connect(String, Vec<String>, Reply<Vec<String>>),
     Disconnect(String, Option<String>, Reply<Option<Vec<String>>>),
     Tick,
@@ -255,8 +286,12 @@ impl<S: Storage> Engine for LocalEngine<S> {
         self.kind
     }
 
-    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
-        self.call(|done| Op::Append(updates, done)).await
+    async fn append_with_key(
+        &self,
+        updates: Vec<Update>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Appended> {
+        self.call(|done| Op::Append(updates, key, done)).await
     }
 
     async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
@@ -398,7 +433,8 @@ struct Writer<S: Storage> {
 
 /// What a commit owes its callers once it is done.
 enum Answer {
-    Append(Reply<Vec<Position>>, Vec<Position>),
+    /// An append's own answer: a repeat with other updates fails alone, not the commit.
+    Append(Reply<Appended>, Result<Appended>),
     Connect(Reply<Vec<String>>, Vec<String>),
     Disconnect(Reply<Option<Vec<String>>>, Option<Vec<String>>),
     Close(oneshot::Sender<()>),
@@ -412,7 +448,7 @@ impl Answer {
                 .unwrap_or_else(|| EngineError::Storage(String::new()))
         };
         match (self, failure) {
-            (Answer::Append(tx, v), None) => drop(tx.send(Ok(v))),
+            (Answer::Append(tx, v), None) => drop(tx.send(v)),
             (Answer::Append(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
             (Answer::Connect(tx, v), None) => drop(tx.send(Ok(v))),
             (Answer::Connect(tx, _), Some(_)) => drop(tx.send(Err(fail()))),
@@ -510,6 +546,8 @@ impl<S: Storage> Writer<S> {
         due
     }
 
+    /// Runs one commit: every op in order (each answer waits for the commit), the
+    /// pending acks, the `max_stored_messages` trim and, on a tick, the clean-up.
     fn apply(
         &mut self,
         ops: Vec<Op>,
@@ -523,47 +561,13 @@ impl<S: Storage> Writer<S> {
         let mut maintain = false;
         for op in ops {
             match op {
-                Op::Append(updates, done) => {
-                    let mut positions = Vec::with_capacity(updates.len());
-                    for update in updates {
-                        bounds.head += 1;
-                        let message = Arc::new(Message::new(
-                            bounds.head,
-                            update.track.into(),
-                            update.json.into(),
-                            now,
-                        ));
-                        txn.append(&message)?;
-                        positions.push(bounds.head);
-                        changes.push(Change::Appended(message));
-                    }
-                    answers.push(Answer::Append(done, positions));
+                Op::Append(updates, key, done) => {
+                    let answer = append(&mut txn, &mut bounds, updates, key, now, changes)?;
+                    answers.push(Answer::Append(done, answer));
                 }
                 Op::Connect(uid, tracks, done) => {
-                    let mut listener = txn.listener(&uid)?.unwrap_or_else(|| Listener {
-                        uid: uid.clone(),
-                        tracks: Vec::new(),
-                        cursor: bounds.head,
-                        last_seen_ms: now,
-                    });
-                    let uid: Arc<str> = uid.into();
-                    for track in tracks {
-                        if listener.tracks.iter().any(|s| s.track == track) {
-                            continue;
-                        }
-                        txn.set_subscribed(&track, &uid, true)?;
-                        changes.push(Change::Connected {
-                            uid: uid.clone(),
-                            track: track.as_str().into(),
-                        });
-                        listener.tracks.push(Subscription {
-                            track,
-                            since: bounds.head,
-                        });
-                    }
-                    listener.last_seen_ms = now;
-                    txn.put_listener(&listener)?;
-                    answers.push(Answer::Connect(done, listener.track_names()));
+                    let tracks = connect(&mut txn, bounds.head, uid, tracks, now, changes)?;
+                    answers.push(Answer::Connect(done, tracks));
                 }
                 Op::Disconnect(uid, track, done) => {
                     if track.is_none() {
@@ -577,36 +581,59 @@ impl<S: Storage> Writer<S> {
             }
         }
         write_acks(&mut txn, acks)?;
+        let deleted = self.trim_to_max(&mut txn, &mut bounds)?;
+        if maintain && self.last_maintenance.elapsed() >= self.limits.clean_up_every() {
+            self.last_maintenance = Instant::now();
+            self.clean_up(&mut txn, &mut bounds, deleted, now, changes)?;
+        }
+        txn.set_bounds(bounds)?;
+        txn.commit()?;
+        Ok(())
+    }
+
+    /// Deletes the oldest messages while more than `max_stored_messages` are kept (at
+    /// most [`MAX_DELETES_PER_COMMIT`]); returns how many went.
+    fn trim_to_max(&self, txn: &mut S::Txn<'_>, bounds: &mut Bounds) -> Result<usize> {
         let mut deleted = 0;
         while bounds.head - bounds.trimmed_through > self.limits.max_stored_messages
             && deleted < MAX_DELETES_PER_COMMIT
         {
-            bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
+            bounds.trimmed_through = self.delete_oldest(txn, *bounds)?;
             deleted += 1;
         }
-        if maintain && self.last_maintenance.elapsed() >= self.limits.clean_up_every() {
-            self.last_maintenance = Instant::now();
-            let keep_after = self.limits.keep_messages_after(now);
-            while deleted < MAX_DELETES_PER_COMMIT {
-                match txn.oldest()? {
-                    Some((_, time)) if time < keep_after => {
-                        bounds.trimmed_through = self.delete_oldest(&mut txn, bounds)?;
-                        deleted += 1;
-                    }
-                    _ => break,
+        Ok(deleted)
+    }
+
+    /// The tick's clean-up, bounded per commit: messages past `retention`, idempotency
+    /// keys past their keep time, listeners unseen for `listener_ttl`, and revocations
+    /// no token can outlive any more.
+    fn clean_up(
+        &self,
+        txn: &mut S::Txn<'_>,
+        bounds: &mut Bounds,
+        mut deleted: usize,
+        now: u64,
+        changes: &mut Vec<Change>,
+    ) -> Result<()> {
+        let keep_after = self.limits.keep_messages_after(now);
+        while deleted < MAX_DELETES_PER_COMMIT {
+            match txn.oldest()? {
+                Some((_, time)) if time < keep_after => {
+                    bounds.trimmed_through = self.delete_oldest(txn, *bounds)?;
+                    deleted += 1;
                 }
-            }
-            let seen_before = self.limits.forget_listeners_seen_before(now);
-            for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
-                disconnect(&mut txn, &uid, None, changes)?;
-            }
-            let revoked_before = now.saturating_sub(self.limits.revocation_ttl.as_millis() as u64);
-            for uid in txn.old_revocations(revoked_before, MAX_DELETES_PER_COMMIT)? {
-                txn.remove_revocation(&uid)?;
+                _ => break,
             }
         }
-        txn.set_bounds(bounds)?;
-        txn.commit()?;
+        txn.expire_idempotency_keys(self.limits.forget_keys_before(now), MAX_DELETES_PER_COMMIT)?;
+        let seen_before = self.limits.forget_listeners_seen_before(now);
+        for uid in txn.stale_listeners(seen_before, MAX_DELETES_PER_COMMIT)? {
+            disconnect(txn, &uid, None, changes)?;
+        }
+        let revoked_before = now.saturating_sub(self.limits.revocation_ttl.as_millis() as u64);
+        for uid in txn.old_revocations(revoked_before, MAX_DELETES_PER_COMMIT)? {
+            txn.remove_revocation(&uid)?;
+        }
         Ok(())
     }
 
@@ -616,6 +643,91 @@ impl<S: Storage> Writer<S> {
         txn.delete_oldest()?;
         Ok(oldest.map_or(bounds.head, |(pos, _)| pos))
     }
+}
+
+/// Appends `updates` after `bounds.head`, unless `key` was seen: then the first
+/// request's positions (or `KeyReused` for another body). The key is checked in the
+/// commit that would store the updates: two requests with one key in one group commit
+/// store once.
+fn append(
+    txn: &mut impl StorageTxn,
+    bounds: &mut Bounds,
+    updates: Vec<Update>,
+    key: Option<IdempotencyKey>,
+    now: u64,
+    changes: &mut Vec<Change>,
+) -> Result<Result<Appended>> {
+    if let Some(key) = &key
+        && let Some(seen) = txn.idempotency_key(key.key())?
+    {
+        return Ok(if seen.digest == key.digest() {
+            Ok(Appended {
+                positions: seen.positions(),
+                repeated: true,
+            })
+        } else {
+            Err(EngineError::KeyReused)
+        });
+    }
+    let mut positions = Vec::with_capacity(updates.len());
+    for update in updates {
+        bounds.head += 1;
+        let message = Arc::new(Message::new(
+            bounds.head,
+            update.track.into(),
+            update.json.into(),
+            now,
+        ));
+        txn.append(&message)?;
+        positions.push(bounds.head);
+        changes.push(Change::Appended(message));
+    }
+    if let (Some(key), Some(&first)) = (key, positions.first()) {
+        let record = KeyRecord {
+            time_ms: now,
+            digest: key.digest().to_owned(),
+            first,
+            count: positions.len() as u64,
+        };
+        txn.put_idempotency_key(key.key(), &record)?;
+    }
+    Ok(Ok(Appended {
+        positions,
+        repeated: false,
+    }))
+}
+
+/// Subscribes `uid` (created if new, its cursor at `head`) to each of `tracks` it does
+/// not have yet, from `head` on; returns its tracks.
+fn connect(
+    txn: &mut impl StorageTxn,
+    head: Position,
+    uid: String,
+    tracks: Vec<String>,
+    now: u64,
+    changes: &mut Vec<Change>,
+) -> Result<Vec<String>> {
+    let mut listener = txn.listener(&uid)?.unwrap_or_else(|| Listener {
+        uid: uid.clone(),
+        tracks: Vec::new(),
+        cursor: head,
+        last_seen_ms: now,
+    });
+    let uid: Arc<str> = uid.into();
+    for track in tracks {
+        if listener.tracks.iter().any(|s| s.track == track) {
+            continue;
+        }
+        txn.set_subscribed(&track, &uid, true)?;
+        changes.push(Change::Connected {
+            uid: uid.clone(),
+            track: track.as_str().into(),
+        });
+        listener.tracks.push(Subscription { track, since: head });
+    }
+    listener.last_seen_ms = now;
+    txn.put_listener(&listener)?;
+    Ok(listener.track_names())
 }
 
 /// Writes `acks` (a snapshot of the pending ones) into the listeners they belong to;

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use super::local::{Bounds, Snapshot, Storage, StorageTxn};
+use super::local::{Bounds, KeyRecord, Snapshot, Storage, StorageTxn};
 use super::{EngineError, Listener, Message, Position, Result, StoreCounts};
 
 /// Everything, behind one lock. The writer holds it for a commit; readers for a read.
@@ -26,6 +26,10 @@ pub(crate) struct MemState {
     /// uid → when its tokens were revoked (ms).
     revocations: HashMap<String, u64>,
     bounds: Bounds,
+    /// Appends made with an `Idempotency-Key`, by key.
+    keys: HashMap<String, KeyRecord>,
+    /// The same keys in the order they were recorded (so oldest first), for expiry.
+    keys_by_age: VecDeque<(u64, String)>,
 }
 
 /// A locked view: serves as both snapshot and transaction.
@@ -192,6 +196,34 @@ impl StorageTxn for MemView<'_> {
     fn set_bounds(&mut self, bounds: Bounds) -> Result<()> {
         self.0.bounds = bounds;
         Ok(())
+    }
+
+    fn idempotency_key(&self, key: &str) -> Result<Option<KeyRecord>> {
+        Ok(self.0.keys.get(key).cloned())
+    }
+
+    fn put_idempotency_key(&mut self, key: &str, record: &KeyRecord) -> Result<()> {
+        let state = &mut *self.0;
+        state.keys.insert(key.to_owned(), record.clone());
+        state
+            .keys_by_age
+            .push_back((record.time_ms, key.to_owned()));
+        Ok(())
+    }
+
+    fn expire_idempotency_keys(&mut self, before_ms: u64, limit: usize) -> Result<usize> {
+        let state = &mut *self.0;
+        let mut expired = 0;
+        while expired < limit
+            && let Some((time, _)) = state.keys_by_age.front()
+            && *time < before_ms
+        {
+            if let Some((_, key)) = state.keys_by_age.pop_front() {
+                state.keys.remove(&key);
+            }
+            expired += 1;
+        }
+        Ok(expired)
     }
 
     fn commit(self) -> Result<()> {

@@ -136,6 +136,96 @@ pub struct Update {
     pub json: String,
 }
 
+/// Longest `Idempotency-Key`, in bytes (the SPEC's 1 to 255 printable ASCII): room for
+/// any UUID, hash or composite key a publisher makes, while a stored key stays small.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+/// The shortest time an `Idempotency-Key` is remembered, whatever the retention: a
+/// publisher that retries after an outage (a night, a deploy) still must not publish
+/// twice, even when the messages themselves were already trimmed (SPEC: 24 h).
+pub const MIN_IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
+
+/// A publisher's `Idempotency-Key`, with a digest of the updates it came with: an append
+/// repeated with the key answers the first one's positions and stores nothing; the
+/// same key with other updates is [`EngineError::KeyReused`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdempotencyKey {
+    key: String,
+    digest: String,
+}
+
+/// Why a text is not an `Idempotency-Key`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BadIdempotencyKey(pub String);
+
+impl IdempotencyKey {
+    /// The key `key` for `updates`: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] printable ASCII
+    /// characters (space to `~`).
+    pub fn new(key: &[u8], updates: &[Update]) -> Result<Self, BadIdempotencyKey> {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+            return Err(BadIdempotencyKey(format!(
+                "an Idempotency-Key is 1 to {MAX_IDEMPOTENCY_KEY_BYTES} characters, this one is {}",
+                key.len()
+            )));
+        }
+        let Ok(key) = std::str::from_utf8(key) else {
+            return Err(BadIdempotencyKey(
+                "an Idempotency-Key is printable ASCII (space to ~)".into(),
+            ));
+        };
+        if let Some(bad) = key.chars().find(|c| !matches!(c, ' '..='~')) {
+            return Err(BadIdempotencyKey(format!(
+                "an Idempotency-Key is printable ASCII (space to ~), not {bad:?}"
+            )));
+        }
+        Ok(Self {
+            key: key.to_owned(),
+            digest: digest(updates),
+        })
+    }
+
+    /// The key as the publisher sent it.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// SHA-256 of the updates, in hex: what a repeat must match.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+}
+
+/// SHA-256 (hex) of the updates, each track and message prefixed by its length so that
+/// no two different lists of updates read as the same bytes. Every node and every
+/// version computes the same digest: a Redis key written by one node is checked by
+/// another.
+fn digest(updates: &[Update]) -> String {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    for update in updates {
+        for part in [&update.track, &update.json] {
+            hasher.update((part.len() as u64).to_le_bytes());
+            hasher.update(part.as_bytes());
+        }
+    }
+    hasher
+        .finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// What an append did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The positions of the updates, in order.
+    pub positions: Vec<Position>,
+    /// Whether the append was a repeat of an earlier one with the same key: nothing was
+    /// stored, and `positions` are the earlier ones.
+    pub repeated: bool,
+}
+
 /// A listener's subscription to one track.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Subscription {
@@ -270,6 +360,9 @@ pub struct Limits {
     pub max_stored_messages: u64,
     /// A listener not seen for this long is forgotten.
     pub listener_ttl: Duration,
+    /// An `Idempotency-Key` is remembered this long: [`Limits::idempotency_keep_for`]
+    /// the retention (shorter only in tests).
+    pub idempotency_keep: Duration,
     /// How long the revocation a `disconnect` of a whole listener records is kept: the
     /// longest a listener token may live (`auth::REVOCATION_TTL`), so every token it
     /// revokes has expired by the time it is dropped.
@@ -277,10 +370,21 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// How long to remember an `Idempotency-Key` under `retention`: as long as the
+    /// messages it stored are kept, and never less than [`MIN_IDEMPOTENCY_KEEP`].
+    pub fn idempotency_keep_for(retention: Duration) -> Duration {
+        retention.max(MIN_IDEMPOTENCY_KEEP)
+    }
+
     /// How often retention and expiry run: often enough to keep within a tenth of the
     /// shortest limit, within [`MIN_CLEAN_UP_EVERY`] and [`MAX_CLEAN_UP_EVERY`].
     pub(crate) fn clean_up_every(&self) -> Duration {
-        (self.retention.min(self.listener_ttl) / 10).clamp(MIN_CLEAN_UP_EVERY, MAX_CLEAN_UP_EVERY)
+        (self
+            .retention
+            .min(self.listener_ttl)
+            .min(self.idempotency_keep)
+            / 10)
+            .clamp(MIN_CLEAN_UP_EVERY, MAX_CLEAN_UP_EVERY)
     }
 
     /// At `now_ms`, messages stored before this time (ms since the epoch) are deleted.
@@ -292,9 +396,15 @@ impl Limits {
     pub(crate) fn forget_listeners_seen_before(&self, now_ms: u64) -> u64 {
         now_ms.saturating_sub(self.listener_ttl.as_millis() as u64)
     }
+
+    /// At `now_ms`, idempotency keys recorded before this time (ms since the epoch) are
+    /// forgotten.
+    pub(crate) fn forget_keys_before(&self, now_ms: u64) -> u64 {
+        now_ms.saturating_sub(self.idempotency_keep.as_millis() as u64)
+    }
 }
 
-/// What can go wrong in an engine. None of it is the caller's fault.
+/// What can go wrong in an engine. None of it is the caller's fault but `KeyReused`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum EngineError {
     /// The storage failed (corrupt file, lost connection…).
@@ -309,6 +419,9 @@ pub enum EngineError {
     /// The engine is shutting down and takes no more work.
     #[error("the store is shutting down")]
     Closed,
+    /// The `Idempotency-Key` came with other updates before: nothing was stored.
+    #[error("the idempotency key was used for other updates")]
+    KeyReused,
 }
 
 /// Shortens `Result<T, EngineError>`.
@@ -322,7 +435,20 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 
     /// Appends messages in one all-or-nothing step; returns their positions. When this
     /// returns, the messages are stored as durably as the engine promises.
-    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>>;
+    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
+        Ok(self.append_with_key(updates, None).await?.positions)
+    }
+
+    /// [`Engine::append`] once per `key`: the key is looked up and recorded in the
+    /// same atomic step as the append, so a repeat — however many nodes, however
+    /// concurrent — answers the first append's positions and stores nothing, while
+    /// the key is kept ([`Limits::idempotency_keep`]). A repeat with other updates
+    /// fails with [`EngineError::KeyReused`].
+    async fn append_with_key(
+        &self,
+        updates: Vec<Update>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Appended>;
 
     /// Subscribes `uid` to `tracks` (creating the listener if new); returns its tracks.
     /// Subscribing again to a track it has is a no-op.

@@ -18,6 +18,9 @@
 //! - `ts:{track}` — the track's subscribers, a sorted set of uids (all scored 0, so in
 //!   uid order) for paging through them.
 //! - `index` — set once the indexes above were built for a log from before them.
+//! - `i:{key}` — an append made with an `Idempotency-Key`: `digest first count`, with a
+//!   time to live of [`Limits::idempotency_keep`]. The append script checks and writes
+//!   it with the messages, so a repeat stores nothing, whichever node it reaches.
 //! - `r:{uid}` — when the listener's tokens were revoked (ms), set by the same script
 //!   that forgets it, with a Redis TTL of `Limits::revocation_ttl`, so revocations are
 //!   bounded without a sweep.
@@ -38,8 +41,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::acks::PendingAcks;
 use super::{
-    Change, Engine, EngineError, History, Limits, Listener, Message, Position, Replay, Result,
-    StoreCounts, Subscribers, Subscription, TICK, Tail, Update, now_ms,
+    Appended, Change, Engine, EngineError, History, IdempotencyKey, Limits, Listener, Message,
+    Position, Replay, Result, StoreCounts, Subscribers, Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// Longest a command may take before the caller gets a 503: Redis answers in well
@@ -69,20 +72,36 @@ local function keep_from(log, head)
 end
 ";
 
-/// KEYS: log, seq, tidx. ARGV: max length, time, key prefix, then (track, json) pairs.
+/// KEYS: log, seq, tidx, and, when given, the idempotency key. ARGV: max length, time,
+/// the digest of the updates and the key's time to live in ms, the key prefix, then
+/// (track, json) pairs. Answers `{0, ids…}` for a new append, `{1, ids…}` for a repeat
+/// (nothing stored), `{2}` for the key used with other updates.
 const APPEND: &str = r"
-local ids, tracks = {}, {}
-for i = 4, #ARGV, 2 do
+if KEYS[4] then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then
+    local digest, first, count = string.match(seen, '^(%x+) (%d+) (%d+)$')
+    if digest ~= ARGV[3] then return {2} end
+    local ids = {1}
+    for n = tonumber(first), tonumber(first) + tonumber(count) - 1 do ids[#ids + 1] = n end
+    return ids
+  end
+end
+local ids, tracks = {0}, {}
+for i = 6, #ARGV, 2 do
   local n = redis.call('INCR', KEYS[2])
   redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], n .. '-0', 'k', 'm', 't', ARGV[i], 'j', ARGV[i + 1], 'ts', ARGV[2])
-  redis.call('ZADD', ARGV[3] .. 't:' .. ARGV[i], n, n)
+  redis.call('ZADD', ARGV[5] .. 't:' .. ARGV[i], n, n)
   redis.call('ZADD', KEYS[3], n, ARGV[i])
   tracks[ARGV[i]] = true
   ids[#ids + 1] = n
 end
 local keep = keep_from(KEYS[1], redis.call('GET', KEYS[2]) or '0')
 for t in pairs(tracks) do
-  redis.call('ZREMRANGEBYSCORE', ARGV[3] .. 't:' .. t, '-inf', '(' .. keep)
+  redis.call('ZREMRANGEBYSCORE', ARGV[5] .. 't:' .. t, '-inf', '(' .. keep)
+end
+if KEYS[4] and #ids > 1 then
+  redis.call('SET', KEYS[4], ARGV[3] .. ' ' .. ids[2] .. ' ' .. (#ids - 1), 'PX', ARGV[4])
 end
 return ids
 ";
@@ -222,6 +241,10 @@ impl Keys {
 
     fn listener(&self, uid: &str) -> String {
         format!("{}l:{uid}", self.prefix)
+    }
+
+    fn idempotency(&self, key: &str) -> String {
+        format!("{}i:{key}", self.prefix)
     }
 
     fn revocation(&self, uid: &str) -> String {
@@ -854,7 +877,11 @@ impl Engine for RedisEngine {
         "redis"
     }
 
-    async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
+    async fn append_with_key(
+        &self,
+        updates: Vec<Update>,
+        key: Option<IdempotencyKey>,
+    ) -> Result<Appended> {
         self.check_open()?;
         let s = &self.shared;
         let mut call = s.scripts.append.prepare_invoke();
@@ -862,12 +889,36 @@ impl Engine for RedisEngine {
             .key(&s.keys.seq)
             .key(&s.keys.tidx)
             .arg(s.limits.max_stored_messages)
-            .arg(now_ms())
-            .arg(&s.keys.prefix);
+            .arg(now_ms());
+        match &key {
+            Some(key) => {
+                call.key(s.keys.idempotency(key.key()))
+                    .arg(key.digest())
+                    .arg(s.limits.idempotency_keep.as_millis().max(1) as u64);
+            }
+            None => {
+                call.arg("").arg(0);
+            }
+        }
+        call.arg(&s.keys.prefix);
         for update in &updates {
             call.arg(&update.track).arg(&update.json);
         }
-        s.observe(call.invoke_async(&mut s.conn()).await)
+        let answer: Vec<u64> = s.observe(call.invoke_async(&mut s.conn()).await)?;
+        match answer.split_first() {
+            Some((0, positions)) => Ok(Appended {
+                positions: positions.to_vec(),
+                repeated: false,
+            }),
+            Some((1, positions)) => Ok(Appended {
+                positions: positions.to_vec(),
+                repeated: true,
+            }),
+            Some((2, _)) => Err(EngineError::KeyReused),
+            _ => Err(EngineError::Storage(format!(
+                "redis: unexpected answer to the append script: {answer:?}"
+            ))),
+        }
     }
 
     async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {

@@ -23,6 +23,7 @@ use crate::cors::preflight;
 use crate::engine::{Message, Position};
 use crate::error::{ApiError, ErrorCode};
 use crate::hub::{Received, Subscription};
+use crate::metrics::Transport;
 use crate::names;
 use crate::node::Node;
 use crate::proxy::Client;
@@ -37,9 +38,12 @@ pub use direct::Head;
 /// The listener endpoints, with CORS for the pages allowed to use them.
 pub fn router(node: &Node) -> Router<Node> {
     Router::new()
-        .route("/listen/{uid}", get(sse::listen).options(preflight))
-        .route("/ws/{uid}", get(ws::listen).options(preflight))
-        .route("/poll/{uid}", get(poll::listen).options(preflight))
+        .route(Transport::Sse.route(), get(sse::listen).options(preflight))
+        .route(Transport::Ws.route(), get(ws::listen).options(preflight))
+        .route(
+            Transport::Poll.route(),
+            get(poll::listen).options(preflight),
+        )
         .layer(middleware::from_fn_with_state(
             node.origins.clone(),
             crate::cors::layer,
@@ -195,7 +199,7 @@ pub async fn open(state: &Node, request: &ListenRequest) -> Result<Deliveries, A
 /// The client's own cursor: `Last-Event-ID` if sent, else `last_event_id`.
 fn resume_cursor(query: &ListenQuery, headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
     let header = headers
-        .get("last-event-id")
+        .get(dolores_protocol::LAST_EVENT_ID_HEADER)
         .map(|v| v.to_str().unwrap_or("?").trim().to_owned());
     let Some(id) = header.or_else(|| query.last_event_id.clone()) else {
         return Ok(None);

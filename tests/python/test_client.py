@@ -228,6 +228,19 @@ def error(status: int, code: str) -> httpx.Response:
     return httpx.Response(status, json={"error": {"code": code, "message": f"{code}!"}})
 
 
+def test_an_update_sent_again_with_its_key_is_stored_once(client, server, uid, track):
+    client.connect(uid, track)
+    first = client.update(track, "once", idempotency_key=f"{uid}-1")
+    assert client.update(track, "once", idempotency_key=f"{uid}-1") == first
+    ids = client.update_many([(track, "a"), (track, "b")], idempotency_key=f"{uid}-2")
+    assert client.update_many([(track, "a"), (track, "b")], idempotency_key=f"{uid}-2") == ids
+    with pytest.raises(DoloresError) as caught:
+        client.update(track, "other", idempotency_key=f"{uid}-1")
+    assert (caught.value.status, caught.value.code) == (422, "idempotency_key_reused")
+    queued = poll(server, uid)
+    assert [e["message"] for e in queued["events"]] == ["once", "a", "b"]
+
+
 def test_503_is_retried_and_then_succeeds():
     c, script = scripted(
         error(503, "store_unavailable"), error(503, "shutting_down"), httpx.Response(200, json={"id": "9"})
@@ -267,20 +280,24 @@ def test_a_4xx_is_never_retried(status, code):
     assert len(script.requests) == 1
 
 
-def test_connection_errors_are_retried_but_an_update_only_when_it_was_never_sent():
+def keys_sent(script: Script) -> list:
+    return [r.headers.get("idempotency-key") for r in script.requests]
+
+
+def test_connection_errors_are_retried_an_update_with_the_same_key():
     c, script = scripted(
         httpx.ConnectError("refused"), httpx.ConnectTimeout("slow"), httpx.Response(200, json={"id": "1"})
     )
     assert c.update(":data", 1) == "1"
     assert len(script.requests) == 3
 
-    # A connection lost after the request went out may have published: not again.
+    # A connection lost after the request went out may have published: sent again
+    # with its key, the server stores it once.
     c, script = scripted(httpx.ReadError("reset"), httpx.Response(200, json={"id": "2"}))
-    with pytest.raises(DoloresError) as caught:
-        c.update(":data", 1)
-    assert caught.value.status is None and caught.value.code == "unreachable"
-    assert len(script.requests) == 1
-    # ... while connect, being idempotent, is sent again.
+    assert c.update(":data", 1) == "2"
+    keys = keys_sent(script)
+    assert len(keys) == 2 and keys[0] and keys[0] == keys[1], keys
+    # ... and connect, being idempotent, is sent again.
     c, script = scripted(
         httpx.ReadError("reset"), httpx.Response(200, json={"uid": "valid-uid-123", "tracks": [":data"]})
     )
@@ -293,7 +310,30 @@ def test_timeouts_raise_timeout():
     with pytest.raises(DoloresError) as caught:
         c.update_many([(":data", 1)])
     assert caught.value.status is None and caught.value.code == "timeout"
-    assert len(script.requests) == 1
+    keys = keys_sent(script)
+    assert len(keys) == 4 and len(set(keys)) == 1 and keys[0], keys
+
+
+def test_an_update_sends_a_new_key_per_call_and_the_same_on_each_retry():
+    # A 503 may hide an update the store committed after all: the retry carries the
+    # same key, so the server stores it once.
+    ok = httpx.Response(200, json={"id": "9", "ids": ["9"], "tracks": [":data"]})
+    c, script = scripted(error(503, "store_unavailable"), error(503, "store_unavailable"), ok)
+    assert c.update(":data", 1) == "9"
+    first_call = keys_sent(script)
+    assert len(first_call) == 3 and len(set(first_call)) == 1, first_call
+    assert len(first_call[0]) == 36, "a UUID"
+    c.update(":data", 1)
+    c.update_many([(":data", 1)])
+    keys = keys_sent(script)
+    assert len(set(keys)) == 3, f"a new key per call: {keys}"
+    # A key of the caller's own goes as it is, for update and update_many.
+    c.update(":data", 1, idempotency_key="order-42")
+    c.update_many([(":data", 1)], idempotency_key="order-43")
+    assert keys_sent(script)[-2:] == ["order-42", "order-43"]
+    # Other calls send none.
+    c.connect("valid-uid-123", ":data")
+    assert keys_sent(script)[-1] is None
 
 
 def test_answers_that_are_not_dolores_errors():

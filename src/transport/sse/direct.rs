@@ -46,8 +46,11 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: Node) {
 /// server memory, measured with 19,000).
 async fn open(head: Head, state: &Node) -> Result<Deliveries, ApiError> {
     Box::pin(async {
-        let request =
-            transport::direct::listen_request(head, &state.settings.base_path, "/listen/")?;
+        let request = transport::direct::listen_request(
+            head,
+            &state.settings.base_path,
+            dolores_protocol::Transport::Sse.prefix(),
+        )?;
         request.check_origin(state, "an SSE stream")?;
         transport::open(state, &request).await
     })

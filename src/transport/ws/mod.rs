@@ -157,7 +157,8 @@ pub async fn serve_direct(mut socket: TcpStream, head: Head, state: Node) {
     // Boxed, like SSE's: the request and the opening live on the heap only while the
     // stream opens, not in every open socket's task.
     let opened = Box::pin(async {
-        let request = super::direct::listen_request(head, &state.settings.base_path, "/ws/")?;
+        let request =
+            super::direct::listen_request(head, &state.settings.base_path, Transport::Ws.prefix())?;
         let accept = accept_key(&request.headers).ok_or_else(|| {
             ApiError::bad_field(ErrorCode::NotWebsocket, "this endpoint takes a WebSocket")
         })?;

@@ -13,6 +13,7 @@ import random
 import re
 import time
 import unicodedata
+import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import quote, urlencode
@@ -303,16 +304,19 @@ def error_from_exception(exc: httpx.HTTPError, server: str) -> DoloresError:
     return error
 
 
-def never_sent(exc: httpx.HTTPError) -> bool:
-    """True when the request cannot have reached the server: safe to send again even
-    when sending it twice would publish twice."""
-    return isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout))
+def new_idempotency_key() -> str:
+    """A fresh ``Idempotency-Key`` for one update call: a random UUID. The server
+    stores an update sent again with the same key only once."""
+    return str(uuid.uuid4())
 
 
-def retry_status(status: int, idempotent: bool) -> bool:
-    """503 (store unavailable, shutting down) means nothing was done; a 502 or 504 from
-    something in between may hide a request that was. A 4xx is never retried."""
-    return status == 503 or (idempotent and status in (502, 504))
+def retry_status(status: int) -> bool:
+    """A 503 (store unavailable, shutting down), or a 502 or 504 from something in
+    between. Any of them may hide a request that was done (a 503 from a store that
+    committed after it stopped waiting), which is why every call the client sends
+    again is one that is safe to repeat: an update carries its ``Idempotency-Key``. A
+    4xx is never retried."""
+    return status in (502, 503, 504)
 
 
 def backoff_delay(attempt: int, first: float, most: float) -> float:

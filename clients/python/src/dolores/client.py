@@ -30,7 +30,7 @@ from ._core import (
     history_from,
     listen_params,
     listener_headers,
-    never_sent,
+    new_idempotency_key,
     page_params,
     read_json,
     resolve_settings,
@@ -57,10 +57,10 @@ class Client:
     ``DOLORES_API_KEY`` and ``DOLORES_TOKEN_SECRET`` (``server`` finally from
     ``http://127.0.0.1:8007``). ``timeout`` bounds each request, in seconds (or an
     ``httpx.Timeout``). A request that cannot get through (connection refused, 503
-    while the server restarts or its store is busy) is tried again ``retries`` times,
-    after ``backoff`` seconds doubling each time; a 4xx never is. ``update`` and
-    ``update_many`` are only sent again when the first try cannot have reached the
-    server, so a retry never publishes twice.
+    while the server restarts or its store is busy, an answer lost on the way) is tried
+    again ``retries`` times, after ``backoff`` seconds doubling each time; a 4xx never
+    is. ``update`` and ``update_many`` send an ``Idempotency-Key``, the same on each
+    try, so a retry never publishes twice.
 
     >>> with Client("http://127.0.0.1:8007", api_key="…") as client:
     ...     client.update(":data", {"contact": 42})
@@ -110,19 +110,24 @@ class Client:
 
     # ---- the backend API -----------------------------------------------------------
 
-    def update(self, track: str, message: Any) -> str:
+    def update(self, track: str, message: Any, *, idempotency_key: Optional[str] = None) -> str:
         """Publishes ``message`` (any JSON value) to ``track``; returns its event id once
-        the server has stored it."""
-        answer = self._call("POST", "/api/v1/update", {"track": track, "message": message}, idempotent=False)
+        the server has stored it. Sent with ``idempotency_key`` (1 to 255 printable
+        ASCII characters), or a new random one: the server stores the update once per
+        key, so pass a key of your own to retry safely across calls (or restarts) too."""
+        key = idempotency_key or new_idempotency_key()
+        answer = self._call("POST", "/api/v1/update", {"track": track, "message": message}, idempotency_key=key)
         return str(answer["id"])
 
-    def update_many(self, updates: Iterable[Update]) -> List[str]:
+    def update_many(self, updates: Iterable[Update], *, idempotency_key: Optional[str] = None) -> List[str]:
         """Publishes several messages at once, all or nothing: ``[(track, message), …]``
-        (or ``{"track", "message"}`` dicts), at most 1000. Returns their ids in order."""
+        (or ``{"track", "message"}`` dicts), at most 1000. Returns their ids in order.
+        ``idempotency_key`` as for ``update``."""
         items = updates_body(updates)
         if not items:
             return []
-        answer = self._call("POST", "/api/v1/update", {"updates": items}, idempotent=False)
+        key = idempotency_key or new_idempotency_key()
+        answer = self._call("POST", "/api/v1/update", {"updates": items}, idempotency_key=key)
         return [str(i) for i in answer["ids"]]
 
     def connect(self, uid: str, track: str) -> List[str]:
@@ -225,23 +230,27 @@ class Client:
 
     # ---- plumbing ------------------------------------------------------------------
 
-    def _call(self, method: str, path: str, body: Any = None, *, idempotent: bool = True) -> Any:
+    def _call(self, method: str, path: str, body: Any = None, *, idempotency_key: Optional[str] = None) -> Any:
+        # Every call is safe to send again: reads, connect and disconnect by their
+        # nature, an update by its key (the same on every try).
         content = None if body is None else encode_body(body)
         headers = dict(self._headers)
         if content is not None:
             headers["Content-Type"] = "application/json"
+        if idempotency_key is not None:
+            headers["Idempotency-Key"] = idempotency_key
         attempt = 0
         while True:
             try:
                 response = self._http.request(method, self.server + path, content=content, headers=headers)
             except httpx.HTTPError as exc:
                 error = error_from_exception(exc, self.server)
-                retry = idempotent or never_sent(exc)
+                retry = True
             else:
                 if response.status_code < 400:
                     return read_json(response.status_code, response.content)
                 error = error_from_response(response.status_code, response.content, str(response.url))
-                retry = retry_status(response.status_code, idempotent)
+                retry = retry_status(response.status_code)
             if not retry or attempt >= self.retries:
                 raise error
             delay = backoff_delay(attempt, self.backoff, self.max_backoff)

@@ -43,6 +43,7 @@ class Recorder:
         self.disconnects: List[Tuple[str, Optional[str]]] = []
         self.tokens: List[Tuple[str, Optional[List[str]]]] = []
         self._tracks: Dict[str, List[str]] = {}
+        self._keys: Dict[str, List[str]] = {}
         self._lock = threading.Lock()
 
     def messages(self, track: str) -> List[Any]:
@@ -56,20 +57,28 @@ class Recorder:
             self.disconnects.clear()
             self.tokens.clear()
             self._tracks.clear()
+            self._keys.clear()
 
     # The Client's surface.
 
-    def update(self, track: str, message: Any) -> str:
-        check_track(track)
-        with self._lock:
-            self.updates.append((track, json.loads(encode_body(message))))
-            return str(len(self.updates))
+    def update(self, track: str, message: Any, *, idempotency_key: Optional[str] = None) -> str:
+        return self.update_many([(track, message)], idempotency_key=idempotency_key)[0]
 
-    def update_many(self, updates: Iterable[Any]) -> List[str]:
+    def update_many(self, updates: Iterable[Any], *, idempotency_key: Optional[str] = None) -> List[str]:
         items = updates_body(updates)
         for item in items:
             check_track(item["track"])
-        return [self.update(item["track"], item["message"]) for item in items]
+        with self._lock:
+            # As the server: a key sent again answers the first ids and stores nothing.
+            if idempotency_key is not None and idempotency_key in self._keys:
+                return list(self._keys[idempotency_key])
+            ids = []
+            for item in items:
+                self.updates.append((item["track"], json.loads(encode_body(item["message"]))))
+                ids.append(str(len(self.updates)))
+            if idempotency_key is not None:
+                self._keys[idempotency_key] = ids
+            return ids
 
     def connect(self, uid: str, track: str) -> List[str]:
         check_uid(uid)

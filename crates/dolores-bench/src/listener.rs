@@ -240,8 +240,8 @@ async fn open(shared: &Shared, spec: &ListenerSpec) -> Result<Open, String> {
             None => format!("cannot connect to {}: {e}", spec.addr),
         })?;
     let mut conn = HttpConn::new(stream);
-    match shared.transport {
-        Transport::Sse => {
+    match shared.transport.0 {
+        dolores_protocol::Transport::Sse => {
             conn.get(&spec.host, &spec.target, "text/event-stream")
                 .await
                 .map_err(|e| format!("sending the request: {e}"))?;
@@ -254,7 +254,7 @@ async fn open(shared: &Shared, spec: &ListenerSpec) -> Result<Open, String> {
             conn.take_body(&mut decoder, &mut body)?;
             Ok(Open::Sse(conn, decoder, body))
         }
-        Transport::Ws => {
+        dolores_protocol::Transport::Ws => {
             let url = format!("ws://{}{}", spec.host, spec.target);
             let (socket, _) = tokio_tungstenite::client_async(url, conn.into_stream())
                 .await
@@ -272,7 +272,7 @@ async fn open(shared: &Shared, spec: &ListenerSpec) -> Result<Open, String> {
             Ok(Open::Ws(Box::new(socket)))
         }
         // A long-poll is open once connected: each request then waits for events.
-        Transport::Poll => Ok(Open::Poll(conn)),
+        dolores_protocol::Transport::Poll => Ok(Open::Poll(conn)),
     }
 }
 
