@@ -44,6 +44,19 @@ fn documented_statuses(doc: &Value, path: &str, method: &str) -> BTreeSet<u16> {
 
 /// Every `.route("/api/v1/…", get(…).post(…))` in the sources: (path, methods).
 fn routes_in_sources() -> BTreeSet<(String, String)> {
+    // `pub const NAME: &str = "/api/v1/…";` of the crate the server and the bench share.
+    let shared: std::collections::BTreeMap<String, String> = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("crates/dolores-protocol/src/api.rs"),
+    )
+    .expect("read dolores-protocol's api.rs")
+    .lines()
+    .filter_map(|line| {
+        let rest = line.trim().strip_prefix("pub const ")?;
+        let (name, rest) = rest.split_once(": &str = \"")?;
+        let (value, _) = rest.split_once('"')?;
+        Some((name.to_owned(), value.to_owned()))
+    })
+    .collect();
     let mut found = BTreeSet::new();
     let mut dirs = vec![Path::new(env!("CARGO_MANIFEST_DIR")).join("src")];
     while let Some(dir) = dirs.pop() {
@@ -58,12 +71,28 @@ fn routes_in_sources() -> BTreeSet<(String, String)> {
             }
             let text = std::fs::read_to_string(&path).expect("read a source file");
             for call in text.split(".route(").skip(1) {
-                let Some(rest) = call.trim_start().strip_prefix('"') else {
+                let call = call.trim_start();
+                // A literal path, or one of the shared `paths::NAME` constants.
+                let (route, handlers) = if let Some(rest) = call.strip_prefix('"') {
+                    let Some((route, handlers)) = rest.split_once('"') else {
+                        continue;
+                    };
+                    (route.to_owned(), handlers)
+                } else if let Some(rest) = call.strip_prefix("paths::") {
+                    let end = rest
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(rest.len());
+                    let Some(route) = shared.get(&rest[..end]) else {
+                        panic!(
+                            "paths::{} is not in dolores-protocol's api.rs",
+                            &rest[..end]
+                        );
+                    };
+                    (route.clone(), &rest[end..])
+                } else {
                     continue;
                 };
-                let Some((route, handlers)) = rest.split_once('"') else {
-                    continue;
-                };
+                let route = route.as_str();
                 if !route.starts_with("/api/v1/") {
                     continue;
                 }
