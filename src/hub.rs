@@ -58,18 +58,22 @@ struct Turns {
     watched: bool,
     uids: HashSet<Arc<str>>,
     tracks: HashSet<Arc<str>>,
+    /// Something was noted since presence was last woken.
+    fresh: bool,
 }
 
 impl Turns {
     fn uid(&mut self, uid: &Arc<str>) {
         if self.watched {
             self.uids.insert(uid.clone());
+            self.fresh = true;
         }
     }
 
     fn track(&mut self, track: &Arc<str>) {
         if self.watched {
             self.tracks.insert(track.clone());
+            self.fresh = true;
         }
     }
 }
@@ -147,8 +151,7 @@ impl Subscription {
         for track in tracks {
             state.add(&self.slot, track.into());
         }
-        drop(state);
-        self.hub.turned.notify_one();
+        self.hub.wake_presence(state);
     }
 
     /// Waits for the next messages, or news that the stream must read from the store.
@@ -180,8 +183,7 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut state = lock(&self.hub.state);
         state.remove(&self.slot);
-        drop(state);
-        self.hub.turned.notify_one();
+        self.hub.wake_presence(state);
     }
 }
 
@@ -248,8 +250,7 @@ impl Hub {
         if slots.len() == 1 {
             state.turns.uid(&slot.uid);
         }
-        drop(state);
-        self.turned.notify_one();
+        self.wake_presence(state);
         Subscription {
             hub: self.clone(),
             slot,
@@ -291,6 +292,16 @@ impl Hub {
         )
     }
 
+    /// Releases the lock, and wakes presence if a turn was noted under it: presence
+    /// wakes per turn, not per stream or per subscription change.
+    fn wake_presence(&self, mut state: MutexGuard<'_, HubState>) {
+        let fresh = std::mem::take(&mut state.turns.fresh);
+        drop(state);
+        if fresh {
+            self.turned.notify_one();
+        }
+    }
+
     /// Starts noting turns for [`Hub::take_turns`]; until then none are kept.
     pub fn watch(&self) {
         lock(&self.state).turns.watched = true;
@@ -314,7 +325,7 @@ impl Tail for Hub {
     fn apply(&self, changes: &[Change], _commit_took: Duration) {
         // Decide who gets what under the lock; push after releasing it.
         let mut deliveries = Vec::new();
-        let mut turned = false;
+        let turned;
         {
             let mut state = lock(&self.state);
             for change in changes {
@@ -325,7 +336,6 @@ impl Tail for Hub {
                         }
                     }
                     Change::Connected { uid, track } => {
-                        turned = true;
                         let slots = state.uids.get(uid).cloned().unwrap_or_default();
                         for slot in &slots {
                             state.add(slot, track.clone());
@@ -342,7 +352,6 @@ impl Tail for Hub {
                         }
                     }
                     Change::Disconnected { uid, track } => {
-                        turned = true;
                         let slots = state.uids.get(uid).cloned().unwrap_or_default();
                         for slot in &slots {
                             match track {
@@ -359,6 +368,8 @@ impl Tail for Hub {
                     }
                 }
             }
+            // Per commit, a flag: nothing per message.
+            turned = std::mem::take(&mut state.turns.fresh);
         }
         if turned {
             self.turned.notify_one();

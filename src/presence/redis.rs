@@ -269,6 +269,16 @@ async fn publish(
     let mut next_heartbeat = Instant::now();
     loop {
         let (turned_uids, turned_tracks) = hub.take_turns();
+        let heartbeat_due = Instant::now() >= next_heartbeat;
+        if !rewrite && !heartbeat_due && turned_uids.is_empty() && turned_tracks.is_empty() {
+            // Woken for a turn already written: no round trip.
+            tokio::select! {
+                () = stop.cancelled() => break,
+                () = hub.turned() => {}
+                () = tokio::time::sleep_until(next_heartbeat.into()) => {}
+            }
+            continue;
+        }
         let mut pipe = redis::pipe();
         pipe.atomic();
         if rewrite {
@@ -312,7 +322,7 @@ async fn publish(
                 rewrite = true;
             }
         }
-        if Instant::now() >= next_heartbeat {
+        if heartbeat_due {
             next_heartbeat = Instant::now() + HEARTBEAT;
         }
         tokio::select! {
