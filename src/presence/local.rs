@@ -1,6 +1,8 @@
 //! Presence on one node: the hub knows every open stream, so it is exact. A task
 //! looks at each turn the hub notes and reports the transitions, offline ones after
-//! their grace.
+//! their grace; when the node stops, everyone it reported online is reported gone.
+//! (What was reported is not stored: after a `kill -9`, the listeners that were online
+//! are not reported offline, and those that come back are reported online again.)
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -73,4 +75,22 @@ pub(super) async fn report(
         }
         pending = hub.take_turns();
     }
+    // The node stops: whoever was reported here is gone, at once.
+    let mut gone: Vec<PresenceEvent> = Vec::new();
+    gone.extend(
+        tracks
+            .reported
+            .drain()
+            .map(|track| PresenceEvent::TrackVacated {
+                track: track.to_string(),
+            }),
+    );
+    gone.extend(
+        uids.reported
+            .drain()
+            .map(|uid| PresenceEvent::ListenerOffline {
+                uid: uid.to_string(),
+            }),
+    );
+    emit(&*sink, gone);
 }

@@ -69,6 +69,8 @@ impl PresenceSink for NoSink {
 pub struct Presence {
     backend: Backend,
     stop: CancellationToken,
+    /// The one-node reporter, awaited by `close` so its last events are out.
+    reporter: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 #[derive(Debug)]
@@ -82,10 +84,11 @@ impl Presence {
     /// `grace`.
     pub fn start_local(hub: Arc<Hub>, sink: Arc<dyn PresenceSink>, grace: Duration) -> Self {
         let stop = CancellationToken::new();
-        tokio::spawn(local::report(hub.clone(), sink, grace, stop.clone()));
+        let reporter = tokio::spawn(local::report(hub.clone(), sink, grace, stop.clone()));
         Self {
             backend: Backend::Local(hub),
             stop,
+            reporter: std::sync::Mutex::new(Some(reporter)),
         }
     }
 
@@ -104,6 +107,7 @@ impl Presence {
         Ok(Self {
             backend: Backend::Redis(backend),
             stop,
+            reporter: std::sync::Mutex::new(None),
         })
     }
 
@@ -134,10 +138,21 @@ impl Presence {
         }
     }
 
-    /// Stops reporting and (on Redis) takes this node's listeners offline now rather
-    /// than when its key expires.
+    /// Stops reporting. One node: what it reported online is reported gone now (the
+    /// node's streams are closed: nobody is online on it any more, and after a restart
+    /// it would not know whom to report offline); returns once that is handed to the
+    /// sink. Redis: takes this node's listeners offline now rather than when its keys
+    /// expire; the reporter of the cluster says so, after the grace.
     pub async fn close(&self) {
         self.stop.cancel();
+        let reporter = self
+            .reporter
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(reporter) = reporter {
+            let _ = reporter.await;
+        }
         if let Backend::Redis(redis) = &self.backend {
             redis.leave().await;
         }
@@ -314,7 +329,19 @@ mod tests {
             Duration::from_millis(100),
         )
         .await;
+        // The node stops with a listener online: it is reported gone at once.
+        let last = hub.subscribe("listener-2");
+        let before = sink.events().len();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while sink.events().len() == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         presence.close().await;
+        assert_eq!(
+            sink.events()[before..],
+            [online("listener-2"), offline("listener-2")]
+        );
+        drop(last);
     }
 
     fn redis_url() -> String {
