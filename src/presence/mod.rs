@@ -76,7 +76,7 @@ pub struct Presence {
 #[derive(Debug)]
 enum Backend {
     Local(Arc<Hub>),
-    Redis(redis::RedisPresence),
+    Redis(Box<redis::RedisPresence>),
 }
 
 impl Presence {
@@ -105,7 +105,7 @@ impl Presence {
         let backend =
             redis::RedisPresence::start(url, prefix, hub, sink, grace, stop.clone()).await?;
         Ok(Self {
-            backend: Backend::Redis(backend),
+            backend: Backend::Redis(Box::new(backend)),
             stop,
             reporter: std::sync::Mutex::new(None),
         })
@@ -410,6 +410,37 @@ mod tests {
             nodes[0].2.online(&uids).await.expect("online"),
             [false, false]
         );
+        // A node that dies says nothing: its keys expire and another node reports.
+        let on_dying = nodes[1].0.subscribe("listener-3");
+        let before = sinks.iter().map(|s| s.events().len()).sum::<usize>();
+        let all = |sinks: &[&RecordingSink]| -> Vec<PresenceEvent> {
+            sinks.iter().flat_map(|s| s.events()).collect()
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while all(&sinks).len() == before && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(all(&sinks)[before..], [online("listener-3")]);
+        drop(sinks);
+        // Its tasks stop; its keys stay until they expire (no `close`).
+        let (_, dying_sink, dying) = nodes.remove(1);
+        drop(dying);
+        let sinks: Vec<&RecordingSink> = nodes
+            .iter()
+            .map(|(_, s, _)| &**s)
+            .chain([&*dying_sink])
+            .collect();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !all(&sinks).contains(&offline("listener-3")) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Once: the sinks' order changed, so count rather than slice.
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        let events = all(&sinks);
+        assert_eq!(events.len(), before + 2, "{events:?}");
+        let offline_3 = events.iter().filter(|e| **e == offline("listener-3"));
+        assert_eq!(offline_3.count(), 1, "{events:?}");
+        drop(on_dying);
         for (_, _, presence) in &nodes {
             presence.close().await;
         }

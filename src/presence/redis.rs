@@ -54,19 +54,30 @@ if not holder then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 e
 return 0
 ";
 
-/// KEYS: reported uids, reported tracks, scratch uids, scratch tracks, then the live
-/// nodes' uid sets and track sets (ARGV[1] of each). Returns uids that came and went,
-/// tracks that came and went, relative to what was reported.
+/// KEYS: reported uids, reported tracks, scratch uids, scratch tracks, the epoch, then
+/// the nodes' uid sets and track sets (ARGV[1] of each). ARGV[2] is the epoch and
+/// ARGV[3] the number of uid sets alive at the last diff, ARGV[4] '1' to diff anyway.
+/// Returns whether it diffed, the epoch and the sets alive now, then the uids that came
+/// and went and the tracks that came and went, relative to what was reported. It diffs
+/// only when a node wrote (the epoch moved) or a node's sets expired (fewer alive): a
+/// quiet cluster costs a `GET` and an `EXISTS` a tick, not a union of every set.
 const DIFF_SCRIPT: &str = r"
 local n = tonumber(ARGV[1])
 local u, t = {}, {}
-for i = 1, n do u[#u + 1] = KEYS[4 + i]; t[#t + 1] = KEYS[4 + n + i] end
+for i = 1, n do u[#u + 1] = KEYS[5 + i]; t[#t + 1] = KEYS[5 + n + i] end
+local epoch = redis.call('GET', KEYS[5]) or '0'
+local alive = 0
+if n > 0 then alive = redis.call('EXISTS', unpack(u)) end
+if ARGV[4] ~= '1' and epoch == ARGV[2] and alive == tonumber(ARGV[3]) then
+  return {0, epoch, alive, {}, {}, {}, {}}
+end
 redis.call('DEL', KEYS[3], KEYS[4])
 if n > 0 then
   redis.call('SUNIONSTORE', KEYS[3], unpack(u))
   redis.call('SUNIONSTORE', KEYS[4], unpack(t))
 end
 local r = {
+  1, epoch, alive,
   redis.call('SDIFF', KEYS[3], KEYS[1]), redis.call('SDIFF', KEYS[1], KEYS[3]),
   redis.call('SDIFF', KEYS[4], KEYS[2]), redis.call('SDIFF', KEYS[2], KEYS[4]),
 }
@@ -83,6 +94,7 @@ struct Keys {
     reported_tracks: String,
     scratch_uids: String,
     scratch_tracks: String,
+    epoch: String,
 }
 
 impl Keys {
@@ -99,6 +111,7 @@ impl Keys {
             reported_tracks: format!("{prefix}reported:t"),
             scratch_uids: format!("{prefix}scratch:u"),
             scratch_tracks: format!("{prefix}scratch:t"),
+            epoch: format!("{prefix}epoch"),
             prefix,
         }
     }
@@ -302,6 +315,10 @@ async fn publish(
                 .partition(|track| hub.track_open(track));
             add_remove(&mut pipe, &tracks_key, &on, &off);
         }
+        if rewrite || !turned_uids.is_empty() || !turned_tracks.is_empty() {
+            // Tells the reporter there is something to diff.
+            pipe.cmd("INCR").arg(&keys.epoch).ignore();
+        }
         // EXISTS before the refresh: a key missing here lost what was written before.
         pipe.cmd("EXISTS").arg(&uids_key);
         pipe.cmd("PEXPIRE").arg(&uids_key).arg(ttl_ms).ignore();
@@ -374,6 +391,9 @@ async fn report(
     let mut leaving_uids: HashMap<String, Instant> = HashMap::new();
     let mut leaving_tracks: HashMap<String, Instant> = HashMap::new();
     let mut lease_until = Instant::now();
+    // What the last diff saw (the epoch, the node sets alive, which nodes); `None`:
+    // diff whatever the cluster says (a new reporter, a failure, graces running).
+    let mut last_seen: Option<Seen> = None;
     loop {
         let now = Instant::now();
         if now >= lease_until {
@@ -389,6 +409,7 @@ async fn report(
             } else {
                 leaving_uids.clear();
                 leaving_tracks.clear();
+                last_seen = None;
                 lease_until = now + HEARTBEAT;
                 tokio::select! {
                     () = stop.cancelled() => break,
@@ -396,18 +417,28 @@ async fn report(
                 }
             }
         }
-        match diff_cluster(&mut conn, &keys, &diff).await {
-            Ok(d) => {
+        if !leaving_uids.is_empty() || !leaving_tracks.is_empty() {
+            // Graces are running: each tick looks whether they ran out or came back.
+            last_seen = None;
+        }
+        match diff_cluster(&mut conn, &keys, &diff, last_seen.as_ref()).await {
+            Ok((seen, None)) => last_seen = Some(seen),
+            Ok((seen, Some(d))) => {
+                last_seen = Some(seen);
                 let events = transitions(d, &mut leaving_uids, &mut leaving_tracks, grace);
                 if !events.is_empty() {
                     emit(&*sink, events.clone());
                     if let Err(e) = record(&mut conn, &keys, &events).await {
-                        // Reported again next time: at least once.
+                        // Reported again by the next diff: at least once.
                         tracing::warn!("cannot record reported presence in redis: {e}");
+                        last_seen = None;
                     }
                 }
             }
-            Err(e) => tracing::warn!("cannot read the cluster's presence from redis: {e}"),
+            Err(e) => {
+                tracing::warn!("cannot read the cluster's presence from redis: {e}");
+                last_seen = None;
+            }
         }
         let next = [leaving_uids.values().min(), leaving_tracks.values().min()]
             .into_iter()
@@ -422,11 +453,23 @@ async fn report(
     }
 }
 
+/// What a diff saw of the cluster: if all of it is the same at the next tick, nothing
+/// changed and the diff is skipped.
+#[derive(Debug, PartialEq, Eq)]
+struct Seen {
+    epoch: String,
+    alive: u64,
+    nodes: Vec<String>,
+}
+
+/// Diffs the cluster against what was reported, unless nothing changed since `last`:
+/// what it saw, and the diff when it made one.
 async fn diff_cluster(
     conn: &mut ConnectionManager,
     keys: &Keys,
     script: &Script,
-) -> engine::Result<Diff> {
+    last: Option<&Seen>,
+) -> engine::Result<(Seen, Option<Diff>)> {
     let forget_before = now_ms().saturating_sub(FORGET_NODE_AFTER.as_millis() as u64);
     redis::cmd("ZREMRANGEBYSCORE")
         .arg(&keys.nodes)
@@ -436,26 +479,46 @@ async fn diff_cluster(
         .await
         .map_err(redis_error)?;
     let nodes = live_nodes(conn, keys).await?;
+    let same_nodes = last.filter(|last| last.nodes == nodes);
     let mut call = script.prepare_invoke();
     call.key(&keys.reported_uids)
         .key(&keys.reported_tracks)
         .key(&keys.scratch_uids)
         .key(&keys.scratch_tracks)
-        .arg(nodes.len());
+        .key(&keys.epoch)
+        .arg(nodes.len())
+        .arg(same_nodes.map_or("", |last| last.epoch.as_str()))
+        .arg(same_nodes.map_or(0, |last| last.alive))
+        .arg(if same_nodes.is_some() { "0" } else { "1" });
     for node in &nodes {
         call.key(keys.node_uids(node));
     }
     for node in &nodes {
         call.key(keys.node_tracks(node));
     }
-    let (came_uids, gone_uids, came_tracks, gone_tracks) =
+    type Answer = (
+        u8,
+        String,
+        u64,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+        Vec<String>,
+    );
+    let (diffed, epoch, alive, came_uids, gone_uids, came_tracks, gone_tracks): Answer =
         call.invoke_async(conn).await.map_err(redis_error)?;
-    Ok(Diff {
+    let seen = Seen {
+        epoch,
+        alive,
+        nodes,
+    };
+    let diff = (diffed == 1).then_some(Diff {
         came_uids,
         gone_uids,
         came_tracks,
         gone_tracks,
-    })
+    });
+    Ok((seen, diff))
 }
 
 /// The events a diff makes, given what is already leaving; updates that.
