@@ -15,6 +15,7 @@ use crate::cors::Origins;
 use crate::engine::{self, Change, Engine, Limits, Tail};
 use crate::hub::Hub;
 use crate::metrics::{Metrics, Transport};
+use crate::webhooks::Webhooks;
 
 /// Everything a request handler may need. Cheap to clone.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct Shared {
     pub shutdown: CancellationToken,
     /// When the node started.
     pub started: Instant,
+    /// The webhook sender, when `webhook_url` is set.
+    pub webhooks: Option<Arc<Webhooks>>,
 }
 
 impl Deref for Node {
@@ -121,6 +124,7 @@ impl Node {
         } else {
             engine::open_embedded(&settings.data, limits, tail)?
         };
+        let webhooks = Webhooks::open(&settings, &api_key, metrics.webhooks.clone()).await?;
         let tokens = settings.token_secret.as_deref().map(Tokens::new);
         let origins = Origins::new(
             &settings.public_origins,
@@ -141,6 +145,7 @@ impl Node {
             origins,
             shutdown,
             started: Instant::now(),
+            webhooks,
         })))
     }
 }

@@ -129,6 +129,9 @@ pub async fn run(
         tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; closing anyway");
     }
     node.engine.close().await;
+    if let Some(webhooks) = &node.webhooks {
+        webhooks.close().await;
+    }
     tracing::info!("store flushed; bye");
     Ok(())
 }
