@@ -56,6 +56,9 @@ pub struct Options {
     /// A listener not seen for this long is forgotten, like 24h [default: 24h]
     #[arg(long, env = "DOLORES_LISTENER_TTL", value_parser = humantime::parse_duration)]
     pub listener_ttl: Option<Duration>,
+    /// How long a listener whose last stream closed stays online, so a reload or reconnect is no offline, like 5s [default: 5s]
+    #[arg(long, env = "DOLORES_PRESENCE_GRACE", value_parser = humantime::parse_duration)]
+    pub presence_grace: Option<Duration>,
     /// Largest message, serialized as JSON, in bytes [default: 65536]
     #[arg(long, env = "DOLORES_MAX_MESSAGE_BYTES")]
     pub max_message_bytes: Option<usize>,
@@ -159,6 +162,7 @@ struct FileSettings {
     retention: Option<String>,
     max_stored_messages: Option<u64>,
     listener_ttl: Option<String>,
+    presence_grace: Option<String>,
     max_message_bytes: Option<usize>,
     cors_origins: Option<Vec<String>>,
     public_origins: Option<Vec<String>>,
@@ -205,6 +209,9 @@ pub struct Settings {
     pub max_stored_messages: u64,
     /// How long an unseen listener is kept.
     pub listener_ttl: Duration,
+    /// How long presence waits before it reports a listener offline (or a track
+    /// vacated): a page reload or a reconnect within it is neither.
+    pub presence_grace: Duration,
     /// Largest message in bytes.
     pub max_message_bytes: usize,
     /// Allowed browser origins.
@@ -251,6 +258,8 @@ impl Default for Settings {
             // About 100 MB of small messages: plenty of backlog, bounded disk.
             max_stored_messages: 1_000_000,
             listener_ttl: Duration::from_secs(24 * 3600),
+            // A page reload or a reconnect after a network blip takes a second or two.
+            presence_grace: Duration::from_secs(5),
             // Push servers carry notices, not documents.
             max_message_bytes: 64 * 1024,
             cors_origins: Vec::new(),
@@ -372,6 +381,10 @@ impl Settings {
                 .listener_ttl
                 .or(duration(&path, "listener_ttl", file.listener_ttl)?)
                 .unwrap_or(d.listener_ttl),
+            presence_grace: o
+                .presence_grace
+                .or(duration(&path, "presence_grace", file.presence_grace)?)
+                .unwrap_or(d.presence_grace),
             max_message_bytes: o
                 .max_message_bytes
                 .or(file.max_message_bytes)

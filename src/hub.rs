@@ -7,8 +7,12 @@
 //! is full is emptied and marked *lagged*, and its stream catches up from the store by
 //! its cursor — nothing is skipped, and a reader that does not read costs at most one
 //! full queue. It knows nothing of storage or HTTP.
+//!
+//! It also notes, for `presence`, each uid and track whose "has an open stream on this
+//! node" may have turned (a first stream opened, a last one closed): presence looks at
+//! those only, so it costs nothing per message.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -29,6 +33,8 @@ pub const QUEUE_BYTES: usize = 1024 * 1024;
 #[derive(Debug, Default)]
 pub struct Hub {
     state: Mutex<HubState>,
+    /// Woken when `HubState::turns` gains something.
+    turned: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -40,6 +46,32 @@ struct HubState {
     tracks: HashMap<Arc<str>, Arc<Vec<Arc<Slot>>>>,
     /// Uid → its open streams (a listener may have several).
     uids: HashMap<Arc<str>, Vec<Arc<Slot>>>,
+    /// What presence has not looked at yet.
+    turns: Turns,
+}
+
+/// Uids and tracks that may have gained their first open stream or lost their last
+/// since presence last looked. Sets, so a flapping listener is noted once: bounded by
+/// the uids and tracks that exist. Kept only once presence watches.
+#[derive(Debug, Default)]
+struct Turns {
+    watched: bool,
+    uids: HashSet<Arc<str>>,
+    tracks: HashSet<Arc<str>>,
+}
+
+impl Turns {
+    fn uid(&mut self, uid: &Arc<str>) {
+        if self.watched {
+            self.uids.insert(uid.clone());
+        }
+    }
+
+    fn track(&mut self, track: &Arc<str>) {
+        if self.watched {
+            self.tracks.insert(track.clone());
+        }
+    }
 }
 
 /// One open stream's place in the hub.
@@ -115,6 +147,8 @@ impl Subscription {
         for track in tracks {
             state.add(&self.slot, track.into());
         }
+        drop(state);
+        self.hub.turned.notify_one();
     }
 
     /// Waits for the next messages, or news that the stream must read from the store.
@@ -146,6 +180,8 @@ impl Drop for Subscription {
     fn drop(&mut self) {
         let mut state = lock(&self.hub.state);
         state.remove(&self.slot);
+        drop(state);
+        self.hub.turned.notify_one();
     }
 }
 
@@ -158,7 +194,10 @@ impl HubState {
             }
             queue.tracks.push(track.clone());
         }
-        let list = self.tracks.entry(track).or_default();
+        let list = self.tracks.entry(track.clone()).or_default();
+        if list.is_empty() {
+            self.turns.track(&track);
+        }
         Arc::make_mut(list).push(slot.clone());
     }
 
@@ -170,7 +209,9 @@ impl HubState {
             return;
         };
         if list.len() == 1 {
-            self.tracks.remove(track);
+            if let Some((track, _)) = self.tracks.remove_entry(track) {
+                self.turns.track(&track);
+            }
         } else {
             // Order within a track does not matter: every stream gets every message.
             Arc::make_mut(list).swap_remove(at);
@@ -186,6 +227,7 @@ impl HubState {
             slots.retain(|s| !Arc::ptr_eq(s, slot));
             if slots.is_empty() {
                 self.uids.remove(&slot.uid);
+                self.turns.uid(&slot.uid);
             }
         }
     }
@@ -201,11 +243,13 @@ impl Hub {
             notify: Notify::new(),
         });
         let mut state = lock(&self.state);
-        state
-            .uids
-            .entry(slot.uid.clone())
-            .or_default()
-            .push(slot.clone());
+        let slots = state.uids.entry(slot.uid.clone()).or_default();
+        slots.push(slot.clone());
+        if slots.len() == 1 {
+            state.turns.uid(&slot.uid);
+        }
+        drop(state);
+        self.turned.notify_one();
         Subscription {
             hub: self.clone(),
             slot,
@@ -216,12 +260,61 @@ impl Hub {
     pub fn online(&self, uid: &str) -> usize {
         lock(&self.state).uids.get(uid).map_or(0, Vec::len)
     }
+
+    /// How many listeners have a stream open on this node.
+    pub fn online_count(&self) -> usize {
+        lock(&self.state).uids.len()
+    }
+
+    /// How many distinct listeners have a stream open on this node that receives `track`.
+    pub fn online_in_track(&self, track: &str) -> usize {
+        let state = lock(&self.state);
+        let Some(slots) = state.tracks.get(track) else {
+            return 0;
+        };
+        let uids: HashSet<&Arc<str>> = slots.iter().map(|s| &s.uid).collect();
+        uids.len()
+    }
+
+    /// Whether some stream open on this node receives `track`.
+    pub fn track_open(&self, track: &str) -> bool {
+        lock(&self.state).tracks.contains_key(track)
+    }
+
+    /// Every uid with a stream open on this node, and every track such a stream
+    /// receives (for presence to start from, or to write again).
+    pub fn open(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let state = lock(&self.state);
+        (
+            state.uids.keys().cloned().collect(),
+            state.tracks.keys().cloned().collect(),
+        )
+    }
+
+    /// Starts noting turns for [`Hub::take_turns`]; until then none are kept.
+    pub fn watch(&self) {
+        lock(&self.state).turns.watched = true;
+    }
+
+    /// Waits until something may have turned since the last [`Hub::take_turns`].
+    pub async fn turned(&self) {
+        self.turned.notified().await;
+    }
+
+    /// The uids and tracks whose first stream opened or last one closed since the last
+    /// call (look at each again: it may have turned back).
+    pub fn take_turns(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+        let mut state = lock(&self.state);
+        let turns = &mut state.turns;
+        (turns.uids.drain().collect(), turns.tracks.drain().collect())
+    }
 }
 
 impl Tail for Hub {
     fn apply(&self, changes: &[Change], _commit_took: Duration) {
         // Decide who gets what under the lock; push after releasing it.
         let mut deliveries = Vec::new();
+        let mut turned = false;
         {
             let mut state = lock(&self.state);
             for change in changes {
@@ -232,6 +325,7 @@ impl Tail for Hub {
                         }
                     }
                     Change::Connected { uid, track } => {
+                        turned = true;
                         let slots = state.uids.get(uid).cloned().unwrap_or_default();
                         for slot in &slots {
                             state.add(slot, track.clone());
@@ -248,6 +342,7 @@ impl Tail for Hub {
                         }
                     }
                     Change::Disconnected { uid, track } => {
+                        turned = true;
                         let slots = state.uids.get(uid).cloned().unwrap_or_default();
                         for slot in &slots {
                             match track {
@@ -264,6 +359,9 @@ impl Tail for Hub {
                     }
                 }
             }
+        }
+        if turned {
+            self.turned.notify_one();
         }
         for (message, slots) in deliveries {
             for slot in slots.iter() {

@@ -8,6 +8,8 @@
 //! - [`engine`] — the store: one ordered log, listeners and their cursors; group commit.
 //!   `engine::memory` and `engine::embedded` are the storages; the trait is the seam.
 //! - [`hub`] — this node's live fan-out: track → open streams, bounded queues.
+//! - [`presence`] — who is online (an open stream on any node), which tracks are
+//!   occupied, and their transitions, reported once per cluster to a sink (webhooks).
 //! - [`transport`] — the listener side: replay-then-live delivery shared by every
 //!   transport; `sse`, `ws` and `poll` each turn it into their wire format.
 //! - [`auth`] — api keys and listener tokens.
@@ -44,6 +46,7 @@ pub mod names;
 pub mod node;
 pub mod notify;
 pub mod page;
+pub mod presence;
 pub mod proxy;
 pub mod server;
 pub mod tls;

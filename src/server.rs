@@ -128,6 +128,7 @@ pub async fn run(
     if tokio::time::timeout(SHUTDOWN_GRACE, drained).await.is_err() {
         tracing::warn!("requests still open after {SHUTDOWN_GRACE:?}; closing anyway");
     }
+    node.presence.close().await;
     node.engine.close().await;
     if let Some(webhooks) = &node.webhooks {
         webhooks.close().await;

@@ -26,6 +26,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Settings;
 use crate::metrics::WebhookMetrics;
+use crate::presence::PresenceEvent;
 
 mod deliver;
 mod embedded;
@@ -289,6 +290,21 @@ impl Webhooks {
         {
             tracing::warn!("webhook events still being written at shutdown; they may be lost");
         }
+    }
+}
+
+impl crate::presence::PresenceSink for Webhooks {
+    fn emit(&self, events: Vec<PresenceEvent>, time_ms: u64) {
+        Webhooks::emit(
+            self,
+            events.into_iter().map(|event| match event {
+                PresenceEvent::ListenerOnline { uid } => (Kind::ListenerOnline, uid),
+                PresenceEvent::ListenerOffline { uid } => (Kind::ListenerOffline, uid),
+                PresenceEvent::TrackOccupied { track } => (Kind::TrackOccupied, track),
+                PresenceEvent::TrackVacated { track } => (Kind::TrackVacated, track),
+            }),
+            time_ms,
+        );
     }
 }
 
