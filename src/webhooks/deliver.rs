@@ -98,10 +98,15 @@ impl Target {
         }
     }
 
-    /// Sends one event until the app takes it.
-    async fn send(&self, event: &Stored) {
+    /// Sends one event until the app takes it, or until it is dropped from the
+    /// outbox past its bound (checked before each try: it may have waited long).
+    async fn send(&self, outbox: &dyn Outbox, event: &Stored) {
         let mut failures = 0u32;
         loop {
+            // When the outbox cannot say, send: at least once.
+            if !outbox.contains(event.seq).await.unwrap_or(true) {
+                return;
+            }
             match self.try_send(&event.entry.body).await {
                 Ok(()) => {
                     self.metrics.delivered.inc();
@@ -236,9 +241,9 @@ pub(crate) async fn run(
         }
         while sending.len() < CONCURRENCY {
             let Some(event) = lanes.next() else { break };
-            let target = target.clone();
+            let (target, outbox) = (target.clone(), outbox.clone());
             sending.spawn(async move {
-                target.send(&event).await;
+                target.send(&*outbox, &event).await;
                 (event.entry.lane, event.seq)
             });
         }

@@ -142,6 +142,15 @@ impl Outbox for RedbOutbox {
         .await
     }
 
+    async fn contains(&self, seq: Seq) -> Result<bool> {
+        self.blocking(move |db, _| {
+            let txn = db.begin_read().map_err(error)?;
+            let outbox = txn.open_table(OUTBOX).map_err(error)?;
+            Ok(outbox.get(seq).map_err(error)?.is_some())
+        })
+        .await
+    }
+
     async fn len(&self) -> Result<u64> {
         self.blocking(|db, _| {
             let txn = db.begin_read().map_err(error)?;

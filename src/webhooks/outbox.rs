@@ -51,6 +51,8 @@ pub(crate) trait Outbox: Send + Sync + std::fmt::Debug + 'static {
     async fn remove(&self, seqs: Vec<Seq>) -> Result<()>;
     /// How many events wait.
     async fn len(&self) -> Result<u64>;
+    /// Whether the event is still there: not sent, nor dropped past the bound.
+    async fn contains(&self, seq: Seq) -> Result<bool>;
     /// Whether this node is the one that sends now; called about once a second, and
     /// renews what it holds. One node alone has the outbox unless it is shared.
     async fn lease(&self) -> Result<bool> {
@@ -130,6 +132,10 @@ impl Outbox for MemoryOutbox {
     async fn len(&self) -> Result<u64> {
         Ok(self.inner().events.len() as u64)
     }
+
+    async fn contains(&self, seq: Seq) -> Result<bool> {
+        Ok(self.inner().events.contains_key(&seq))
+    }
 }
 
 #[cfg(test)]
@@ -159,12 +165,14 @@ pub(crate) mod tests {
         assert!(all.windows(2).all(|w| w[0].seq < w[1].seq), "{all:?}");
         let after_first = outbox.read(all[0].seq, 1).await.expect("read");
         assert_eq!(after_first, vec![all[1].clone()]);
+        assert!(outbox.contains(all[1].seq).await.expect("contains"));
 
         outbox
             .remove(vec![all[1].seq, all[1].seq + 1000])
             .await
             .expect("remove");
         assert_eq!(outbox.len().await.expect("len"), 2);
+        assert!(!outbox.contains(all[1].seq).await.expect("contains"));
         outbox
             .remove(vec![all[0].seq, all[2].seq])
             .await
@@ -185,6 +193,7 @@ pub(crate) mod tests {
         let kept = outbox.read(0, max as usize + 10).await.expect("read");
         assert_eq!(kept[0].entry.body, "{\"n\":103}");
         assert_eq!(kept.len() as u64, max);
+        assert!(!outbox.contains(kept[0].seq - 1).await.expect("contains"));
     }
 
     #[tokio::test]

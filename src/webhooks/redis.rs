@@ -182,6 +182,18 @@ impl Outbox for RedisOutbox {
             .map_err(error)
     }
 
+    async fn contains(&self, seq: Seq) -> Result<bool> {
+        let id = format!("{seq}-0");
+        let reply: redis::streams::StreamRangeReply = redis::cmd("XRANGE")
+            .arg(&self.stream)
+            .arg(&id)
+            .arg(&id)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(error)?;
+        Ok(!reply.ids.is_empty())
+    }
+
     async fn lease(&self) -> Result<bool> {
         let held: i64 = self
             .lease
