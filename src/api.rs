@@ -2,6 +2,8 @@
 //! the engine, and answer JSON. The api key is checked before any of them runs. Beside
 //! it, what an operator's tools read without a key: `/healthz` and `/metrics`.
 //!
+//! `tracks` holds the track calls (counts, listeners and who is online, history).
+//!
 //! Bodies are parsed by hand from a JSON value rather than derived, so each mistake
 //! gets its own precise error: a missing field, a wrong type, an unknown key.
 
@@ -23,6 +25,8 @@ use crate::error::{ApiError, ErrorCode};
 use crate::names;
 use crate::node::Node;
 
+pub mod tracks;
+
 /// Most updates in one batch: keeps one request's commit (and its memory) bounded.
 pub const MAX_BATCH: usize = 1000;
 /// Smallest request body limit; raised to fit one message of `max_message_bytes`.
@@ -40,6 +44,9 @@ pub fn router(node: &Node) -> Router<Node> {
         .route("/api/v1/listeners/{uid}", get(listener))
         .route("/api/v1/tokens", post(tokens))
         .route("/api/v1/stats", get(stats))
+        .route("/api/v1/tracks/{track}", get(tracks::track))
+        .route("/api/v1/tracks/{track}/listeners", get(tracks::listeners))
+        .route("/api/v1/tracks/{track}/messages", get(tracks::messages))
         .route_layer(middleware::from_fn_with_state(
             node.clone(),
             require_api_key,

@@ -32,6 +32,8 @@ pub enum ErrorCode {
     BadTimeout,
     /// A cursor that is not an event id this server gave out.
     BadEventId,
+    /// A page `limit` that is not a whole number in range.
+    BadLimit,
     /// A plain request to the WebSocket endpoint.
     NotWebsocket,
     /// A backend call without `Authorization: Bearer`.
@@ -95,6 +97,7 @@ impl ErrorCode {
             Self::BadTtl => "bad_ttl",
             Self::BadTimeout => "bad_timeout",
             Self::BadEventId => "bad_event_id",
+            Self::BadLimit => "bad_limit",
             Self::NotWebsocket => "not_websocket",
             Self::MissingApiKey => "missing_api_key",
             Self::WrongApiKey => "wrong_api_key",

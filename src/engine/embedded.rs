@@ -2,7 +2,8 @@
 //!
 //! Tables: `log` (position → time, track, message), `by_track` ((track, position) → ()),
 //! the index that makes a listener's queue a range scan per track, `listeners`
-//! (uid → JSON record), `subscribers` (track → count), `revocations` (uid → when its
+//! (uid → JSON record), `subscribers` (track → count), `subscribed` ((track, uid) →
+//! (), a track's listeners in uid order), `revocations` (uid → when its
 //! tokens were revoked, ms) and `meta` (the log's bounds).
 //! Every commit is durable (redb's `Immediate` durability: synced before `commit`
 //! returns); the writer in `local` groups many updates into one commit.
@@ -24,6 +25,7 @@ const LISTENERS: TableDefinition<&str, &[u8]> = TableDefinition::new("listeners"
 const SUBSCRIBERS: TableDefinition<&str, u64> = TableDefinition::new("subscribers");
 const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
 const REVOCATIONS: TableDefinition<&str, u64> = TableDefinition::new("revocations");
+const SUBSCRIBED: TableDefinition<(&str, &str), ()> = TableDefinition::new("subscribed");
 
 /// redb's page cache. Its default (1 GiB) would let memory grow with the store; the
 /// hot data — recent messages and the listeners being served — fits in much less.
@@ -162,6 +164,35 @@ fn check_file(path: &Path, target: &Path) -> Result<bool> {
     }
 }
 
+/// Builds the `subscribed` index from the listeners for a store from before it (its
+/// `meta` has no `subscribed_index`): once, as the store opens.
+fn index_subscribed(txn: &WriteTransaction) -> Result<()> {
+    let mut meta = txn.open_table(META).map_err(storage_error)?;
+    if meta
+        .get("subscribed_index")
+        .map_err(storage_error)?
+        .is_some()
+    {
+        return Ok(());
+    }
+    let listeners = txn.open_table(LISTENERS).map_err(storage_error)?;
+    let mut subscribed = txn.open_table(SUBSCRIBED).map_err(storage_error)?;
+    for entry in listeners.iter().map_err(storage_error)? {
+        let (_, record) = entry.map_err(storage_error)?;
+        // An unreadable record is expired by the clean-up, which reads no index.
+        let Ok(listener) = serde_json::from_slice::<Listener>(record.value()) else {
+            continue;
+        };
+        for sub in &listener.tracks {
+            subscribed
+                .insert((sub.track.as_str(), listener.uid.as_str()), ())
+                .map_err(storage_error)?;
+        }
+    }
+    meta.insert("subscribed_index", 1).map_err(storage_error)?;
+    Ok(())
+}
+
 impl RedbStorage {
     /// Opens or creates the store in `dir` (created if missing).
     pub(crate) fn open(dir: &Path) -> Result<Self> {
@@ -178,6 +209,7 @@ impl RedbStorage {
             txn.open_table(META).map_err(storage_error)?;
             // Created here for a store from before revocations, so reads find it.
             txn.open_table(REVOCATIONS).map_err(storage_error)?;
+            index_subscribed(&txn)?;
         }
         txn.commit().map_err(storage_error)?;
         Ok(Self {
@@ -349,6 +381,33 @@ macro_rules! snapshot_reads {
             })
         }
 
+        fn subscribers(
+            &self,
+            track: &str,
+            after: &str,
+            limit: usize,
+        ) -> Result<(u64, Vec<String>)> {
+            let count = self
+                .table(SUBSCRIBERS)?
+                .get(track)
+                .map_err(storage_error)?
+                .map_or(0, |v| v.value());
+            let index = self.table(SUBSCRIBED)?;
+            let mut page = Vec::new();
+            let range = index.range((track, after)..).map_err(storage_error)?;
+            for entry in range {
+                let (key, _) = entry.map_err(storage_error)?;
+                let (of, uid) = key.value();
+                if of != track || page.len() >= limit {
+                    break;
+                }
+                if uid != after {
+                    page.push(uid.to_owned());
+                }
+            }
+            Ok((count, page))
+        }
+
         fn stale_listeners(&self, seen_before_ms: u64, limit: usize) -> Result<Vec<String>> {
             let table = self.table(LISTENERS)?;
             let mut stale = Vec::new();
@@ -458,7 +517,16 @@ impl StorageTxn for RedbTxn {
         Ok(())
     }
 
-    fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()> {
+    fn set_subscribed(&mut self, track: &str, uid: &str, subscribed: bool) -> Result<()> {
+        let mut index = self.0.open_table(SUBSCRIBED).map_err(storage_error)?;
+        let delta = if subscribed {
+            index.insert((track, uid), ()).map_err(storage_error)?;
+            1
+        } else {
+            index.remove((track, uid)).map_err(storage_error)?;
+            -1
+        };
+        drop(index);
         let mut table = self.0.open_table(SUBSCRIBERS).map_err(storage_error)?;
         let count = table
             .get(track)

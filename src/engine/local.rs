@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::acks::{Ack, PendingAcks};
 use super::{
-    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
-    Subscription, TICK, Tail, Update, now_ms,
+    Change, Engine, EngineError, History, Limits, Listener, Message, Position, Replay, Result,
+    StoreCounts, Subscribers, Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// How many operations the writer takes into one commit. Bounds a commit's size (and
@@ -50,6 +50,9 @@ pub(crate) trait Snapshot {
     fn track_after(&self, track: &str, after: Position, limit: usize) -> Result<Vec<Arc<Message>>>;
     /// Counts of what is stored.
     fn counts(&self) -> Result<StoreCounts>;
+    /// How many listeners `track` has, and up to `limit` of their uids after `after`,
+    /// in order.
+    fn subscribers(&self, track: &str, after: &str, limit: usize) -> Result<(u64, Vec<String>)>;
     /// Up to `limit` uids of listeners last seen before `seen_before_ms`.
     fn stale_listeners(&self, seen_before_ms: u64, limit: usize) -> Result<Vec<String>>;
     /// When `uid`'s tokens were last revoked (ms since the epoch), if recorded.
@@ -75,8 +78,9 @@ pub(crate) trait StorageTxn: Snapshot {
     fn put_revocation(&mut self, uid: &str, at_ms: u64) -> Result<()>;
     /// Drops `uid`'s revocation.
     fn remove_revocation(&mut self, uid: &str) -> Result<()>;
-    /// Changes a track's subscriber count by `delta` (the track is gone at zero).
-    fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()>;
+    /// Records that `uid` is subscribed to `track` (`true`) or no longer is: the
+    /// track's count and its index by uid (the track is gone at zero).
+    fn set_subscribed(&mut self, track: &str, uid: &str, subscribed: bool) -> Result<()>;
     /// Writes the log's bounds.
     fn set_bounds(&mut self, bounds: Bounds) -> Result<()>;
     /// Makes it all durable (as the storage promises) and visible.
@@ -284,6 +288,47 @@ impl<S: Storage> Engine for LocalEngine<S> {
         let uid = uid.to_owned();
         self.read(move |snap| read_replay(snap, &uid, after, limit))
             .await
+    }
+
+    async fn subscribers(&self, track: &str, after: &str, limit: usize) -> Result<Subscribers> {
+        let (track, after) = (track.to_owned(), after.to_owned());
+        let (count, listeners) = self
+            .read(move |snap| {
+                let (count, uids) = snap.subscribers(&track, &after, limit)?;
+                let mut listeners = Vec::with_capacity(uids.len());
+                for uid in uids {
+                    // Gone between the index and the record: not a subscriber any more.
+                    if let Some(listener) = snap.listener(&uid)? {
+                        listeners.push(listener);
+                    }
+                }
+                Ok((count, listeners))
+            })
+            .await?;
+        let page = listeners
+            .into_iter()
+            .map(|mut listener| {
+                // Seen by an open stream since the last flush: the pending ack knows.
+                if let Some(ack) = self.acks.get(&listener.uid) {
+                    ack.apply_to(&mut listener);
+                }
+                (listener.uid, listener.last_seen_ms)
+            })
+            .collect();
+        Ok(Subscribers { count, page })
+    }
+
+    async fn history(&self, track: &str, after: Position, limit: usize) -> Result<History> {
+        let track = track.to_owned();
+        self.read(move |snap| {
+            let bounds = snap.bounds()?;
+            Ok(History {
+                messages: snap.track_after(&track, after, limit)?,
+                head: bounds.head,
+                trimmed_through: bounds.trimmed_through,
+            })
+        })
+        .await
     }
 
     fn ack(&self, uid: &str, pos: Position) {
@@ -506,7 +551,7 @@ impl<S: Storage> Writer<S> {
                         if listener.tracks.iter().any(|s| s.track == track) {
                             continue;
                         }
-                        txn.add_subscribers(&track, 1)?;
+                        txn.set_subscribed(&track, &uid, true)?;
                         changes.push(Change::Connected {
                             uid: uid.clone(),
                             track: track.as_str().into(),
@@ -605,7 +650,7 @@ fn disconnect(
         None => listener.track_names(),
     };
     for name in &gone {
-        txn.add_subscribers(name, -1)?;
+        txn.set_subscribed(name, uid, false)?;
     }
     listener.tracks.retain(|s| !gone.contains(&s.track));
     match track {

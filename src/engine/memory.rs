@@ -2,7 +2,7 @@
 //! disk. Good for development, tests, and deployments that accept losing queues on a
 //! restart.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use super::local::{Bounds, Snapshot, Storage, StorageTxn};
@@ -21,7 +21,8 @@ pub(crate) struct MemState {
     /// Each track's positions, in order.
     by_track: HashMap<Arc<str>, VecDeque<Position>>,
     listeners: HashMap<String, Listener>,
-    subscribers: HashMap<String, u64>,
+    /// Track → its subscribers' uids, in order.
+    subscribers: HashMap<String, BTreeSet<String>>,
     /// uid → when its tokens were revoked (ms).
     revocations: HashMap<String, u64>,
     bounds: Bounds,
@@ -80,6 +81,18 @@ impl Snapshot for MemView<'_> {
             tracks: self.0.subscribers.len() as u64,
             messages: self.0.log.len() as u64,
         })
+    }
+
+    fn subscribers(&self, track: &str, after: &str, limit: usize) -> Result<(u64, Vec<String>)> {
+        let Some(uids) = self.0.subscribers.get(track) else {
+            return Ok((0, Vec::new()));
+        };
+        let page = uids
+            .range::<str, _>((std::ops::Bound::Excluded(after), std::ops::Bound::Unbounded))
+            .take(limit)
+            .cloned()
+            .collect();
+        Ok((uids.len() as u64, page))
     }
 
     fn stale_listeners(&self, seen_before_ms: u64, limit: usize) -> Result<Vec<String>> {
@@ -160,11 +173,18 @@ impl StorageTxn for MemView<'_> {
         Ok(())
     }
 
-    fn add_subscribers(&mut self, track: &str, delta: i64) -> Result<()> {
-        let count = self.0.subscribers.entry(track.to_owned()).or_default();
-        *count = count.saturating_add_signed(delta);
-        if *count == 0 {
-            self.0.subscribers.remove(track);
+    fn set_subscribed(&mut self, track: &str, uid: &str, subscribed: bool) -> Result<()> {
+        if subscribed {
+            self.0
+                .subscribers
+                .entry(track.to_owned())
+                .or_default()
+                .insert(uid.to_owned());
+        } else if let Some(uids) = self.0.subscribers.get_mut(track) {
+            uids.remove(uid);
+            if uids.is_empty() {
+                self.0.subscribers.remove(track);
+            }
         }
         Ok(())
     }

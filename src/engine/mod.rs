@@ -190,6 +190,34 @@ impl Replay {
     }
 }
 
+/// A page of a track's subscribers, ordered by uid.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Subscribers {
+    /// How many listeners are subscribed to the track (all pages).
+    pub count: u64,
+    /// This page: each uid with when it was last seen (ms since the epoch).
+    pub page: Vec<(String, u64)>,
+}
+
+/// A page of a track's history, read from one consistent snapshot.
+#[derive(Debug, Default)]
+pub struct History {
+    /// The track's messages after the asked position, in log order, at most the limit.
+    pub messages: Vec<Arc<Message>>,
+    /// The last position in the log.
+    pub head: Position,
+    /// Every position up to this one has been deleted by retention.
+    pub trimmed_through: Position,
+}
+
+impl History {
+    /// Whether a reader that had everything up to `after` has missed messages the store
+    /// no longer keeps (or names a position this log never had).
+    pub fn is_reset(&self, after: Position) -> bool {
+        after > self.head || after < self.trimmed_through
+    }
+}
+
 /// A change the engine committed, reported to the [`Tail`] in commit order.
 #[derive(Debug, Clone)]
 pub enum Change {
@@ -320,6 +348,13 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// Up to `limit` of the listener's messages after `after`, with the log bounds.
     /// `None` when the listener is unknown.
     async fn replay(&self, uid: &str, after: Position, limit: usize) -> Result<Option<Replay>>;
+
+    /// How many listeners `track` has, and up to `limit` of them with uids after
+    /// `after` (`""` for the first page), ordered by uid.
+    async fn subscribers(&self, track: &str, after: &str, limit: usize) -> Result<Subscribers>;
+
+    /// Up to `limit` of `track`'s stored messages after `after`, with the log bounds.
+    async fn history(&self, track: &str, after: Position, limit: usize) -> Result<History>;
 
     /// Records that `uid` was delivered everything up to `pos` (or was merely seen, with
     /// a lower `pos`). Cheap: written to the store lazily, in the next group commit.

@@ -11,6 +11,13 @@
 //! - `l:{uid}` — a hash per listener: `cursor`, `seen`, and `s:{track}` = the position
 //!   its subscription began. `seen` (a sorted set of uids by last seen) drives expiry;
 //!   `subs` (track → subscriber count) the track count.
+//! - `t:{track}` — the track's index: a sorted set of the positions of its messages,
+//!   trimmed with the log (by every append to the track, and whole by the clean-up once
+//!   `tidx`, track → its last position, says everything in it is gone). A listener's
+//!   replay and a track's history read these, never the whole log.
+//! - `ts:{track}` — the track's subscribers, a sorted set of uids (all scored 0, so in
+//!   uid order) for paging through them.
+//! - `index` — set once the indexes above were built for a log from before them.
 //! - `r:{uid}` — when the listener's tokens were revoked (ms), set by the same script
 //!   that forgets it, with a Redis TTL of `Limits::revocation_ttl`, so revocations are
 //!   bounded without a sweep.
@@ -31,8 +38,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::acks::PendingAcks;
 use super::{
-    Change, Engine, EngineError, Limits, Listener, Message, Position, Replay, Result, StoreCounts,
-    Subscription, TICK, Tail, Update, now_ms,
+    Change, Engine, EngineError, History, Limits, Listener, Message, Position, Replay, Result,
+    StoreCounts, Subscribers, Subscription, TICK, Tail, Update, now_ms,
 };
 
 /// Longest a command may take before the caller gets a 503: Redis answers in well
@@ -46,23 +53,86 @@ const TAIL_BATCH: usize = 1000;
 const REPLAY_SCAN: usize = 1000;
 /// Most listeners expired in one tick.
 const MAX_EXPIRED_PER_TICK: usize = 1000;
+/// Most emptied track indexes deleted in one tick.
+const MAX_INDEXES_DROPPED_PER_TICK: usize = 1000;
 
+/// The first position the log still keeps, from its first entry id: an entry `N-k`
+/// with k > 0 follows message N, which is then gone. Shared by the scripts below.
+const KEEP_FROM: &str = r"
+local function keep_from(log, head)
+  local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
+  if #first == 0 then return tonumber(head) + 1, '' end
+  local ms, sq = string.match(first[1][1], '^(%d+)-(%d+)$')
+  local keep = tonumber(ms)
+  if tonumber(sq) > 0 then keep = keep + 1 end
+  return keep, first[1][1]
+end
+";
+
+/// KEYS: log, seq, tidx. ARGV: max length, time, key prefix, then (track, json) pairs.
 const APPEND: &str = r"
-local ids = {}
-for i = 3, #ARGV, 2 do
+local ids, tracks = {}, {}
+for i = 4, #ARGV, 2 do
   local n = redis.call('INCR', KEYS[2])
   redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], n .. '-0', 'k', 'm', 't', ARGV[i], 'j', ARGV[i + 1], 'ts', ARGV[2])
+  redis.call('ZADD', ARGV[3] .. 't:' .. ARGV[i], n, n)
+  redis.call('ZADD', KEYS[3], n, ARGV[i])
+  tracks[ARGV[i]] = true
   ids[#ids + 1] = n
+end
+local keep = keep_from(KEYS[1], redis.call('GET', KEYS[2]) or '0')
+for t in pairs(tracks) do
+  redis.call('ZREMRANGEBYSCORE', ARGV[3] .. 't:' .. t, '-inf', '(' .. keep)
 end
 return ids
 ";
 
+/// A page of the messages of some tracks, in log order, read through their indexes.
+/// KEYS: log, seq. ARGV: key prefix, limit, head ('' for now), then (track, after)
+/// pairs. Returns the head, the log's first entry id ('' when empty) and the entries.
+const HISTORY: &str = r"
+local head = ARGV[3]
+if head == '' then head = redis.call('GET', KEYS[2]) or '0' end
+local keep, fid = keep_from(KEYS[1], head)
+local limit = tonumber(ARGV[2])
+local positions = {}
+for i = 4, #ARGV, 2 do
+  local from = math.max(tonumber(ARGV[i + 1]) + 1, keep)
+  local found = redis.call('ZRANGEBYSCORE', ARGV[1] .. 't:' .. ARGV[i], from, head, 'LIMIT', 0, limit)
+  for _, p in ipairs(found) do positions[#positions + 1] = tonumber(p) end
+end
+table.sort(positions)
+local entries = {}
+for i = 1, math.min(limit, #positions) do
+  local id = string.format('%d-0', positions[i])
+  local e = redis.call('XRANGE', KEYS[1], id, id)
+  if #e > 0 then entries[#entries + 1] = e[1] end
+end
+return {head, fid, entries}
+";
+
+/// Deletes the indexes of tracks whose every message is gone. KEYS: tidx, log, seq.
+/// ARGV: key prefix, then tracks.
+const DROP_INDEXES: &str = r"
+local keep = keep_from(KEYS[2], redis.call('GET', KEYS[3]) or '0')
+for i = 2, #ARGV do
+  local last = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if last and tonumber(last) < keep then
+    redis.call('DEL', ARGV[1] .. 't:' .. ARGV[i])
+    redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return 0
+";
+
+/// ARGV: time, uid, key prefix, then tracks.
 const CONNECT: &str = r"
 local head = redis.call('GET', KEYS[2]) or '0'
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], 'cursor', head) end
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   if redis.call('HSETNX', KEYS[1], 's:' .. ARGV[i], head) == 1 then
     redis.call('HINCRBY', KEYS[3], ARGV[i], 1)
+    redis.call('ZADD', ARGV[3] .. 'ts:' .. ARGV[i], 0, ARGV[2])
     redis.call('XADD', KEYS[5], head .. '-*', 'k', 'c', 'u', ARGV[2], 't', ARGV[i], 'ts', ARGV[1])
   end
 end
@@ -74,7 +144,7 @@ return redis.call('HGETALL', KEYS[1])
 /// ARGV[3] is the track, or '' to forget the listener; ARGV[4], when not '', forgets
 /// only a listener still unseen since then (expiry racing a reconnect); ARGV[5], when
 /// not '', revokes the listener's tokens (KEYS[6]) for that many ms, even when the
-/// listener is already gone.
+/// listener is already gone; ARGV[6] is the key prefix.
 const DISCONNECT: &str = r"
 if ARGV[3] == '' and ARGV[5] ~= '' then redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[5]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
@@ -82,6 +152,7 @@ local head = redis.call('GET', KEYS[2]) or '0'
 if ARGV[3] ~= '' then
   if redis.call('HDEL', KEYS[1], 's:' .. ARGV[3]) == 1 then
     if redis.call('HINCRBY', KEYS[3], ARGV[3], -1) <= 0 then redis.call('HDEL', KEYS[3], ARGV[3]) end
+    redis.call('ZREM', ARGV[6] .. 'ts:' .. ARGV[3], ARGV[2])
     redis.call('XADD', KEYS[5], head .. '-*', 'k', 'd', 'u', ARGV[2], 't', ARGV[3], 'ts', ARGV[1])
   end
   redis.call('HSET', KEYS[1], 'seen', ARGV[1])
@@ -95,6 +166,7 @@ for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
   if string.sub(f, 1, 2) == 's:' then
     local t = string.sub(f, 3)
     if redis.call('HINCRBY', KEYS[3], t, -1) <= 0 then redis.call('HDEL', KEYS[3], t) end
+    redis.call('ZREM', ARGV[6] .. 'ts:' .. t, ARGV[2])
   end
 end
 redis.call('DEL', KEYS[1])
@@ -134,10 +206,20 @@ struct Keys {
     seq: String,
     subs: String,
     seen: String,
+    tidx: String,
+    index: String,
     prefix: String,
 }
 
 impl Keys {
+    fn subscribers(&self, track: &str) -> String {
+        format!("{}ts:{track}", self.prefix)
+    }
+
+    fn track_index(&self, track: &str) -> String {
+        format!("{}t:{track}", self.prefix)
+    }
+
     fn listener(&self, uid: &str) -> String {
         format!("{}l:{uid}", self.prefix)
     }
@@ -153,6 +235,8 @@ struct Scripts {
     disconnect: Script,
     ack: Script,
     snapshot: Script,
+    history: Script,
+    drop_indexes: Script,
 }
 
 /// What the engine's background tasks share with it.
@@ -204,6 +288,17 @@ fn parse_entry((id, flat): RawEntry) -> Entry {
         fields.insert(k, v);
     }
     Entry { pos, seq, fields }
+}
+
+/// Every position up to this one is gone, given the log's head and first entry id.
+fn trimmed_through(head: Position, first_id: &str) -> Position {
+    if first_id.is_empty() {
+        return head;
+    }
+    match parse_id(first_id) {
+        (pos, 0) => pos.saturating_sub(1),
+        (pos, _) => pos,
+    }
 }
 
 fn field(entry: &Entry, name: &str) -> String {
@@ -279,22 +374,27 @@ impl RedisEngine {
             seq: format!("{prefix}seq"),
             subs: format!("{prefix}subs"),
             seen: format!("{prefix}seen"),
+            tidx: format!("{prefix}tidx"),
+            index: format!("{prefix}index"),
             prefix,
         };
         let shared = Arc::new(Shared {
             conn,
             keys,
             scripts: Scripts {
-                append: Script::new(APPEND),
+                append: Script::new(&format!("{KEEP_FROM}{APPEND}")),
                 connect: Script::new(CONNECT),
                 disconnect: Script::new(DISCONNECT),
                 ack: Script::new(ACK),
                 snapshot: Script::new(SNAPSHOT),
+                history: Script::new(&format!("{KEEP_FROM}{HISTORY}")),
+                drop_indexes: Script::new(&format!("{KEEP_FROM}{DROP_INDEXES}")),
             },
             limits,
             acks: PendingAcks::default(),
             healthy: AtomicBool::new(true),
         });
+        shared.build_indexes().await?;
         let stop = CancellationToken::new();
         let last_id = shared.last_id().await?;
         tokio::spawn(tail_reader(
@@ -371,7 +471,8 @@ impl Shared {
             .arg(uid)
             .arg(track.unwrap_or(""))
             .arg(stale_before.map(|b| b.to_string()).unwrap_or_default())
-            .arg(revoke_for_ms);
+            .arg(revoke_for_ms)
+            .arg(&k.prefix);
         let left: Option<Vec<String>> = self.observe(call.invoke_async(&mut self.conn()).await)?;
         Ok(left.map(|flat| parse_listener(uid, flat).track_names()))
     }
@@ -412,6 +513,149 @@ impl Shared {
         }
     }
 
+    /// Deletes the indexes of tracks none of whose messages the log still holds (a
+    /// bounded batch: the tracks whose last message is oldest).
+    async fn drop_emptied_indexes(&self) -> Result<()> {
+        let oldest: Vec<String> = self.observe(
+            redis::cmd("ZRANGE")
+                .arg(&self.keys.tidx)
+                .arg(0)
+                .arg(MAX_INDEXES_DROPPED_PER_TICK - 1)
+                .query_async(&mut self.conn())
+                .await,
+        )?;
+        if oldest.is_empty() {
+            return Ok(());
+        }
+        let mut call = self.scripts.drop_indexes.prepare_invoke();
+        call.key(&self.keys.tidx)
+            .key(&self.keys.log)
+            .key(&self.keys.seq)
+            .arg(&self.keys.prefix)
+            .arg(oldest);
+        self.observe(call.invoke_async::<i64>(&mut self.conn()).await)?;
+        Ok(())
+    }
+
+    /// Builds the track indexes (`t:`, `tidx`, `ts:`) for a log and listeners written
+    /// before they existed, once (`index` marks it done). Idempotent, so nodes starting
+    /// together may both do it; appends meanwhile index themselves.
+    async fn build_indexes(&self) -> Result<()> {
+        let k = &self.keys;
+        let done: Option<String> = self.observe(
+            redis::cmd("GET")
+                .arg(&k.index)
+                .query_async(&mut self.conn())
+                .await,
+        )?;
+        if done.is_some() {
+            return Ok(());
+        }
+        let mut from = "-".to_owned();
+        loop {
+            let raw: Vec<RawEntry> = self.observe(
+                redis::cmd("XRANGE")
+                    .arg(&k.log)
+                    .arg(&from)
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(REPLAY_SCAN)
+                    .query_async(&mut self.conn())
+                    .await,
+            )?;
+            let scanned = raw.len();
+            let mut pipe = redis::pipe();
+            for raw in raw {
+                from = format!("({}", raw.0);
+                let entry = parse_entry(raw);
+                if field(&entry, "k") == "m" {
+                    let track = field(&entry, "t");
+                    pipe.cmd("ZADD")
+                        .arg(k.track_index(&track))
+                        .arg(entry.pos)
+                        .arg(entry.pos)
+                        .ignore();
+                    pipe.cmd("ZADD")
+                        .arg(&k.tidx)
+                        .arg(entry.pos)
+                        .arg(track)
+                        .ignore();
+                }
+            }
+            if pipe.cmd_iter().next().is_some() {
+                self.observe(pipe.query_async::<()>(&mut self.conn()).await)?;
+            }
+            if scanned < REPLAY_SCAN {
+                break;
+            }
+        }
+        let uids: Vec<String> = self.observe(
+            redis::cmd("ZRANGE")
+                .arg(&k.seen)
+                .arg(0)
+                .arg(-1)
+                .query_async(&mut self.conn())
+                .await,
+        )?;
+        for chunk in uids.chunks(REPLAY_SCAN) {
+            let mut pipe = redis::pipe();
+            for uid in chunk {
+                pipe.cmd("HGETALL").arg(k.listener(uid));
+            }
+            let listeners: Vec<Vec<String>> =
+                self.observe(pipe.query_async(&mut self.conn()).await)?;
+            let mut pipe = redis::pipe();
+            for (uid, flat) in chunk.iter().zip(listeners) {
+                for track in parse_listener(uid, flat).track_names() {
+                    pipe.cmd("ZADD")
+                        .arg(k.subscribers(&track))
+                        .arg(0)
+                        .arg(uid)
+                        .ignore();
+                }
+            }
+            if pipe.cmd_iter().next().is_some() {
+                self.observe(pipe.query_async::<()>(&mut self.conn()).await)?;
+            }
+        }
+        self.observe(
+            redis::cmd("SET")
+                .arg(&k.index)
+                .arg(1)
+                .query_async::<()>(&mut self.conn())
+                .await,
+        )?;
+        Ok(())
+    }
+
+    /// Up to `limit` messages of `tracks` (each after its own position), in log order,
+    /// read through their indexes up to `head` (`None`: the log's head now). Returns the
+    /// messages, the head, and the last position retention deleted, read with them.
+    async fn history(
+        &self,
+        tracks: &[(&str, Position)],
+        head: Option<Position>,
+        limit: usize,
+    ) -> Result<(Vec<Arc<Message>>, Position, Position)> {
+        let mut call = self.scripts.history.prepare_invoke();
+        call.key(&self.keys.log)
+            .key(&self.keys.seq)
+            .arg(&self.keys.prefix)
+            .arg(limit)
+            .arg(head.map(|h| h.to_string()).unwrap_or_default());
+        for (track, after) in tracks {
+            call.arg(*track).arg(*after);
+        }
+        let (head, first_id, raw): (String, String, Vec<RawEntry>) =
+            self.observe(call.invoke_async(&mut self.conn()).await)?;
+        let head: Position = head.parse().unwrap_or(0);
+        let messages = raw
+            .into_iter()
+            .map(|raw| message(&parse_entry(raw)))
+            .collect();
+        Ok((messages, head, trimmed_through(head, &first_id)))
+    }
+
     /// Deletes entries older than the retention, and forgets listeners unseen for the
     /// listener ttl.
     async fn clean_up(&self) -> Result<()> {
@@ -445,6 +689,7 @@ impl Shared {
                     .await,
             )?;
         }
+        self.drop_emptied_indexes().await?;
         let seen_before = self.limits.forget_listeners_seen_before(now_ms());
         let stale: Vec<String> = self.observe(
             redis::cmd("ZRANGEBYSCORE")
@@ -615,8 +860,10 @@ impl Engine for RedisEngine {
         let mut call = s.scripts.append.prepare_invoke();
         call.key(&s.keys.log)
             .key(&s.keys.seq)
+            .key(&s.keys.tidx)
             .arg(s.limits.max_stored_messages)
-            .arg(now_ms());
+            .arg(now_ms())
+            .arg(&s.keys.prefix);
         for update in &updates {
             call.arg(&update.track).arg(&update.json);
         }
@@ -633,7 +880,8 @@ impl Engine for RedisEngine {
             .key(&s.keys.seen)
             .key(&s.keys.log)
             .arg(now_ms())
-            .arg(uid);
+            .arg(uid)
+            .arg(&s.keys.prefix);
         for track in &tracks {
             call.arg(track);
         }
@@ -684,58 +932,83 @@ impl Engine for RedisEngine {
             return Ok(None);
         };
         let head: Position = head.parse().unwrap_or(0);
-        let trimmed_through = if first_id.is_empty() {
-            head
-        } else {
-            match parse_id(&first_id) {
-                (pos, 0) => pos.saturating_sub(1),
-                (pos, _) => pos,
-            }
-        };
         let listener = parse_listener(uid, flat);
-        let since: HashMap<&str, Position> = listener
+        // Read only up to the snapshot's head: a track connected after it can only have
+        // later messages, which the live path brings. What retention deleted is read
+        // with the messages, so a page that misses one says so.
+        let tracks: Vec<(&str, Position)> = listener
             .tracks
             .iter()
-            .map(|t| (t.track.as_str(), t.since))
+            .map(|t| (t.track.as_str(), after.max(t.since)))
             .collect();
-        let mut messages = Vec::new();
-        let mut from = after;
-        // Read only up to the snapshot's head: a track connected after it can only have
-        // later messages, which the live path brings.
-        while from < head && messages.len() < limit {
-            let raw: Vec<RawEntry> = s.observe(
-                redis::cmd("XRANGE")
-                    .arg(&s.keys.log)
-                    .arg(format!("{}-0", from + 1))
-                    .arg(format!("{head}-0"))
-                    .arg("COUNT")
-                    .arg(REPLAY_SCAN)
-                    .query_async(&mut s.conn())
-                    .await,
-            )?;
-            let scanned = raw.len();
-            for raw in raw {
-                let entry = parse_entry(raw);
-                from = entry.pos;
-                if field(&entry, "k") != "m" {
-                    continue;
-                }
-                let track = entry.fields.get("t").map_or("", String::as_str);
-                if since.get(track).is_some_and(|&since| entry.pos > since) {
-                    messages.push(message(&entry));
-                }
-            }
-            if scanned < REPLAY_SCAN {
-                break;
-            }
-        }
-        messages.truncate(limit);
+        let trimmed = trimmed_through(head, &first_id);
+        let (messages, trimmed) = if tracks.is_empty() || after >= head {
+            (Vec::new(), trimmed)
+        } else {
+            let (messages, _, read_trimmed) = s.history(&tracks, Some(head), limit).await?;
+            (messages, trimmed.max(read_trimmed))
+        };
         Ok(Some(Replay {
             messages,
             tracks: listener.tracks,
             head,
-            trimmed_through,
+            trimmed_through: trimmed,
         }))
+    }
+
+    async fn subscribers(&self, track: &str, after: &str, limit: usize) -> Result<Subscribers> {
+        let s = &self.shared;
+        let key = s.keys.subscribers(track);
+        let from = if after.is_empty() {
+            "-".to_owned()
+        } else {
+            format!("({after}")
+        };
+        let (count, uids): (u64, Vec<String>) = s.observe(
+            redis::pipe()
+                .cmd("ZCARD")
+                .arg(&key)
+                .cmd("ZRANGE")
+                .arg(&key)
+                .arg(from)
+                .arg("+")
+                .arg("BYLEX")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(limit)
+                .query_async(&mut s.conn())
+                .await,
+        )?;
+        let seen: Vec<Option<u64>> = if uids.is_empty() {
+            Vec::new()
+        } else {
+            let mut pipe = redis::pipe();
+            for uid in &uids {
+                pipe.cmd("HGET").arg(s.keys.listener(uid)).arg("seen");
+            }
+            s.observe(pipe.query_async(&mut s.conn()).await)?
+        };
+        let page = uids
+            .into_iter()
+            .zip(seen)
+            .map(|(uid, seen)| {
+                // Seen by an open stream since the last flush: the pending ack knows.
+                let pending = s.acks.get(&uid).map_or(0, |a| a.seen_ms);
+                let seen = seen.unwrap_or(0).max(pending);
+                (uid, seen)
+            })
+            .collect();
+        Ok(Subscribers { count, page })
+    }
+
+    async fn history(&self, track: &str, after: Position, limit: usize) -> Result<History> {
+        let (messages, head, trimmed_through) =
+            self.shared.history(&[(track, after)], None, limit).await?;
+        Ok(History {
+            messages,
+            head,
+            trimmed_through,
+        })
     }
 
     fn ack(&self, uid: &str, pos: Position) {

@@ -607,6 +607,129 @@ async fn everything_acknowledged_survives_a_reopen(f: impl Factory) {
     engine.close().await;
 }
 
+async fn a_track_lists_its_subscribers_by_uid_in_pages(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    for uid in ["listener-c", "listener-a", "listener-d", "listener-b"] {
+        engine
+            .connect(uid, vec!["rooms/1".into(), ":other".into()])
+            .await
+            .expect("connect");
+    }
+    engine
+        .connect("listener-e", vec![":other".into()])
+        .await
+        .expect("connect");
+    let uids = |s: &Subscribers| s.page.iter().map(|(u, _)| u.clone()).collect::<Vec<_>>();
+    let first = engine.subscribers("rooms/1", "", 3).await.expect("page");
+    assert_eq!(first.count, 4);
+    assert_eq!(uids(&first), ["listener-a", "listener-b", "listener-c"]);
+    assert!(
+        first.page.iter().all(|(_, seen)| *seen > 0),
+        "last seen is known"
+    );
+    let second = engine
+        .subscribers("rooms/1", "listener-c", 3)
+        .await
+        .expect("page");
+    assert_eq!(uids(&second), ["listener-d"]);
+    engine
+        .disconnect("listener-b", Some("rooms/1".into()))
+        .await
+        .expect("disconnect");
+    engine.disconnect("listener-d", None).await.expect("forget");
+    let after = engine.subscribers("rooms/1", "", 10).await.expect("page");
+    assert_eq!(after.count, 2);
+    assert_eq!(uids(&after), ["listener-a", "listener-c"]);
+    let unknown = engine.subscribers("nobody", "", 10).await.expect("page");
+    assert_eq!(unknown, Subscribers::default());
+    engine.close().await;
+}
+
+async fn a_track_history_pages_through_what_is_kept(f: impl Factory) {
+    let engine = f.open(
+        Limits {
+            max_stored_messages: 6,
+            ..limits()
+        },
+        Arc::new(RecordingTail::default()),
+    );
+    for i in 0..5 {
+        engine
+            .append(vec![
+                update(":a", &format!("a{i}")),
+                update(":b", &format!("b{i}")),
+            ])
+            .await
+            .expect("append");
+    }
+    // Positions 1..=10, :a odd, :b even; positions 1..=4 were trimmed.
+    let json = |h: &History| {
+        h.messages
+            .iter()
+            .map(|m| (m.pos, m.json.to_string()))
+            .collect::<Vec<_>>()
+    };
+    let all = engine.history(":a", 0, 100).await.expect("history");
+    assert_eq!(
+        json(&all),
+        [
+            (5, "\"a2\"".into()),
+            (7, "\"a3\"".into()),
+            (9, "\"a4\"".into())
+        ]
+    );
+    assert!(all.messages.iter().all(|m| &*m.track == ":a"));
+    assert_eq!((all.head, all.trimmed_through), (10, 4));
+    assert!(all.is_reset(0) && all.is_reset(3) && all.is_reset(11));
+    assert!(!all.is_reset(4) && !all.is_reset(10));
+    let page = engine.history(":a", 5, 1).await.expect("history");
+    assert_eq!(json(&page), [(7, "\"a3\"".into())]);
+    assert!(
+        engine
+            .history("none", 0, 10)
+            .await
+            .expect("history")
+            .messages
+            .is_empty()
+    );
+    engine.close().await;
+}
+
+async fn replay_reads_only_the_listeners_tracks(f: impl Factory) {
+    let engine = f.open(limits(), Arc::new(RecordingTail::default()));
+    engine
+        .connect("listener-1", vec![":a".into(), ":c".into()])
+        .await
+        .expect("connect");
+    let mut updates = Vec::new();
+    for i in 0..1500 {
+        // Mostly a track the listener does not have: a replay must still find its own.
+        let track = match i % 500 {
+            0 => ":a",
+            250 => ":c",
+            _ => ":b",
+        };
+        updates.push(update(track, &i.to_string()));
+        if updates.len() == 500 {
+            engine
+                .append(std::mem::take(&mut updates))
+                .await
+                .expect("append");
+        }
+    }
+    let page = engine
+        .replay("listener-1", 0, 4)
+        .await
+        .expect("replay")
+        .expect("known");
+    assert_eq!(
+        page.messages.iter().map(|m| m.pos).collect::<Vec<_>>(),
+        [1, 251, 501, 751]
+    );
+    assert_eq!(queue(&engine, "listener-1", 751).await.len(), 2);
+    engine.close().await;
+}
+
 macro_rules! engine_suite {
     ($($name:ident),* $(,)?) => {
         mod redis_engine {
@@ -650,6 +773,9 @@ engine_suite!(
     revocations_expire_and_expiry_revokes_nothing,
     concurrent_appends_are_each_stored_once,
     a_closed_engine_refuses_work,
+    a_track_lists_its_subscribers_by_uid_in_pages,
+    a_track_history_pages_through_what_is_kept,
+    replay_reads_only_the_listeners_tracks,
 );
 
 /// The tests of a store that outlives its engine: embedded and Redis only.

@@ -205,3 +205,177 @@ async fn until(at: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use PresenceEvent::{ListenerOffline, ListenerOnline, TrackOccupied, TrackVacated};
+
+    #[derive(Default)]
+    struct RecordingSink(Mutex<Vec<PresenceEvent>>);
+
+    impl PresenceSink for RecordingSink {
+        fn emit(&self, events: Vec<PresenceEvent>, _time_ms: u64) {
+            self.0.lock().expect("lock").extend(events);
+        }
+    }
+
+    impl RecordingSink {
+        fn events(&self) -> Vec<PresenceEvent> {
+            self.0.lock().expect("lock").clone()
+        }
+    }
+
+    fn online(uid: &str) -> PresenceEvent {
+        ListenerOnline { uid: uid.into() }
+    }
+
+    fn offline(uid: &str) -> PresenceEvent {
+        ListenerOffline { uid: uid.into() }
+    }
+
+    fn occupied(track: &str) -> PresenceEvent {
+        TrackOccupied {
+            track: track.into(),
+        }
+    }
+
+    fn vacated(track: &str) -> PresenceEvent {
+        TrackVacated {
+            track: track.into(),
+        }
+    }
+
+    /// Waits (bounded) until `sinks` together heard exactly `expected`, then a little
+    /// longer to be sure nothing more comes.
+    async fn heard(sinks: &[&RecordingSink], expected: &[PresenceEvent], settle: Duration) {
+        let all = || -> Vec<PresenceEvent> { sinks.iter().flat_map(|s| s.events()).collect() };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while all().len() < expected.len() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(settle).await;
+        assert_eq!(all(), expected);
+    }
+
+    #[tokio::test]
+    async fn one_node_reports_each_transition_once_and_a_reconnect_within_the_grace_not_at_all() {
+        let hub = Arc::new(Hub::default());
+        let sink = Arc::new(RecordingSink::default());
+        let presence = Presence::start_local(hub.clone(), sink.clone(), Duration::from_millis(150));
+        let stream = hub.subscribe("listener-1");
+        stream.add_tracks(["rooms/1"]);
+        let second = hub.subscribe("listener-1");
+        heard(
+            &[&sink],
+            &[online("listener-1"), occupied("rooms/1")],
+            Duration::ZERO,
+        )
+        .await;
+        // A reload: the last stream closes and a new one opens within the grace.
+        drop((stream, second));
+        let again = hub.subscribe("listener-1");
+        again.add_tracks(["rooms/1"]);
+        heard(
+            &[&sink],
+            &[online("listener-1"), occupied("rooms/1")],
+            Duration::from_millis(300),
+        )
+        .await;
+        let strings = |uids: &[&str]| uids.iter().map(|u| (*u).to_owned()).collect::<Vec<_>>();
+        assert_eq!(
+            presence
+                .online(&strings(&["listener-1", "listener-2"]))
+                .await
+                .expect("online"),
+            [true, false]
+        );
+        assert_eq!(presence.online_in_track("rooms/1"), Some(1));
+        drop(again);
+        heard(
+            &[&sink],
+            &[
+                online("listener-1"),
+                occupied("rooms/1"),
+                vacated("rooms/1"),
+                offline("listener-1"),
+            ],
+            Duration::from_millis(100),
+        )
+        .await;
+        presence.close().await;
+    }
+
+    fn redis_url() -> String {
+        std::env::var("DOLORES_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn several_nodes_report_each_transition_once_per_cluster() {
+        let prefix = format!(
+            "dolores-test-presence-{}-{}",
+            std::process::id(),
+            engine::now_ms()
+        );
+        let grace = Duration::from_millis(200);
+        let mut nodes = Vec::new();
+        for _ in 0..3 {
+            let hub = Arc::new(Hub::default());
+            let sink = Arc::new(RecordingSink::default());
+            let presence =
+                Presence::start_redis(&redis_url(), &prefix, hub.clone(), sink.clone(), grace)
+                    .await
+                    .expect("redis presence (is redis-server running?)");
+            nodes.push((hub, sink, presence));
+        }
+        let sinks: Vec<&RecordingSink> = nodes.iter().map(|(_, s, _)| &**s).collect();
+        // The same listener on two nodes, then on none: one online, one offline.
+        let on_a = nodes[0].0.subscribe("listener-1");
+        on_a.add_tracks(["rooms/1"]);
+        let on_b = nodes[1].0.subscribe("listener-1");
+        on_b.add_tracks(["rooms/1"]);
+        heard(
+            &sinks,
+            &[online("listener-1"), occupied("rooms/1")],
+            Duration::from_millis(600),
+        )
+        .await;
+        let uids = ["listener-1".to_owned(), "listener-2".to_owned()];
+        assert_eq!(
+            nodes[2].2.online(&uids).await.expect("online"),
+            [true, false]
+        );
+        drop(on_a);
+        // Moves to the third node within the grace: nothing to report.
+        let on_c = nodes[2].0.subscribe("listener-1");
+        on_c.add_tracks(["rooms/1"]);
+        drop(on_b);
+        heard(
+            &sinks,
+            &[online("listener-1"), occupied("rooms/1")],
+            Duration::from_millis(600),
+        )
+        .await;
+        drop(on_c);
+        heard(
+            &sinks,
+            &[
+                online("listener-1"),
+                occupied("rooms/1"),
+                vacated("rooms/1"),
+                offline("listener-1"),
+            ],
+            Duration::from_millis(600),
+        )
+        .await;
+        assert_eq!(
+            nodes[0].2.online(&uids).await.expect("online"),
+            [false, false]
+        );
+        for (_, _, presence) in &nodes {
+            presence.close().await;
+        }
+    }
+}
