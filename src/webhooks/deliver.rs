@@ -227,6 +227,11 @@ pub(crate) async fn run(
             }
             leased = held;
             next_lease = tokio::time::Instant::now() + LEASE_EVERY;
+            // On a shared outbox other nodes send and write: every node's gauge
+            // follows the cluster's count, not only what it did itself.
+            if let Ok(len) = outbox.len().await {
+                target.metrics.pending.set(len as i64);
+            }
         }
         if leased && lanes.held < WINDOW {
             match outbox.read(read_after, WINDOW - lanes.held).await {
