@@ -64,12 +64,14 @@ impl Shared {
     /// The node's counts, for `/api/v1/stats` and the status page.
     pub async fn stats(&self) -> engine::Result<serde_json::Value> {
         let counts = self.engine.counts().await?;
+        let online = self.presence.online_count().await?;
         let m = &self.metrics;
         Ok(serde_json::json!({
             "version": env!("CARGO_PKG_VERSION"),
             "engine": self.engine.kind(),
             "uptime_seconds": self.started.elapsed().as_secs(),
             "listeners": counts.listeners,
+            "listeners_online": online,
             "tracks": counts.tracks,
             "messages_stored": counts.messages,
             "messages_published": m.published_total(),

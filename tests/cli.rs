@@ -478,6 +478,8 @@ async fn client_help_lists_only_the_client_options() {
             "token",
             &["--track", "--ttl", "--token-secret", "--api-key", "--data"],
         ),
+        ("track", &["--listeners", "--online", "--api-key", "--data"]),
+        ("history", &["--after", "--api-key", "--data"]),
     ] {
         let text = help(&[command]).await;
         let mut expected: Vec<&str> = own.to_vec();
@@ -572,4 +574,64 @@ async fn the_log_has_no_colours_when_stderr_is_not_a_terminal() {
     })
     .await;
     assert!(!log.contains('\u{1b}'), "no escape codes: {log:?}");
+}
+
+/// Runs a client command against `server` with its api key.
+async fn run_keyed(server: &Server, args: &[&str]) -> Output {
+    let mut all = args.to_vec();
+    all.extend(["--server", server.addr(), "--api-key", server.api_key()]);
+    run(&all).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn track_and_history_print_a_tracks_counts_listeners_and_messages() {
+    let server = Server::start_args(&["--max-stored-messages", "3"]).await;
+    let (online, offline) = (uid("cli-on"), uid("cli-off"));
+    server.connect(&online, "rooms/7").await;
+    server.connect(&offline, "rooms/7").await;
+    let _stream = server.listen(&online).await;
+    let output = run_keyed(&server, &["track", "rooms/7"]).await;
+    assert_eq!(
+        json_out(&output),
+        json!({"track": "rooms/7", "subscribers": 2, "online": 1})
+    );
+    let lines = |output: &Output| -> Vec<Value> {
+        assert!(output.status.success(), "{output:?}");
+        String::from_utf8_lossy(&output.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+            .collect()
+    };
+    let listed = lines(&run_keyed(&server, &["track", "rooms/7", "--listeners", "--online"]).await);
+    assert_eq!(listed.len(), 2, "the counts, then one listener: {listed:?}");
+    assert_eq!(
+        (&listed[1]["uid"], &listed[1]["online"]),
+        (&json!(online), &json!(true))
+    );
+    let ids: Vec<u64> = {
+        let mut ids = Vec::new();
+        for n in 0..4 {
+            ids.push(server.publish("rooms/7", json!(n)).await);
+        }
+        ids
+    };
+    let output = run_keyed(&server, &["history", "rooms/7"]).await;
+    let kept: Vec<Value> = (1..4)
+        .map(|n| json!({"id": ids[n].to_string(), "track": "rooms/7", "message": n}))
+        .collect();
+    assert_eq!(lines(&output), kept);
+    assert!(output.stderr.is_empty(), "{output:?}");
+    let after = ids[0].to_string();
+    let output = run_keyed(&server, &["history", "rooms/7", "--after", &after]).await;
+    assert_eq!(lines(&output), kept, "nothing after the first was deleted");
+    let output = run_keyed(&server, &["history", "rooms/7", "--after", "0"]).await;
+    assert_eq!(lines(&output), kept);
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("reset"),
+        "{output:?}"
+    );
+    one_line_error(
+        &run_keyed(&server, &["history", "two words"]).await,
+        "bad_track",
+    );
 }

@@ -102,14 +102,39 @@ pub(super) fn api_key_or_file(given: Option<&str>, key_file: &Path) -> anyhow::R
 }
 
 async fn call(target: &Target, path: &str, body: Value) -> anyhow::Result<Value> {
+    let url = format!("{}/api/v1/{path}", target.settings.server_url());
+    request(target, reqwest::Client::new().post(&url).json(&body)).await
+}
+
+/// `GET /api/v1/tracks/{track}{rest}` with `query`, the track as one percent-encoded
+/// path segment.
+async fn get_track(
+    target: &Target,
+    track: &str,
+    rest: &str,
+    query: &[(&str, String)],
+) -> anyhow::Result<Value> {
+    let base = target.settings.server_url();
+    let mut url = reqwest::Url::parse(&format!("{base}/api/v1/tracks"))
+        .with_context(|| format!("bad server URL {base}"))?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow!("bad server URL {base}"))?
+        .push(track);
+    url.set_path(&format!("{}{rest}", url.path()));
+    if !query.is_empty() {
+        url.query_pairs_mut()
+            .extend_pairs(query.iter().map(|(k, v)| (k, v.as_str())));
+    }
+    request(target, reqwest::Client::new().get(url)).await
+}
+
+/// Sends a backend call with the api key; its JSON answer, or a one-line error.
+async fn request(target: &Target, request: reqwest::RequestBuilder) -> anyhow::Result<Value> {
     let settings = &target.settings;
-    let url = format!("{}/api/v1/{path}", settings.server_url());
     let (api_key, source) = target.api_key()?;
-    let response = reqwest::Client::new()
-        .post(&url)
+    let response = request
         .bearer_auth(api_key)
         .timeout(CALL_TIMEOUT)
-        .json(&body)
         .send()
         .await
         .map_err(|e| {
@@ -192,6 +217,73 @@ pub(crate) async fn disconnect(
     let answer = call(&target, "disconnect", body).await?;
     println!("{answer}");
     Ok(())
+}
+
+/// `dolores track TRACK`: its counts, `{"track", "subscribers", "online"}`; with
+/// `listeners`, then each listener (`online`: only those online) as a JSON line, every
+/// page followed.
+pub(crate) async fn track(
+    target: Target,
+    track: String,
+    listeners: bool,
+    online: bool,
+) -> anyhow::Result<()> {
+    println!("{}", get_track(&target, &track, "", &[]).await?);
+    if !listeners {
+        return Ok(());
+    }
+    let mut query = vec![("limit", crate::api::tracks::MAX_PAGE.to_string())];
+    if online {
+        query.push(("online", "true".into()));
+    }
+    loop {
+        let page = get_track(&target, &track, "/listeners", &query).await?;
+        for listener in page["listeners"].as_array().into_iter().flatten() {
+            println!("{listener}");
+        }
+        match page["next"].as_str() {
+            Some(next) => {
+                query.retain(|(key, _)| *key != "after");
+                query.push(("after", next.to_owned()));
+            }
+            None => return Ok(()),
+        }
+    }
+}
+
+/// `dolores history TRACK [--after ID]`: what the server keeps of the track, one
+/// `{"id", "track", "message"}` per line in order, every page followed. A reset (`after`
+/// older than what is kept) is said on stderr, before what is kept.
+pub(crate) async fn history(
+    target: Target,
+    track: String,
+    after: Option<String>,
+) -> anyhow::Result<()> {
+    let mut query = vec![("limit", crate::api::tracks::MAX_PAGE.to_string())];
+    if let Some(after) = &after {
+        query.push(("after", after.clone()));
+    }
+    let mut first = true;
+    loop {
+        let page = get_track(&target, &track, "/messages", &query).await?;
+        if first && page["reset"] == true {
+            eprintln!(
+                "dolores: reset: messages after {} are no longer kept; what is kept follows",
+                after.as_deref().unwrap_or("0")
+            );
+        }
+        first = false;
+        for message in page["messages"].as_array().into_iter().flatten() {
+            println!("{message}");
+        }
+        match page["next"].as_str() {
+            Some(next) => {
+                query.retain(|(key, _)| *key != "after");
+                query.push(("after", next.to_owned()));
+            }
+            None => return Ok(()),
+        }
+    }
 }
 
 /// `dolores token UID [--track T]…`.

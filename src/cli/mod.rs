@@ -1,5 +1,5 @@
 //! The command line: `dolores serve` runs the server; `update`, `connect`,
-//! `disconnect`, `listen` and `token` are a client of a running server; `bench` is a
+//! `disconnect`, `listen`, `token`, `track` and `history` are a client of a running server; `bench` is a
 //! load generator for servers on loopback.
 //! Each command lives in its own file; this one only parses and dispatches.
 
@@ -20,7 +20,7 @@ Settings: each is a flag, a DOLORES_* environment variable and a key in the file
 by --config dolores.toml. `dolores serve --help` lists the server's settings;
 `dolores COMMAND --help` lists a command's own options.
 
-The client commands (update, connect, disconnect, listen, token) talk to the server at
+The client commands (update, connect, disconnect, listen, token, track, history) talk to the server at
 --server URL (DOLORES_SERVER, default http://127.0.0.1:8007) with --api-key
 (DOLORES_API_KEY); beside a local server they find the key it generated in
 ./dolores-data/api-key.";
@@ -95,6 +95,33 @@ enum Command {
         last_event_id: Option<String>,
         #[command(flatten)]
         client: ClientOptions,
+    },
+    /// Print TRACK's subscribers and how many are online (with --listeners, each listener)
+    Track {
+        /// The track
+        track: String,
+        /// Then print each listener, {"uid", "online", "last_seen"}, one JSON line each
+        #[arg(long)]
+        listeners: bool,
+        /// With --listeners: only those online
+        #[arg(long, requires = "listeners")]
+        online: bool,
+        #[command(flatten)]
+        client: ClientOptions,
+        #[command(flatten)]
+        key: KeyOptions,
+    },
+    /// Print what the server keeps of TRACK, one message a JSON line, oldest first
+    History {
+        /// The track
+        track: String,
+        /// Start after this event id
+        #[arg(long)]
+        after: Option<String>,
+        #[command(flatten)]
+        client: ClientOptions,
+        #[command(flatten)]
+        key: KeyOptions,
     },
     /// Make a listener token for UID (signed locally when the token secret is known)
     Token {
@@ -174,6 +201,22 @@ pub fn main() -> ExitCode {
                 client,
                 key,
             } => client::disconnect(target(&client, Some(&key), None)?, uid, track).await,
+            Command::Track {
+                track,
+                listeners,
+                online,
+                client,
+                key,
+            } => {
+                let target = target(&client, Some(&key), None)?;
+                client::track(target, track, listeners, online).await
+            }
+            Command::History {
+                track,
+                after,
+                client,
+                key,
+            } => client::history(target(&client, Some(&key), None)?, track, after).await,
             Command::Listen {
                 uid,
                 token,

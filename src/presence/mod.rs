@@ -115,6 +115,15 @@ impl Presence {
         }
     }
 
+    /// How many listeners are online: on one node exactly; on Redis, those the reporter
+    /// last reported online (one that left counts until its grace ran out).
+    pub async fn online_count(&self) -> engine::Result<u64> {
+        match &self.backend {
+            Backend::Local(hub) => Ok(hub.online_count() as u64),
+            Backend::Redis(redis) => redis.reported_count().await,
+        }
+    }
+
     /// How many of `track`'s subscribers are online, when presence knows it without
     /// asking each (one node: exactly); `None` means ask [`Presence::online`] about each
     /// subscriber.

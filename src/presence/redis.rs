@@ -201,6 +201,16 @@ impl RedisPresence {
         Ok(online)
     }
 
+    /// How many listeners the reporter last reported online: one `SCARD`, cheap enough
+    /// for a status page that asks every second.
+    pub(super) async fn reported_count(&self) -> engine::Result<u64> {
+        redis::cmd("SCARD")
+            .arg(&self.keys.reported_uids)
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(redis_error)
+    }
+
     /// Takes this node's listeners offline now (a clean shutdown), and gives up the
     /// lease if it holds it.
     pub(super) async fn leave(&self) {

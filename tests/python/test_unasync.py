@@ -99,5 +99,7 @@ def test_the_two_clients_have_the_same_methods_and_docs(blocking, awaitable):
         assert parameters(member) == parameters(twin), name
         assert member.__doc__ and twin.__doc__, f"{name} has no docstring"
         assert not inspect.iscoroutinefunction(member), name
-        if name != "listen":  # listen() returns the async iterator at once
+        if name == "listeners":  # an iterator of pages, each fetched as it is reached
+            assert inspect.isgeneratorfunction(member) and inspect.isasyncgenfunction(twin), name
+        elif name != "listen":  # listen() returns the async iterator at once
             assert inspect.iscoroutinefunction(twin), name

@@ -111,7 +111,7 @@ test("the page at / shows the running server and its try-it panel delivers live"
   // The page's listener uses the client's default transport, "auto": a WebSocket.
   assert.match(await page.textContent("#streams-by"), /ws 1/);
   // One of each, in the singular.
-  assert.equal(await page.textContent("#listeners-label"), "listener");
+  assert.equal(await page.textContent("#listeners-label"), "listener · 1 online");
   assert.match(await page.textContent("#streams-by"), /^open stream \(/);
   await checkLayout(page, 1100);
   await page.screenshot({ path: path.join(shots, "status-page.png") });

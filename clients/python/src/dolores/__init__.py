@@ -13,14 +13,14 @@
 ``.status`` and ``.code``. The Django app is ``dolores.django``.
 """
 
-from ._core import DEFAULT_SERVER, VERSION, DoloresError, Event, check_track, check_uid, sign_token
+from ._core import DEFAULT_SERVER, VERSION, DoloresError, Event, History, check_track, check_uid, sign_token
 from .aio import AsyncClient, AsyncListener
 from .client import Client, Listener
 
 __version__ = VERSION
 
 # Shown as dolores.X in tracebacks and reprs: where users import them from.
-for _public in (AsyncClient, AsyncListener, Client, DoloresError, Event, Listener):
+for _public in (AsyncClient, AsyncListener, Client, DoloresError, Event, History, Listener):
     _public.__module__ = "dolores"
 del _public
 
@@ -31,6 +31,7 @@ __all__ = [
     "Client",
     "DoloresError",
     "Event",
+    "History",
     "Listener",
     "check_track",
     "check_uid",

@@ -15,6 +15,7 @@ import time
 import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from urllib.parse import quote, urlencode
 
 import httpx
 
@@ -91,6 +92,42 @@ class Event:
     track: Optional[str]
     message: Any
     reset: bool = False
+
+
+@dataclass(frozen=True)
+class History:
+    """A page of a track's history (``history()``): ``messages``, a list of ``Event``
+    in order; ``next``, the id to pass as ``after`` for the next page (``None`` on the
+    last); ``reset``, true when ``after`` was older than what the server keeps, so
+    messages after it were deleted: reload your state instead of applying a gap."""
+
+    messages: List[Event]
+    next: Optional[str] = None
+    reset: bool = False
+
+
+def history_from(answer: Mapping[str, Any]) -> History:
+    """The ``History`` of a ``…/messages`` answer."""
+    messages = [Event(str(m["id"]), m["track"], m.get("message")) for m in answer.get("messages", [])]
+    following = answer.get("next")
+    return History(messages, None if following is None else str(following), bool(answer.get("reset", False)))
+
+
+def track_path(track: str, rest: str = "") -> str:
+    """``/api/v1/tracks/{track}{rest}``, the track as one percent-encoded segment."""
+    return "/api/v1/tracks/" + quote(track, safe="") + rest
+
+
+def page_params(limit: Optional[int], after: Optional[str], online: Optional[bool] = None) -> str:
+    """The query string of a paged track call (``""`` when there is nothing to say)."""
+    params: Dict[str, str] = {}
+    if online is not None:
+        params["online"] = "true" if online else "false"
+    if limit is not None:
+        params["limit"] = str(limit)
+    if after:
+        params["after"] = after
+    return "?" + urlencode(params) if params else ""
 
 
 # ---- settings ----------------------------------------------------------------------

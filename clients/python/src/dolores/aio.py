@@ -14,6 +14,7 @@ from ._concurrency import AsyncStop, acall_token
 from ._core import (
     DEFAULT_TOKEN_TTL,
     Event,
+    History,
     ListenState,
     SSEParser,
     TokenSource,
@@ -24,9 +25,11 @@ from ._core import (
     error_from_exception,
     error_from_response,
     event_from_sse,
+    history_from,
     listen_params,
     listener_headers,
     never_sent,
+    page_params,
     read_json,
     resolve_settings,
     retry_status,
@@ -34,6 +37,7 @@ from ._core import (
     stream_timeout,
     timeout_of,
     token_body,
+    track_path,
     updates_body,
 )
 
@@ -143,6 +147,40 @@ class AsyncClient:
     async def stats(self) -> Dict[str, Any]:
         """The server's counts (listeners, streams by transport, messages…)."""
         return dict(await self._call("GET", "/api/v1/stats"))
+
+    async def track(self, track: str) -> Dict[str, Any]:
+        """A track's counts: ``track``, ``subscribers`` (listeners subscribed) and
+        ``online`` (those of them with an open stream on any node). An unknown track has
+        zeros: a track exists for as long as anyone is subscribed to it."""
+        return dict(await self._call("GET", track_path(track)))
+
+    async def listeners(
+        self, track: str, online: Optional[bool] = True, *, limit: Optional[int] = None
+    ) -> AsyncIterator[List[Dict[str, Any]]]:
+        """The listeners of ``track`` in uid order, a page (a list of ``{"uid",
+        "online", "last_seen"}``) at a time, each page asked for when the one before
+        is used up. ``online=True`` (the default) lists those online, ``False`` those
+        offline, ``None`` everyone; ``limit`` is the most per page (1 to 1000, default
+        100). With ``online``, a page may be shorter than ``limit``; none is empty.
+
+        >>> async for page in client.listeners("rooms/42"):
+        ...     print([listener["uid"] for listener in page])
+        """
+        after: Optional[str] = None
+        while True:
+            answer = await self._call("GET", track_path(track, "/listeners" + page_params(limit, after, online)))
+            if answer["listeners"]:
+                yield list(answer["listeners"])
+            after = answer.get("next")
+            if after is None:
+                return
+
+    async def history(self, track: str, after: Optional[str] = None, *, limit: Optional[int] = None) -> History:
+        """What the server still keeps of ``track``, after event id ``after`` (from the
+        oldest kept without it), in order: a ``History`` of at most ``limit`` messages
+        (1 to 1000, default 100) with ``next`` for the page after and ``reset`` when
+        ``after`` is older than what is kept."""
+        return history_from(await self._call("GET", track_path(track, "/messages" + page_params(limit, after))))
 
     async def token(self, uid: str, tracks: Optional[Iterable[str]] = None, ttl: int = DEFAULT_TOKEN_TTL) -> str:
         """A listener token for ``uid``, valid ``ttl`` seconds, connecting the listener
