@@ -2,11 +2,11 @@
 //! signed JSON events `{"id", "type", "time", "data"}`.
 //!
 //! An event goes: [`Webhooks::emit`] (never blocks: it stages the event in memory) →
-//! a writer task that appends it to the [`outbox`] (durable on the embedded engine and
-//! on Redis) → the sender in [`deliver`], which POSTs it, retries it, and removes it
+//! a writer task that appends it to the outbox (`outbox`; durable on the embedded engine and
+//! on Redis) → the sender in `deliver`, which POSTs it, retries it, and removes it
 //! once the app answered 2xx. Nothing here runs on a publish's or a delivery's path.
 //!
-//! - `outbox` — the [`outbox::Outbox`] seam and the in-memory outbox;
+//! - `outbox` — the `Outbox` seam and the in-memory outbox;
 //! - `embedded` — `webhooks.redb` in the data dir;
 //! - `redis` — a Stream shared by the cluster, sent by one node at a time (a lease);
 //! - `deliver` — the sender: lanes, concurrency, backoff;
@@ -173,9 +173,10 @@ impl Webhooks {
         {
             let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
             for (kind, subject) in events {
-                let lane = match kind.field() {
-                    "uid" => format!("l:{subject}"),
-                    _ => format!("t:{subject}"),
+                // A listener's events go out in order, and a track's: one lane each.
+                let lane = match kind {
+                    Kind::ListenerOnline | Kind::ListenerOffline => format!("l:{subject}"),
+                    Kind::TrackOccupied | Kind::TrackVacated => format!("t:{subject}"),
                 };
                 let mut data = serde_json::Map::new();
                 data.insert(kind.field().to_owned(), subject.into());
@@ -280,7 +281,7 @@ impl Webhooks {
         }
     }
 
-    /// Writes what is staged (waiting at most [`CLOSE_WAIT`]) and stops sending.
+    /// Writes what is staged (waiting at most `CLOSE_WAIT`, 2 s) and stops sending.
     pub async fn close(&self) {
         self.stop.cancel();
         self.tasks.close();
