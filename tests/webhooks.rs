@@ -421,9 +421,9 @@ async fn events_pending_at_kill_9_are_all_sent_after_the_restart() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hanging_app_slows_no_publish_and_no_delivery() {
+async fn a_hanging_app_slows_no_publish_no_delivery_and_no_shutdown() {
     let receiver = Receiver::start(Answer::Hang).await;
-    let server = Server::config()
+    let mut server = Server::config()
         .args(webhook_args(&receiver))
         .args(["--webhook-timeout", "60s"])
         .start()
@@ -451,6 +451,11 @@ async fn a_hanging_app_slows_no_publish_and_no_delivery() {
         "slowest update took {slowest:?} while the app hangs"
     );
     assert!(receiver.kinds_of(&u).is_empty());
+    drop(streams);
+    drop(sse);
+    // Requests the app never answers do not hold the server up either.
+    let status = server.terminate_within(Duration::from_secs(8)).await;
+    assert!(status.success(), "{status:?}");
 }
 
 fn shared_redis() -> String {
