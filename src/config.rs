@@ -80,6 +80,21 @@ pub struct Options {
     /// wait for its next request, like 30s [default: 30s]
     #[arg(long, env = "DOLORES_HEAD_TIMEOUT", value_parser = humantime::parse_duration)]
     pub head_timeout: Option<Duration>,
+    /// Where to POST webhook events (listener.online, …), like https://app.example/dolores/webhook
+    #[arg(long, env = "DOLORES_WEBHOOK_URL")]
+    pub webhook_url: Option<String>,
+    /// Secret that signs webhook events (Dolores-Signature) [default: the api key]
+    #[arg(long, env = "DOLORES_WEBHOOK_SECRET", hide_env_values = true)]
+    pub webhook_secret: Option<String>,
+    /// Longest the app may take to answer a webhook before it is tried again, like 10s [default: 10s]
+    #[arg(long, env = "DOLORES_WEBHOOK_TIMEOUT", value_parser = humantime::parse_duration)]
+    pub webhook_timeout: Option<Duration>,
+    /// Longest wait between two tries of a webhook event, like 1m [default: 1m]
+    #[arg(long, env = "DOLORES_WEBHOOK_MAX_BACKOFF", value_parser = humantime::parse_duration)]
+    pub webhook_max_backoff: Option<Duration>,
+    /// Most webhook events kept while the app does not take them; past it the oldest are dropped [default: 100000]
+    #[arg(long, env = "DOLORES_WEBHOOK_OUTBOX_MAX")]
+    pub webhook_outbox_max: Option<u64>,
     /// A dolores.toml with any of these settings as keys
     #[arg(long, env = "DOLORES_CONFIG")]
     pub config: Option<PathBuf>,
@@ -152,6 +167,11 @@ struct FileSettings {
     head_timeout: Option<String>,
     base_path: Option<String>,
     trusted_proxies: Option<Vec<String>>,
+    webhook_url: Option<String>,
+    webhook_secret: Option<String>,
+    webhook_timeout: Option<String>,
+    webhook_max_backoff: Option<String>,
+    webhook_outbox_max: Option<u64>,
 }
 
 /// Every setting, resolved.
@@ -202,6 +222,16 @@ pub struct Settings {
     pub base_path: String,
     /// The proxies whose `X-Forwarded-*` headers are believed.
     pub trusted_proxies: TrustedProxies,
+    /// Where webhook events are POSTed; none: no webhooks.
+    pub webhook_url: Option<String>,
+    /// The key that signs webhook events; none: the api key.
+    pub webhook_secret: Option<String>,
+    /// Longest the app may take to answer one webhook request.
+    pub webhook_timeout: Duration,
+    /// Longest wait between two tries of one webhook event.
+    pub webhook_max_backoff: Duration,
+    /// Most webhook events kept unsent; past it the oldest are dropped.
+    pub webhook_outbox_max: u64,
 }
 
 impl Default for Settings {
@@ -236,6 +266,16 @@ impl Default for Settings {
             head_timeout: Duration::from_secs(30),
             base_path: String::new(),
             trusted_proxies: TrustedProxies::default(),
+            webhook_url: None,
+            webhook_secret: None,
+            // Long enough for an app that does real work per event (a database write),
+            // short enough that a hung app is tried again within seconds.
+            webhook_timeout: Duration::from_secs(10),
+            // Once the app is back, events flow again within a minute.
+            webhook_max_backoff: Duration::from_secs(60),
+            // A day of a busy site's comings and goings while the app is down, in a
+            // few tens of MB: an event is ~150 bytes.
+            webhook_outbox_max: 100_000,
         }
     }
 }
@@ -377,6 +417,25 @@ impl Settings {
                 Some(list) => TrustedProxies::parse(&list).map_err(ConfigError::Invalid)?,
                 None => d.trusted_proxies,
             },
+            webhook_url: o.webhook_url.or(file.webhook_url).filter(|u| !u.is_empty()),
+            // Empty is refused in `check`, like token_secret.
+            webhook_secret: o.webhook_secret.or(file.webhook_secret),
+            webhook_timeout: o
+                .webhook_timeout
+                .or(duration(&path, "webhook_timeout", file.webhook_timeout)?)
+                .unwrap_or(d.webhook_timeout),
+            webhook_max_backoff: o
+                .webhook_max_backoff
+                .or(duration(
+                    &path,
+                    "webhook_max_backoff",
+                    file.webhook_max_backoff,
+                )?)
+                .unwrap_or(d.webhook_max_backoff),
+            webhook_outbox_max: o
+                .webhook_outbox_max
+                .or(file.webhook_outbox_max)
+                .unwrap_or(d.webhook_outbox_max),
         };
         settings.check()?;
         Ok(settings)
@@ -436,6 +495,7 @@ impl Settings {
                 "token_secret is empty: set a secret, or leave the setting out to run without listener tokens",
             );
         }
+        self.check_webhooks()?;
         if self.memory && self.redis.is_some() {
             return invalid("choose --memory or --redis, not both");
         }
@@ -459,6 +519,45 @@ impl Settings {
                 "data = {}: that is a file; the data dir must be a directory (or not exist yet)",
                 self.data.display()
             )));
+        }
+        Ok(())
+    }
+
+    fn check_webhooks(&self) -> Result<(), ConfigError> {
+        let invalid = |m: &str| Err(ConfigError::Invalid(m.to_owned()));
+        if self
+            .webhook_secret
+            .as_deref()
+            .is_some_and(|s| s.trim().is_empty())
+        {
+            return invalid(
+                "webhook_secret is empty: set a secret, or leave the setting out to sign webhooks with the api key",
+            );
+        }
+        if self.webhook_timeout < Duration::from_millis(100) {
+            return invalid("webhook_timeout must be at least 100ms");
+        }
+        if self.webhook_max_backoff < Duration::from_millis(100) {
+            return invalid("webhook_max_backoff must be at least 100ms");
+        }
+        if self.webhook_outbox_max == 0 {
+            return invalid("webhook_outbox_max must be at least 1");
+        }
+        if let Some(url) = &self.webhook_url {
+            let scheme = reqwest::Url::parse(url).map(|u| u.scheme().to_owned());
+            match scheme.as_deref() {
+                Ok("http" | "https") => {}
+                Ok(other) => {
+                    return invalid(&format!(
+                        "webhook_url {url:?}: the app is reached over http:// or https://, not {other}://"
+                    ));
+                }
+                Err(e) => {
+                    return invalid(&format!(
+                        "webhook_url {url:?}: {e}; write a URL like https://app.example/dolores/webhook"
+                    ));
+                }
+            }
         }
         Ok(())
     }

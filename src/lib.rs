@@ -22,6 +22,8 @@
 //! - [`connection`] — accepts connections: SSE and WebSocket streams served directly on the socket,
 //!   everything else through hyper and axum.
 //! - [`tls`] — HTTPS: the certificate and key, checked at start and reloaded when renewed.
+//! - [`webhooks`] — tells the app when listeners come and go: a durable outbox and a
+//!   sender of signed POSTs that never slows a publish.
 //! - [`metrics`] — counters for `/metrics` and `/api/v1/stats`.
 //! - [`error`] — the one error type of the HTTP edge.
 //! - [`proxy`] — behind a reverse proxy: the base path, and whose `X-Forwarded-*`
@@ -55,3 +57,4 @@ pub mod proxy;
 pub mod server;
 pub mod tls;
 pub mod transport;
+pub mod webhooks;

@@ -57,6 +57,21 @@ pub struct Metrics {
     tracks: Gauge,
     stored: Gauge,
     history: Mutex<History>,
+    /// The webhook sender's counters (zero while no `webhook_url` is set).
+    pub webhooks: Arc<WebhookMetrics>,
+}
+
+/// The webhook sender's counters, shared with it.
+#[derive(Debug, Default)]
+pub struct WebhookMetrics {
+    /// Events the app answered 2xx to.
+    pub delivered: Counter,
+    /// Tries that failed (an error, a timeout, a non-2xx answer).
+    pub failed: Counter,
+    /// Events dropped, oldest first, past `webhook_outbox_max`.
+    pub dropped: Counter,
+    /// Events waiting in the outbox (the cluster's, on Redis).
+    pub pending: Gauge,
 }
 
 /// Messages published and delivered in each of the last [`HISTORY_SAMPLES`] samples,
@@ -153,6 +168,27 @@ impl Default for Metrics {
             "Time to commit a group of writes to the store",
             store_latency.clone(),
         );
+        let webhooks = Arc::new(WebhookMetrics::default());
+        registry.register(
+            "webhook_events_delivered",
+            "Webhook events the app answered 2xx to",
+            webhooks.delivered.clone(),
+        );
+        registry.register(
+            "webhook_attempts_failed",
+            "Webhook tries that failed (error, timeout, non-2xx); each is retried",
+            webhooks.failed.clone(),
+        );
+        registry.register(
+            "webhook_events_dropped",
+            "Webhook events dropped, oldest first, past webhook_outbox_max",
+            webhooks.dropped.clone(),
+        );
+        registry.register(
+            "webhook_events_pending",
+            "Webhook events waiting in the outbox",
+            webhooks.pending.clone(),
+        );
         // Every transport shows, at zero, before its first stream.
         for transport in Transport::ALL {
             drop(streams.get_or_create(&transport.into()));
@@ -167,6 +203,7 @@ impl Default for Metrics {
             tracks,
             stored,
             history: Mutex::default(),
+            webhooks,
         }
     }
 }

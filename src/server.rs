@@ -130,6 +130,9 @@ pub async fn run(
     }
     node.presence.close().await;
     node.engine.close().await;
+    if let Some(webhooks) = &node.webhooks {
+        webhooks.close().await;
+    }
     tracing::info!("store flushed; bye");
     Ok(())
 }

@@ -377,3 +377,159 @@ async fn errors_say_their_cause_once_on_one_line() {
         "{line}"
     );
 }
+
+/// A webhook receiver that answers 200 to every request and hands over each request's
+/// `Dolores-Signature` and body.
+async fn webhook_receiver() -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/hook", listener.local_addr().expect("addr"));
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                let mut bytes = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    let head_end = bytes.windows(4).position(|w| w == b"\r\n\r\n");
+                    if let Some(end) = head_end {
+                        let head = String::from_utf8_lossy(&bytes[..end]).to_lowercase();
+                        let length: usize = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse().ok())
+                            .unwrap_or(0);
+                        if bytes.len() >= end + 4 + length {
+                            let signature = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("dolores-signature:"))
+                                .unwrap_or_default()
+                                .trim()
+                                .to_owned();
+                            let body = String::from_utf8_lossy(&bytes[end + 4..end + 4 + length])
+                                .into_owned();
+                            let _ = tx.send((signature, body));
+                            bytes.drain(..end + 4 + length);
+                            let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                            if socket.write_all(ok).await.is_err() {
+                                return;
+                            }
+                            continue;
+                        }
+                    }
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (url, rx)
+}
+
+/// Opens a stream for a new listener on a new track and checks the two webhooks the
+/// server sends (`listener.online`, `track.occupied`, in either order: they are in
+/// different lanes) against `secret`.
+async fn webhooks_are_signed_with(
+    server: &Server,
+    events: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    secret: &str,
+) {
+    use hmac::Mac;
+    let u = uid("hooked");
+    let track = format!(":{u}");
+    server.connect(&u, &track).await;
+    let _sse = server.listen(&u).await;
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let (signature, body) = within("a webhook", WAIT, events.recv())
+            .await
+            .expect("a webhook");
+        let event: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(
+            event["data"].as_object().map(|d| d.len()),
+            Some(1),
+            "{body}"
+        );
+        assert!(body.contains(&u), "{body}");
+        kinds.push(event["type"].as_str().unwrap_or_default().to_owned());
+        let (t, v1) = signature
+            .strip_prefix("t=")
+            .and_then(|rest| rest.split_once(",v1="))
+            .unwrap_or_else(|| panic!("signature {signature:?}"));
+        let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).expect("key");
+        mac.update(format!("{t}.{body}").as_bytes());
+        let expected: String = mac
+            .finalize()
+            .into_bytes()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(v1, expected, "{body}");
+    }
+    kinds.sort();
+    assert_eq!(kinds, ["listener.online", "track.occupied"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhook_settings_come_from_flags_the_environment_and_the_file() {
+    let (url, mut events) = webhook_receiver().await;
+    let by_flag = Server::config()
+        .memory()
+        .args(["--webhook-url", &url, "--webhook-secret", "flag-secret"])
+        .args(["--webhook-timeout", "5s", "--webhook-max-backoff", "1s"])
+        .args(["--webhook-outbox-max", "10"])
+        .start()
+        .await;
+    webhooks_are_signed_with(&by_flag, &mut events, "flag-secret").await;
+    drop(by_flag);
+
+    let by_env = Server::config()
+        .memory()
+        .env("DOLORES_WEBHOOK_URL", &url)
+        .env("DOLORES_WEBHOOK_SECRET", "env-secret")
+        .env("DOLORES_WEBHOOK_TIMEOUT", "5s")
+        .env("DOLORES_WEBHOOK_MAX_BACKOFF", "1s")
+        .env("DOLORES_WEBHOOK_OUTBOX_MAX", "10")
+        .start()
+        .await;
+    webhooks_are_signed_with(&by_env, &mut events, "env-secret").await;
+    drop(by_env);
+
+    let (_dir, path) = config_file(&format!(
+        "webhook_url = \"{url}\"\nwebhook_secret = \"file-secret\"\nwebhook_timeout = \"5s\"\n\
+         webhook_max_backoff = \"1s\"\nwebhook_outbox_max = 10\n"
+    ));
+    let by_file = Server::config()
+        .memory()
+        .args(["--config".to_owned(), path.display().to_string()])
+        .start()
+        .await;
+    webhooks_are_signed_with(&by_file, &mut events, "file-secret").await;
+
+    // Each spelling of each is read: a bad value is refused by name.
+    let (_dir, zero) = config_file("webhook_outbox_max = 0\n");
+    let stderr = refused(&["--config", zero.to_str().expect("utf-8")]).await;
+    assert!(stderr.contains("webhook_outbox_max"), "{stderr}");
+    let stderr = refused(&["--webhook-timeout", "1ms"]).await;
+    assert!(stderr.contains("webhook_timeout"), "{stderr}");
+    let stderr = refused(&["--webhook-max-backoff", "1ms"]).await;
+    assert!(stderr.contains("webhook_max_backoff"), "{stderr}");
+    let stderr = refused(&["--webhook-url", "ftp://app.example/hook"]).await;
+    assert!(stderr.contains("webhook_url"), "{stderr}");
+    let stderr = refused(&[
+        "--webhook-url",
+        "http://app.example/hook",
+        "--webhook-secret",
+        " ",
+    ])
+    .await;
+    assert!(stderr.contains("webhook_secret is empty"), "{stderr}");
+}

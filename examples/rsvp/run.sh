@@ -52,9 +52,11 @@ stop() {
 trap stop EXIT INT TERM
 
 # The page (http://127.0.0.1:8000 or http://localhost:8000) streams from Dolores on
-# another port: another origin, so it must be allowed.
+# another port: another origin, so it must be allowed. Dolores tells the site when
+# pages come and go (webhooks, signed with the api key) for "N people here".
 "$bin" serve --listen "127.0.0.1:$dolores_port" --data "$data" --api-key "$DOLORES_API_KEY" \
-  --cors-origins "http://127.0.0.1:$app_port,http://localhost:$app_port" &
+  --cors-origins "http://127.0.0.1:$app_port,http://localhost:$app_port" \
+  --webhook-url "http://127.0.0.1:$app_port/:webhook" &
 pids+=($!)
 
 "$PYTHON" - "$DOLORES_SERVER/healthz" "${pids[0]}" <<'EOF'

@@ -38,6 +38,8 @@ pub struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+// Parsed once per process: the size of `Serve` (every setting) costs nothing.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Run the server
     Serve {

@@ -323,3 +323,68 @@ def test_every_open_browser_sees_the_list_change_live(rsvp):
         finally:
             browser.close()
             forwarder.close()
+
+
+@pytest.fixture
+def rsvp_with_webhooks(tmp_path):
+    """The site and a Dolores that sends it webhooks (signed with the api key), with a
+    short presence grace."""
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"no Chromium at {CHROMIUM} (tests/python/run.sh installs Debian's)")
+    app_port = free_port()
+    dolores = DoloresServer(
+        data=tmp_path / "dolores-data",
+        cors_origins=[f"http://127.0.0.1:{app_port}"],
+        args=[
+            "--webhook-url", f"http://127.0.0.1:{app_port}/:webhook",
+            "--presence-grace", "1s",
+            "--webhook-max-backoff", "500ms",
+        ],
+    ).start()
+    site = None
+    try:
+        site = Site(tmp_path, app_port, dolores, dolores.url)
+        yield dolores, site
+    finally:
+        if site is not None:
+            site.close()
+        dolores.close()
+
+
+@pytest.mark.e2e
+def test_every_open_page_shows_how_many_people_are_here(rsvp_with_webhooks):
+    from playwright.sync_api import expect, sync_playwright
+
+    dolores, site = rsvp_with_webhooks
+    expect.set_options(timeout=WAIT_MS)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        pages = {}
+        try:
+            for name in ("a", "b"):
+                pages[name] = browser.new_context().new_page()
+                pages[name].goto(site.url + "/")
+            a, b = pages["a"], pages["b"]
+            for page in (a, b):
+                expect(page.locator("#status")).to_have_text("live")
+                expect(page.locator("#here")).to_have_text("2 people here")
+            # B leaves: once the grace is over, A is alone, in the singular.
+            b.context.close()
+            del pages["b"]
+            expect(a.locator("#here")).to_have_text("1 person here")
+            # And a third page comes: both see two again.
+            c = pages["c"] = browser.new_context().new_page()
+            c.goto(site.url + "/")
+            for page in (a, c):
+                expect(page.locator("#here")).to_have_text("2 people here")
+        except BaseException:
+            SCREENSHOTS.mkdir(exist_ok=True)
+            for name, page in pages.items():
+                try:
+                    page.screenshot(path=str(SCREENSHOTS / f"rsvp-here-failed-{name}.png"))
+                except Exception:  # noqa: BLE001
+                    pass
+            print("---- django\n" + site.log()[-4000:] + "\n---- dolores\n" + dolores.log()[-4000:])
+            raise
+        finally:
+            browser.close()

@@ -31,3 +31,11 @@ class Contact(models.Model):
             "version": self.version,
             "updated_at": self.updated_at.isoformat(),
         }
+
+
+class Viewer(models.Model):
+    """A page viewing the list right now, as Dolores' webhooks say (presence.py): its
+    listener came online and has not gone offline."""
+
+    uid = models.CharField(max_length=128, primary_key=True)
+    since = models.DateTimeField(auto_now_add=True)

@@ -73,3 +73,35 @@ class ContactsApiTests(TestCase):
         self.assertEqual(self.send("post", "/:connect/:rsvp", {"uid": uid}).json(), {"uid": uid, "tracks": [":rsvp"]})
         self.assertEqual(self.send("post", "/:connect/:admin", {"uid": uid}).status_code, 403)
         self.assertEqual(self.dolores.connects, [(uid, ":rsvp")])
+
+
+class WhoIsHereTests(TestCase):
+    """presence.py: Dolores' webhooks, signed with the api key, keep the count."""
+
+    def setUp(self):
+        recording = record_updates()
+        self.dolores = recording.__enter__()
+        self.addCleanup(recording.__exit__, None, None, None)
+
+    def webhook(self, kind, uid):
+        import hashlib
+        import hmac
+        import time
+
+        from django.conf import settings
+
+        body = json.dumps({"id": f"evt_{kind}_{uid}", "type": kind, "time": "2026-11-28T16:00:00Z", "data": {"uid": uid}})
+        t = int(time.time())
+        v1 = hmac.new(settings.DOLORES_API_KEY.encode(), f"{t}.{body}".encode(), hashlib.sha256).hexdigest()
+        response = self.client.post("/:webhook", body, content_type="application/json", HTTP_DOLORES_SIGNATURE=f"t={t},v1={v1}")
+        self.assertEqual(response.status_code, 200, response.content)
+
+    def test_each_coming_and_going_publishes_the_count(self):
+        self.webhook("listener.online", "page-one-uid")
+        self.webhook("listener.online", "page-two-uid")
+        self.webhook("listener.online", "page-two-uid")  # delivered twice: counted once
+        self.webhook("listener.offline", "page-one-uid")
+        self.assertEqual(
+            [message for track, message in self.dolores.updates if track == ":rsvp"],
+            [{"here": 1}, {"here": 2}, {"here": 2}, {"here": 1}],
+        )

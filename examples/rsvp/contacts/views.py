@@ -1,6 +1,7 @@
 """The page and the JSON API of the contacts. Every change is published to the track
 ":rsvp" as {"contact": id, "change": "created" | "updated" | "deleted"} once its
-transaction commits; open pages then refetch that contact from this API."""
+transaction commits; open pages then refetch that contact from this API. (The track
+also carries {"here": n}, from presence.py.)"""
 
 import json
 

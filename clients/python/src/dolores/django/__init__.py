@@ -3,7 +3,10 @@
 Add ``"dolores.django"`` to ``INSTALLED_APPS``, set ``DOLORES_SERVER``,
 ``DOLORES_API_KEY`` (and ``DOLORES_TOKEN_SECRET`` when the server has one,
 ``DOLORES_AUTHORIZE`` to decide who may listen to what), and
-``path("", include("dolores.django.urls"))`` for the views browsers call.
+``path("", include("dolores.django.urls"))`` for the views browsers call and the
+one Dolores' webhooks call (``:webhook``, which sends the signals of
+``dolores.django.signals``: ``listener_online``, ``listener_offline``,
+``track_occupied``, ``track_vacated``).
 
 >>> from dolores.django import client, update_on_commit
 >>> client.update(":data", "contact 42 changed")         # a Client configured from settings
@@ -23,11 +26,21 @@ from django.db import transaction
 
 from .._core import DoloresError, encode_body
 from ..client import Client
+from .signals import listener_offline, listener_online, track_occupied, track_vacated
 
 if TYPE_CHECKING:
     from .testing import Recorder
 
-__all__ = ["client", "get_client", "setting", "update_on_commit"]
+__all__ = [
+    "client",
+    "get_client",
+    "listener_offline",
+    "listener_online",
+    "setting",
+    "track_occupied",
+    "track_vacated",
+    "update_on_commit",
+]
 
 log = logging.getLogger("dolores.django")
 
@@ -40,6 +53,7 @@ DEFAULTS = {
     "DOLORES_AUTHORIZE": None,
     "DOLORES_TIMEOUT": 10.0,
     "DOLORES_TOKEN_TTL": 3600,
+    "DOLORES_WEBHOOK_SECRET": None,
 }
 
 _lock = threading.Lock()

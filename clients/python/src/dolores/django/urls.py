@@ -5,9 +5,12 @@
   hold slashes and colons (``:connect/rooms/42``).
 - ``POST :token`` with ``{"uid", "tracks"?}`` — a listener token, for servers with a
   token secret.
+- ``POST :webhook`` — where Dolores sends its events (``--webhook-url
+  https://app.example/:webhook``): checked, then sent as Django signals
+  (``dolores.django.signals``).
 
 Reverse them as ``dolores:connect`` (``args=[track]``), ``dolores:disconnect`` and
-``dolores:token``.
+``dolores:token``, ``dolores:webhook``.
 """
 
 from django.urls import path
@@ -20,4 +23,5 @@ urlpatterns = [
     path(":connect/<path:track>", views.connect, name="connect"),
     path(":disconnect/<path:track>", views.disconnect, name="disconnect"),
     path(":token", views.token, name="token"),
+    path(":webhook", views.webhook, name="webhook"),
 ]

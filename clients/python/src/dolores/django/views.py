@@ -1,5 +1,5 @@
 """The views browsers call: subscribe and unsubscribe a listener, and get a listener
-token. Each takes ``POST`` with a JSON body ``{"uid": U}``, checks it, asks
+token; and ``webhook``, the one Dolores calls (see its doc). Each takes ``POST`` with a JSON body ``{"uid": U}``, checks it, asks
 ``DOLORES_AUTHORIZE``, then asks Dolores. They are ordinary Django views: CSRF is
 enforced by ``CsrfViewMiddleware`` as for any other (the browser client sends the
 ``X-CSRFToken`` header from the ``csrftoken`` cookie). Errors answer the server's
@@ -7,18 +7,29 @@ shape, ``{"error": {"code", "message"}}``."""
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
+import os
+import time
+from datetime import datetime
+from hashlib import sha256
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 from django.core.exceptions import PermissionDenied
 from django.http import HttpRequest, JsonResponse
 from django.utils.module_loading import import_string
+from django.views.decorators.csrf import csrf_exempt
 
 from .._core import DoloresError, check_track, check_uid
 from . import get_client, setting
 
-__all__ = ["authorize", "connect", "disconnect", "token"]
+__all__ = ["authorize", "connect", "disconnect", "token", "webhook", "verify_signature"]
+
+#: How far a webhook's signed time may be from now, in seconds: room for clocks that
+#: disagree a little, and for a request that waited; a captured request replayed later
+#: than this is refused.
+SIGNATURE_TOLERANCE = 300
 
 log = logging.getLogger("dolores.django")
 
@@ -171,3 +182,99 @@ def token(request: HttpRequest) -> Dict[str, Any]:
     _allowed(request, uid, tracks or [])
     signed = get_client().token(uid, tracks=tracks, ttl=int(setting("DOLORES_TOKEN_TTL")))
     return {"uid": uid, "token": signed}
+
+
+class BadSignature(Exception):
+    """A webhook whose ``Dolores-Signature`` does not hold: ``status`` and ``code`` say
+    how to answer."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def verify_signature(
+    header: Optional[str], body: bytes, secret: str, *, now: Optional[float] = None, tolerance: int = SIGNATURE_TOLERANCE
+) -> None:
+    """Checks ``Dolores-Signature: t=<unix>,v1=<hex>`` against ``body``: the HMAC-SHA256
+    of ``"<t>.<body>"`` under ``secret``, compared in constant time, and ``t`` within
+    ``tolerance`` seconds of ``now``. Several ``v1`` may come (any one may match).
+    Raises ``BadSignature``."""
+    if not header:
+        raise BadSignature(400, "missing_signature", "no Dolores-Signature header")
+    stamp: Optional[str] = None
+    candidates: List[str] = []
+    for part in header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t":
+            stamp = value
+        elif key == "v1":
+            candidates.append(value)
+    if stamp is None or not stamp.isdigit() or not candidates:
+        raise BadSignature(400, "bad_signature", "Dolores-Signature is not t=<unix seconds>,v1=<hex>")
+    now = time.time() if now is None else now
+    if abs(now - int(stamp)) > tolerance:
+        raise BadSignature(403, "stale_signature", f"the signature's time is more than {tolerance} s from now")
+    signed = stamp.encode() + b"." + body
+    expected = hmac.new(secret.encode(), signed, sha256).hexdigest()
+    if not any(hmac.compare_digest(expected, candidate.lower()) for candidate in candidates):
+        raise BadSignature(403, "wrong_signature", "the signature does not match the body")
+
+
+def webhook_secret() -> Optional[str]:
+    """``DOLORES_WEBHOOK_SECRET``, else the api key (what the server signs with when it
+    has no webhook secret); each from settings, else the environment."""
+    for name in ("DOLORES_WEBHOOK_SECRET", "DOLORES_API_KEY"):
+        value = setting(name) or os.environ.get(name)
+        if value:
+            return str(value)
+    return None
+
+
+@csrf_exempt
+def webhook(request: HttpRequest) -> JsonResponse:
+    """``POST :webhook``: an event from Dolores (point ``--webhook-url`` here). Checks
+    the signature, then sends the event's signal (``dolores.django.signals``) and
+    answers ``{"ok": true}``; Dolores retries any other answer. Exempt from CSRF: no
+    browser posts here, and the signature is the proof of origin.
+
+    Answers 400 (``missing_signature``, ``bad_signature``, ``bad_json``) or 403
+    (``stale_signature``, ``wrong_signature``); an event of a type this version does
+    not know is taken (200) and ignored, so a newer server is not retried forever."""
+    from .signals import BY_TYPE
+
+    if request.method != "POST":
+        response = error(405, "method_not_allowed", "this endpoint takes POST")
+        response["Allow"] = "POST"
+        return response
+    secret = webhook_secret()
+    if secret is None:
+        log.error("dolores: a webhook came, and neither DOLORES_WEBHOOK_SECRET nor DOLORES_API_KEY is set to check it")
+        return error(503, "no_webhook_secret", "this app cannot check webhooks: set DOLORES_WEBHOOK_SECRET")
+    try:
+        verify_signature(request.headers.get("Dolores-Signature"), request.body, secret)
+    except BadSignature as e:
+        log.warning("dolores: webhook refused: %s", e.message)
+        return error(e.status, e.code, e.message)
+    try:
+        event = json.loads(request.body)
+    except (ValueError, UnicodeDecodeError):
+        return error(400, "bad_json", "the body is not valid JSON")
+    if not isinstance(event, dict) or not isinstance(event.get("data"), dict):
+        return error(400, "bad_request", 'the body must be {"id", "type", "time", "data": {…}}')
+    known = BY_TYPE.get(event.get("type"))  # type: ignore[arg-type]
+    if known is None:
+        return JsonResponse({"ok": True, "ignored": True})
+    signal, field = known
+    try:
+        when: Optional[datetime] = datetime.fromisoformat(str(event.get("time", "")).replace("Z", "+00:00"))
+    except ValueError:
+        when = None
+    signal.send(
+        sender="dolores",
+        event_id=event.get("id"),
+        time=when,
+        event=event,
+        **{field: event["data"].get(field)},
+    )
+    return JsonResponse({"ok": True})

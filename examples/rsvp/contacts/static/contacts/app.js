@@ -135,6 +135,11 @@ export class Contacts {
   }
 }
 
+/** "1 person here", "3 people here". */
+export function hereText(n) {
+  return `${n} ${n === 1 ? "person" : "people"} here`;
+}
+
 // ---- the table -------------------------------------------------------------------------
 
 const ATTENDING = { yes: "Yes", maybe: "Maybe", no: "No" };
@@ -210,6 +215,7 @@ export async function start(Dolores, config) {
   const summary = document.getElementById("summary");
   const errorBox = document.getElementById("error");
   const status = document.getElementById("status");
+  const here = document.getElementById("here");
 
   const showError = (error) => {
     errorBox.textContent = error ? error.message || String(error) : "";
@@ -295,7 +301,14 @@ export async function start(Dolores, config) {
   globalThis.addEventListener("online", () => store.retryStale());
   window.rsvp = { store, dolores };
   try {
-    await dolores.connect(config.track, (track, message) => store.changed(message));
+    // The track carries the contacts' changes, and {"here": n}: how many people are
+    // viewing the list (the app publishes it when Dolores' webhooks say one came or went).
+    await dolores.connect(config.track, (track, message) => {
+      if (message && Number.isInteger(message.here)) {
+        here.textContent = hereText(message.here);
+        here.hidden = false;
+      } else store.changed(message);
+    });
   } catch (error) {
     showError(error);
   }
