@@ -448,10 +448,15 @@ async fn webhooks_are_signed_with(
     server.connect(&u, &track).await;
     let _sse = server.listen(&u).await;
     let mut kinds = Vec::new();
-    for _ in 0..2 {
+    while kinds.len() < 2 {
         let (signature, body) = within("a webhook", WAIT, events.recv())
             .await
             .expect("a webhook");
+        // The receiver is shared: the previous server may still report its own
+        // listener going away.
+        if !body.contains(&u) {
+            continue;
+        }
         let event: serde_json::Value = serde_json::from_str(&body).expect("JSON");
         assert_eq!(
             event["data"].as_object().map(|d| d.len()),
@@ -498,7 +503,7 @@ async fn webhook_settings_come_from_flags_the_environment_and_the_file() {
         .env("DOLORES_WEBHOOK_TIMEOUT", "5s")
         .env("DOLORES_WEBHOOK_MAX_BACKOFF", "1s")
         .env("DOLORES_WEBHOOK_OUTBOX_MAX", "10")
-        .start()
+        .spawn()
         .await;
     webhooks_are_signed_with(&by_env, &mut events, "env-secret").await;
     drop(by_env);

@@ -348,7 +348,7 @@ async fn past_its_bound_the_outbox_drops_the_oldest_counts_and_says_so() {
     let server = Server::config()
         .args(webhook_args(&receiver))
         .args(["--webhook-outbox-max", "3"])
-        .start()
+        .spawn()
         .await;
     let track = format!(":full-{}", uid("t"));
     let mut streams = Vec::new();
@@ -392,7 +392,7 @@ async fn past_its_bound_the_outbox_drops_the_oldest_counts_and_says_so() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_pending_at_kill_9_are_all_sent_after_the_restart() {
     let receiver = Receiver::start(Answer::Fail).await;
-    let mut server = Server::config().args(webhook_args(&receiver)).start().await;
+    let mut server = Server::config().args(webhook_args(&receiver)).spawn().await;
     let mut uids = Vec::new();
     for n in 0..4 {
         let (u, sse) = online(&server, "durable", ":durable").await;
@@ -426,7 +426,7 @@ async fn a_hanging_app_slows_no_publish_no_delivery_and_no_shutdown() {
     let mut server = Server::config()
         .args(webhook_args(&receiver))
         .args(["--webhook-timeout", "60s"])
-        .start()
+        .spawn()
         .await;
     let mut streams = Vec::new();
     for _ in 0..20 {
