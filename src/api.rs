@@ -27,10 +27,10 @@ use crate::error::{ApiError, ErrorCode};
 use crate::names;
 use crate::node::Node;
 
-pub mod tracks;
+pub(crate) mod tracks;
 
 // Most updates in one batch; the bench keeps to the same limit.
-pub use dolores_protocol::api::MAX_BATCH;
+pub(crate) use dolores_protocol::api::MAX_BATCH;
 /// Smallest request body limit; raised to fit one message of `max_message_bytes`.
 /// 8 MiB fits a full batch of ordinary messages without letting one request eat memory.
 const MIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
@@ -38,7 +38,7 @@ const MIN_BODY_LIMIT: usize = 8 * 1024 * 1024;
 type ApiResult = Result<Json<Value>, ApiError>;
 
 /// The backend's calls, each behind the api key, and `/healthz` and `/metrics`.
-pub fn router(node: &Node) -> Router<Node> {
+pub(crate) fn router(node: &Node) -> Router<Node> {
     let backend = Router::new()
         .route(paths::UPDATE, post(update))
         .route(paths::CONNECT, post(connect))
@@ -127,13 +127,13 @@ async fn metrics(State(node): State<Node>) -> Result<Response, ApiError> {
 }
 
 /// The request header that makes an update safe to retry (SPEC, "Retrying safely").
-pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+pub(crate) const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 /// The answer header on an update that repeated an earlier one: nothing new was stored.
-pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+pub(crate) const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
 /// `POST /api/v1/update`: one message or a batch, stored before the answer; once per
 /// `Idempotency-Key`.
-pub async fn update(
+pub(crate) async fn update(
     State(state): State<Node>,
     headers: HeaderMap,
     body: Body,
@@ -232,7 +232,11 @@ fn parse_update(mut fields: Fields, max_message_bytes: usize) -> Result<Update, 
 }
 
 /// `POST /api/v1/connect`: subscribes a listener (created if new) to a track.
-pub async fn connect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
+pub(crate) async fn connect(
+    State(state): State<Node>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     let (uid, track) = parse_connect(read_object(&state, &headers, body).await?)?;
     let tracks = state.engine.connect(&uid, vec![track]).await?;
     Ok(Json(json!({ "uid": uid, "tracks": tracks })))
@@ -248,7 +252,11 @@ fn parse_connect(mut fields: Fields) -> Result<(String, String), ApiError> {
 
 /// `POST /api/v1/disconnect`: one track, or (without `track`) the whole listener — which
 /// also revokes its listener tokens issued until now (see `Engine::disconnect`).
-pub async fn disconnect(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
+pub(crate) async fn disconnect(
+    State(state): State<Node>,
+    headers: HeaderMap,
+    body: Body,
+) -> ApiResult {
     let (uid, track) = parse_disconnect(read_object(&state, &headers, body).await?)?;
     let tracks = state
         .engine
@@ -271,7 +279,7 @@ fn parse_disconnect(mut fields: Fields) -> Result<(String, Option<String>), ApiE
 }
 
 /// `GET /api/v1/listeners/{uid}`.
-pub async fn listener(
+pub(crate) async fn listener(
     State(state): State<Node>,
     uid: Result<Path<String>, PathRejection>,
 ) -> ApiResult {
@@ -293,7 +301,7 @@ pub async fn listener(
 }
 
 /// `POST /api/v1/tokens`: a listener token signed with the server's secret.
-pub async fn tokens(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
+pub(crate) async fn tokens(State(state): State<Node>, headers: HeaderMap, body: Body) -> ApiResult {
     let request = parse_token_request(read_object(&state, &headers, body).await?)?;
     let Some(tokens) = state.tokens() else {
         return Err(ApiError::bad_field(
@@ -369,17 +377,17 @@ fn parse_token_request(mut fields: Fields) -> Result<TokenRequest, ApiError> {
 }
 
 /// This API's OpenAPI document, `docs/openapi.json`: written once, served as it is.
-pub const OPENAPI: &str = include_str!("../docs/openapi.json");
+pub(crate) const OPENAPI: &str = include_str!("../docs/openapi.json");
 
 /// `GET /api/v1/openapi.json`. It needs no api key: it describes the API and holds
 /// nothing of the node's data, and tools (code generators, fuzzers) read it before they
 /// have a key.
-pub async fn openapi() -> impl axum::response::IntoResponse {
+pub(crate) async fn openapi() -> impl axum::response::IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 /// `GET /api/v1/stats`.
-pub async fn stats(State(state): State<Node>) -> ApiResult {
+pub(crate) async fn stats(State(state): State<Node>) -> ApiResult {
     Ok(Json(state.stats().await?))
 }
 

@@ -15,21 +15,21 @@ use subtle::ConstantTimeEq;
 use crate::error::{ApiError, ErrorCode};
 
 /// Clock skew tolerated on `exp`, as the spec promises.
-pub const LEEWAY_SECONDS: u64 = 60;
+pub(crate) const LEEWAY_SECONDS: u64 = 60;
 /// Longest lifetime `POST /api/v1/tokens` will sign: long-lived tokens are keys that
 /// cannot be revoked, so a week is the most we hand out.
-pub const MAX_TOKEN_TTL_SECONDS: u64 = 7 * 24 * 3600;
+pub(crate) const MAX_TOKEN_TTL_SECONDS: u64 = 7 * 24 * 3600;
 /// How long the revocation of a listener's tokens (`disconnect` of the whole listener)
 /// is kept: the longest a token accepted here can live after its `iat` — the 7-day cap,
 /// the leeway on that cap, and the leeway on `exp` — so every token it revokes has
 /// expired before it is dropped.
-pub const REVOCATION_TTL: std::time::Duration =
+pub(crate) const REVOCATION_TTL: std::time::Duration =
     std::time::Duration::from_secs(MAX_TOKEN_TTL_SECONDS + 2 * LEEWAY_SECONDS);
 /// Lifetime of a token when the caller does not say.
-pub const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3600;
+pub(crate) const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3600;
 
 /// Checks `Authorization: Bearer <key>` against `key`.
-pub fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
+pub(crate) fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
         return Err(ApiError::unauthorized(
             ErrorCode::MissingApiKey,
@@ -164,7 +164,10 @@ impl Tokens {
 /// second of the revocation may have been minted before it: it is refused too. That
 /// errs on the side of refusing — a client minted in that second asks once more,
 /// a second later — rather than let a revoked token through.
-pub fn check_revocation(claims: &Claims, revoked_at_ms: Option<u64>) -> Result<(), ApiError> {
+pub(crate) fn check_revocation(
+    claims: &Claims,
+    revoked_at_ms: Option<u64>,
+) -> Result<(), ApiError> {
     let Some(revoked_at_ms) = revoked_at_ms else {
         return Ok(());
     };

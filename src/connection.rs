@@ -37,7 +37,7 @@ const MAX_HTTP2_STREAMS: u32 = 1000;
 const MAX_HEADERS: usize = 64;
 
 /// Serves one accepted connection from `peer` until it closes.
-pub async fn serve(
+pub(crate) async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     state: Node,
@@ -87,7 +87,7 @@ pub async fn serve(
 /// Serves one accepted connection of an HTTPS listener: the TLS handshake, then HTTP/2
 /// or HTTP/1.1 (whichever ALPN chose) through hyper and the axum router. Plain HTTP sent
 /// to this port gets a 400 that says so, and the connection is closed.
-pub async fn serve_tls(
+pub(crate) async fn serve_tls(
     stream: TcpStream,
     peer: SocketAddr,
     acceptor: TlsAcceptor,

@@ -35,7 +35,7 @@ const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(3600);
 /// The two lists of allowed origins, normalised (`scheme://host[:port]`, lower case, no
 /// default port, no trailing slash) so that they compare with what browsers send.
 #[derive(Debug, Clone, Default)]
-pub struct Origins {
+pub(crate) struct Origins {
     public: Vec<String>,
     listed: Vec<String>,
     any: bool,
@@ -44,7 +44,7 @@ pub struct Origins {
 impl Origins {
     /// The origins from the settings: `public_origins` (or, without it, those of the
     /// address the server listens on; `https` when it serves TLS) and `cors_origins`.
-    pub fn new(public: &[String], cors: &[String], listen: &str, https: bool) -> Self {
+    pub(crate) fn new(public: &[String], cors: &[String], listen: &str, https: bool) -> Self {
         let public = if public.is_empty() {
             listen_origins(listen, https)
         } else {
@@ -63,17 +63,17 @@ impl Origins {
 
     /// Whether `origin` is one of `cors_origins` (`*` lists every origin): a page there
     /// gets CORS headers.
-    pub fn listed(&self, origin: &str) -> bool {
+    pub(crate) fn listed(&self, origin: &str) -> bool {
         self.any || self.listed.contains(&normalise(origin))
     }
 
     /// Whether a page at `origin` may use the listener endpoints.
-    pub fn allowed(&self, origin: &str) -> bool {
+    pub(crate) fn allowed(&self, origin: &str) -> bool {
         self.listed(origin) || self.public.contains(&normalise(origin))
     }
 
     /// The server's own origins, for the log line that explains a refusal.
-    pub fn public(&self) -> &[String] {
+    pub(crate) fn public(&self) -> &[String] {
         &self.public
     }
 }
@@ -121,7 +121,7 @@ fn origin_of(headers: &HeaderMap) -> Option<&str> {
 /// `what` and `client` name the request in the log, which says why: behind a proxy,
 /// a page of the app lands here until its origin is in `public_origins`, and the
 /// operator needs to see which one.
-pub fn check_origin(
+pub(crate) fn check_origin(
     origins: &Origins,
     headers: &HeaderMap,
     what: &str,
@@ -147,7 +147,7 @@ pub fn check_origin(
 
 /// The CORS header lines (each ending in CRLF) for a stream answered directly on the
 /// socket: the same headers [`layer`] gives a framework answer.
-pub fn header_lines(origins: &Origins, headers: &HeaderMap) -> String {
+pub(crate) fn header_lines(origins: &Origins, headers: &HeaderMap) -> String {
     match origin_of(headers) {
         Some(origin) if origins.listed(origin) && !origin.contains(['\r', '\n']) => {
             format!("access-control-allow-origin: {origin}\r\nvary: origin\r\n")
@@ -160,7 +160,11 @@ pub fn header_lines(origins: &Origins, headers: &HeaderMap) -> String {
 /// a `cors_origins` origin gets its origin echoed (with `Vary: Origin`, as caches must
 /// keep one answer per origin), and a preflight from it the methods and headers a
 /// listener uses. Any other page gets no CORS header at all, preflight included.
-pub async fn layer(State(origins): State<Origins>, request: Request, next: Next) -> Response {
+pub(crate) async fn layer(
+    State(origins): State<Origins>,
+    request: Request,
+    next: Next,
+) -> Response {
     let origin = origin_of(request.headers())
         .filter(|o| origins.listed(o) && !o.contains(['\r', '\n']))
         .and_then(|o| HeaderValue::from_str(o).ok());
@@ -199,7 +203,7 @@ pub async fn layer(State(origins): State<Origins>, request: Request, next: Next)
 /// The answer to an `OPTIONS` that [`layer`] did not answer itself (a page it gives no
 /// CORS headers): routed beside each `GET` it guards, since a route without it would
 /// answer 405 before any layer ran.
-pub async fn preflight() -> StatusCode {
+pub(crate) async fn preflight() -> StatusCode {
     StatusCode::NO_CONTENT
 }
 

@@ -23,15 +23,15 @@ use crate::engine::{Change, Message, Tail};
 /// Most messages waiting for one stream. Past this the stream is behind by more than a
 /// burst and reads from the store instead; the queue holds pointers to shared
 /// messages, so a full one costs 8 bytes a message.
-pub const QUEUE_CAPACITY: usize = 4096;
+pub(crate) const QUEUE_CAPACITY: usize = 4096;
 /// Most bytes of messages (their JSON) waiting for one stream. The messages are shared,
 /// but a stream that does not read keeps alive every one in its queue: 4,096 messages of
 /// 64 KiB would be 256 MiB for one stuck reader. Past this it reads from the store too.
-pub const QUEUE_BYTES: usize = 1024 * 1024;
+pub(crate) const QUEUE_BYTES: usize = 1024 * 1024;
 
 /// The live fan-out. Share it as `Arc<Hub>`.
 #[derive(Debug, Default)]
-pub struct Hub {
+pub(crate) struct Hub {
     state: Mutex<HubState>,
     /// Woken when `HubState::turns` gains something.
     turned: Notify,
@@ -98,7 +98,7 @@ struct Queue {
 
 /// What a stream gets from its queue.
 #[derive(Debug)]
-pub enum Received {
+pub(crate) enum Received {
     /// Messages, in log order (some may be at or below the stream's cursor: skip those).
     Messages(VecDeque<Arc<Message>>),
     /// The queue overflowed and was emptied: read from the store after your cursor.
@@ -139,14 +139,14 @@ impl Slot {
 
 /// An open stream's registration; dropping it unregisters the stream.
 #[derive(Debug)]
-pub struct Subscription {
+pub(crate) struct Subscription {
     hub: Arc<Hub>,
     slot: Arc<Slot>,
 }
 
 impl Subscription {
     /// Adds tracks to what this stream receives (already present ones are ignored).
-    pub fn add_tracks<'a>(&self, tracks: impl IntoIterator<Item = &'a str>) {
+    pub(crate) fn add_tracks<'a>(&self, tracks: impl IntoIterator<Item = &'a str>) {
         let mut state = lock(&self.hub.state);
         for track in tracks {
             state.add(&self.slot, track.into());
@@ -156,7 +156,7 @@ impl Subscription {
 
     /// Waits for the next messages, or news that the stream must read from the store.
     /// Cancel-safe: nothing is taken from the queue unless this returns.
-    pub async fn recv(&self) -> Received {
+    pub(crate) async fn recv(&self) -> Received {
         loop {
             {
                 let mut queue = lock(&self.slot.queue);
@@ -238,7 +238,7 @@ impl HubState {
 impl Hub {
     /// Registers a stream for `uid` with no tracks yet. Register *before* reading the
     /// listener from the store: changes committed after that reach the stream here.
-    pub fn subscribe(self: &Arc<Self>, uid: &str) -> Subscription {
+    pub(crate) fn subscribe(self: &Arc<Self>, uid: &str) -> Subscription {
         let slot = Arc::new(Slot {
             uid: uid.into(),
             queue: Mutex::default(),
@@ -258,17 +258,17 @@ impl Hub {
     }
 
     /// How many streams `uid` has open on this node.
-    pub fn online(&self, uid: &str) -> usize {
+    pub(crate) fn online(&self, uid: &str) -> usize {
         lock(&self.state).uids.get(uid).map_or(0, Vec::len)
     }
 
     /// How many listeners have a stream open on this node.
-    pub fn online_count(&self) -> usize {
+    pub(crate) fn online_count(&self) -> usize {
         lock(&self.state).uids.len()
     }
 
     /// How many distinct listeners have a stream open on this node that receives `track`.
-    pub fn online_in_track(&self, track: &str) -> usize {
+    pub(crate) fn online_in_track(&self, track: &str) -> usize {
         let state = lock(&self.state);
         let Some(slots) = state.tracks.get(track) else {
             return 0;
@@ -278,13 +278,13 @@ impl Hub {
     }
 
     /// Whether some stream open on this node receives `track`.
-    pub fn track_open(&self, track: &str) -> bool {
+    pub(crate) fn track_open(&self, track: &str) -> bool {
         lock(&self.state).tracks.contains_key(track)
     }
 
     /// Every uid with a stream open on this node, and every track such a stream
     /// receives (for presence to start from, or to write again).
-    pub fn open(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+    pub(crate) fn open(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
         let state = lock(&self.state);
         (
             state.uids.keys().cloned().collect(),
@@ -303,18 +303,18 @@ impl Hub {
     }
 
     /// Starts noting turns for [`Hub::take_turns`]; until then none are kept.
-    pub fn watch(&self) {
+    pub(crate) fn watch(&self) {
         lock(&self.state).turns.watched = true;
     }
 
     /// Waits until something may have turned since the last [`Hub::take_turns`].
-    pub async fn turned(&self) {
+    pub(crate) async fn turned(&self) {
         self.turned.notified().await;
     }
 
     /// The uids and tracks whose first stream opened or last one closed since the last
     /// call (look at each again: it may have turned back).
-    pub fn take_turns(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
+    pub(crate) fn take_turns(&self) -> (Vec<Arc<str>>, Vec<Arc<str>>) {
         let mut state = lock(&self.state);
         let turns = &mut state.turns;
         (turns.uids.drain().collect(), turns.tracks.drain().collect())

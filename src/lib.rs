@@ -35,26 +35,30 @@
 //!
 //! What the server and the bench agree on (paths, transports, the batch limit) is in
 //! `crates/dolores-protocol`. This crate has no `unsafe`; the bench keeps what it needs.
+//!
+//! Public are only what the binary and the in-process tests use — `cli`, `config`,
+//! `node`, `server`, `tls`, and `proxy` for a setting's type; every other module is the
+//! crate's own.
 
 #![forbid(unsafe_code)]
 
-pub mod api;
-pub mod auth;
+pub(crate) mod api;
+pub(crate) mod auth;
 pub mod cli;
 pub mod config;
-pub mod connection;
-pub mod cors;
-pub mod engine;
-pub mod error;
-pub mod hub;
-pub mod metrics;
-pub mod names;
+pub(crate) mod connection;
+pub(crate) mod cors;
+pub(crate) mod engine;
+pub(crate) mod error;
+pub(crate) mod hub;
+pub(crate) mod metrics;
+pub(crate) mod names;
 pub mod node;
-pub mod notify;
-pub mod page;
-pub mod presence;
+pub(crate) mod notify;
+pub(crate) mod page;
+pub(crate) mod presence;
 pub mod proxy;
 pub mod server;
 pub mod tls;
-pub mod transport;
-pub mod webhooks;
+pub(crate) mod transport;
+pub(crate) mod webhooks;

@@ -24,12 +24,12 @@ use crate::engine::StoreCounts;
 
 /// Seconds of history `/status` serves: the five minutes the status page's chart shows.
 /// Two counts a second, so the whole ring is under 5 KB.
-pub const HISTORY_SAMPLES: usize = 300;
+pub(crate) const HISTORY_SAMPLES: usize = 300;
 /// One sample a second: fine enough to see the publish a person just made.
-pub const HISTORY_EVERY: Duration = Duration::from_secs(1);
+pub(crate) const HISTORY_EVERY: Duration = Duration::from_secs(1);
 
 /// A listener transport; its name is the metric label (shared with `dolores bench`).
-pub use dolores_protocol::Transport;
+pub(crate) use dolores_protocol::Transport;
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct TransportLabel {
@@ -47,7 +47,7 @@ impl From<Transport> for TransportLabel {
 
 /// The node's metrics. Cheap to share behind an `Arc`.
 #[derive(Debug)]
-pub struct Metrics {
+pub(crate) struct Metrics {
     registry: Registry,
     streams: Family<TransportLabel, Gauge>,
     published: Counter,
@@ -77,7 +77,7 @@ pub struct WebhookMetrics {
 /// Messages published and delivered in each of the last [`HISTORY_SAMPLES`] samples,
 /// oldest first. A bounded ring: the oldest sample goes when a new one comes.
 #[derive(Debug, Default)]
-pub struct History {
+pub(crate) struct History {
     /// The totals at the last sample, to count what happened since.
     totals: (u64, u64),
     /// When the last sample was taken, ms since the Unix epoch.
@@ -116,7 +116,7 @@ impl History {
 
 /// Counts one open stream for as long as it lives.
 #[derive(Debug)]
-pub struct OpenStream(Gauge);
+pub(crate) struct OpenStream(Gauge);
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
@@ -210,40 +210,40 @@ impl Default for Metrics {
 
 impl Metrics {
     /// Counts an open stream until the returned guard drops.
-    pub fn open_stream(&self, transport: Transport) -> OpenStream {
+    pub(crate) fn open_stream(&self, transport: Transport) -> OpenStream {
         let gauge = self.streams.get_or_create(&transport.into()).clone();
         gauge.inc();
         OpenStream(gauge)
     }
 
     /// Open streams of one transport.
-    pub fn open_streams(&self, transport: Transport) -> i64 {
+    pub(crate) fn open_streams(&self, transport: Transport) -> i64 {
         self.streams.get_or_create(&transport.into()).get()
     }
 
     /// Counts messages written to streams.
-    pub fn delivered(&self, count: usize) {
+    pub(crate) fn delivered(&self, count: usize) {
         self.delivered.inc_by(count as u64);
     }
 
     /// Messages delivered so far.
-    pub fn delivered_total(&self) -> u64 {
+    pub(crate) fn delivered_total(&self) -> u64 {
         self.delivered.get()
     }
 
     /// Counts a commit of `published` messages that took `seconds`.
-    pub fn committed(&self, published: usize, seconds: f64) {
+    pub(crate) fn committed(&self, published: usize, seconds: f64) {
         self.published.inc_by(published as u64);
         self.store_latency.observe(seconds);
     }
 
     /// Messages published so far.
-    pub fn published_total(&self) -> u64 {
+    pub(crate) fn published_total(&self) -> u64 {
         self.published.get()
     }
 
     /// Takes one sample of the history (see [`History`]).
-    pub fn sample_history(&self, now_ms: u64) {
+    pub(crate) fn sample_history(&self, now_ms: u64) {
         let (published, delivered) = (self.published_total(), self.delivered_total());
         self.history
             .lock()
@@ -252,7 +252,7 @@ impl Metrics {
     }
 
     /// The recent history as JSON, for `/status`.
-    pub fn history_json(&self) -> serde_json::Value {
+    pub(crate) fn history_json(&self) -> serde_json::Value {
         self.history
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
@@ -261,7 +261,7 @@ impl Metrics {
 
     /// Samples the history every [`HISTORY_EVERY`] until `shutdown`, or until the
     /// metrics are dropped (the task holds them weakly, so it never keeps them alive).
-    pub fn keep_history(metrics: &Arc<Metrics>, shutdown: CancellationToken) {
+    pub(crate) fn keep_history(metrics: &Arc<Metrics>, shutdown: CancellationToken) {
         let metrics: Weak<Metrics> = Arc::downgrade(metrics);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(HISTORY_EVERY);
@@ -281,7 +281,7 @@ impl Metrics {
     }
 
     /// The Prometheus text exposition, with the store's counts as of now.
-    pub fn render(&self, counts: StoreCounts) -> String {
+    pub(crate) fn render(&self, counts: StoreCounts) -> String {
         self.listeners.set(counts.listeners as i64);
         self.tracks.set(counts.tracks as i64);
         self.stored.set(counts.messages as i64);

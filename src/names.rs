@@ -6,21 +6,21 @@
 
 /// Longest track name in bytes: long enough for paths like `rooms/42/members`,
 /// short enough that an index key stays small.
-pub const MAX_TRACK_BYTES: usize = 256;
+pub(crate) const MAX_TRACK_BYTES: usize = 256;
 /// Shortest uid: eight characters make a made-up uid hard to collide with.
-pub const MIN_UID_CHARS: usize = 8;
+pub(crate) const MIN_UID_CHARS: usize = 8;
 /// Longest uid: room for a UUID with a prefix, nothing that bloats a listener record.
-pub const MAX_UID_CHARS: usize = 128;
+pub(crate) const MAX_UID_CHARS: usize = 128;
 
 /// Why a name was refused, in words for the person who sent it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct BadName(pub String);
+pub(crate) struct BadName(pub String);
 
 /// Checks a track name: 1–256 bytes of UTF-8, no control characters (Unicode `Cc`: C0,
 /// DEL, C1), no whitespace (Unicode `White_Space`). Format characters such as U+FEFF are
 /// neither, so they pass: `tests/vectors/names.json` holds the cases every client agrees on.
-pub fn check_track(track: &str) -> Result<(), BadName> {
+pub(crate) fn check_track(track: &str) -> Result<(), BadName> {
     if track.is_empty() || track.len() > MAX_TRACK_BYTES {
         return Err(BadName(format!(
             "a track is 1 to {MAX_TRACK_BYTES} bytes, this one is {}",
@@ -36,7 +36,7 @@ pub fn check_track(track: &str) -> Result<(), BadName> {
 }
 
 /// Checks a uid: 8–128 characters of `A-Z a-z 0-9 - _ .`.
-pub fn check_uid(uid: &str) -> Result<(), BadName> {
+pub(crate) fn check_uid(uid: &str) -> Result<(), BadName> {
     if uid.len() < MIN_UID_CHARS || uid.len() > MAX_UID_CHARS {
         return Err(BadName(format!(
             "a uid is {MIN_UID_CHARS} to {MAX_UID_CHARS} characters, this one is {}",

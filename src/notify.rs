@@ -17,7 +17,7 @@ use std::os::unix::net::{SocketAddr, UnixDatagram};
 use std::time::Duration;
 
 /// The variable systemd sets to the address of its notification socket.
-pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
+pub(crate) const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 
 /// How long a send may block. systemd reads its socket promptly; a reader that does not
 /// must not hold up the server's start or its shutdown.
@@ -25,14 +25,14 @@ pub const NOTIFY_SOCKET: &str = "NOTIFY_SOCKET";
 const SEND_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Says the server is ready; `status` is the one line `systemctl status` shows.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     let status = status.replace('\n', " ");
     let message = format!("READY=1\nSTATUS={status}\nMAINPID={}", std::process::id());
     warn_on_error(notify(&message));
 }
 
 /// Says the server has begun to shut down.
-pub fn stopping() {
+pub(crate) fn stopping() {
     warn_on_error(notify("STOPPING=1\nSTATUS=shutting down"));
 }
 
@@ -46,7 +46,7 @@ fn warn_on_error(sent: std::io::Result<bool>) {
 /// Sends `message` (newline-separated `KEY=value` assignments) to the socket named by
 /// `NOTIFY_SOCKET`. `Ok(false)` when the variable is unset or empty.
 #[cfg(unix)]
-pub fn notify(message: &str) -> std::io::Result<bool> {
+pub(crate) fn notify(message: &str) -> std::io::Result<bool> {
     let Some(target) = std::env::var_os(NOTIFY_SOCKET).filter(|t| !t.is_empty()) else {
         return Ok(false);
     };

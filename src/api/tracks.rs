@@ -19,9 +19,9 @@ use crate::names;
 use crate::node::Node;
 
 /// Items in a page when the caller does not say: a screenful.
-pub const DEFAULT_PAGE: usize = 100;
+pub(crate) const DEFAULT_PAGE: usize = 100;
 /// Most items in one page: bounds one answer's size and the work behind it.
-pub const MAX_PAGE: usize = 1000;
+pub(crate) const MAX_PAGE: usize = 1000;
 /// Most subscribers looked at for one page of `?online=`: a page of online listeners of
 /// a track where few are online may need several reads of the store; past this many
 /// the page ends short, with `next` to carry on from (one request stays bounded).
@@ -31,7 +31,7 @@ const MAX_SCANNED_PER_PAGE: usize = 10 * MAX_PAGE;
 const COUNT_STEP: usize = MAX_PAGE;
 
 /// `GET /api/v1/tracks/{track}`: `{"track", "subscribers", "online"}`.
-pub async fn track(
+pub(crate) async fn track(
     State(node): State<Node>,
     track: Result<Path<String>, PathRejection>,
 ) -> Result<Json<Value>, ApiError> {
@@ -67,7 +67,7 @@ async fn count_online(node: &Node, track: &str) -> Result<u64, ApiError> {
 /// The query of `…/listeners`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ListenersQuery {
+pub(crate) struct ListenersQuery {
     /// `true`: only online listeners; `false`: only offline ones; absent: all.
     online: Option<String>,
     /// Most listeners in the page.
@@ -80,7 +80,7 @@ pub struct ListenersQuery {
 /// ordered by uid, `{"listeners": [{"uid", "online", "last_seen"}], "next"?}`. With
 /// `online`, a page may hold fewer than `limit` (see [`MAX_SCANNED_PER_PAGE`]): follow
 /// `next` while there is one.
-pub async fn listeners(
+pub(crate) async fn listeners(
     State(node): State<Node>,
     track: Result<Path<String>, PathRejection>,
     query: Result<Query<ListenersQuery>, QueryRejection>,
@@ -153,7 +153,7 @@ pub async fn listeners(
 /// The query of `…/messages`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MessagesQuery {
+pub(crate) struct MessagesQuery {
     /// Start after this event id.
     after: Option<String>,
     /// Most messages in the page.
@@ -163,7 +163,7 @@ pub struct MessagesQuery {
 /// `GET /api/v1/tracks/{track}/messages?after=&limit=`: what the store still keeps of
 /// the track, in order, `{"messages": [{"id", "track", "message"}], "next"?, "reset"?}`;
 /// `reset` when `after` is older than what is kept (or not a position of this log).
-pub async fn messages(
+pub(crate) async fn messages(
     State(node): State<Node>,
     track: Result<Path<String>, PathRejection>,
     query: Result<Query<MessagesQuery>, QueryRejection>,

@@ -3,14 +3,12 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
 use crate::config::Settings;
 use crate::node::Node;
-use crate::presence::NoSink;
 use crate::server;
 
 /// Runs the server with `settings`.
@@ -48,7 +46,7 @@ pub(crate) async fn run(mut settings: Settings) -> anyhow::Result<()> {
     // With a base path, that is where everything is, the status page included.
     let scheme = if tls.is_some() { "https" } else { "http" };
     let url = format!("{scheme}://{addr}{}", settings.base_path);
-    let state = Node::open(settings, api_key.clone(), Arc::new(NoSink)).await?;
+    let state = Node::open(settings, api_key.clone()).await?;
     let shutdown = shutdown_signal();
     let mut out = std::io::stdout().lock();
     writeln!(

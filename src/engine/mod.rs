@@ -43,11 +43,11 @@ const MAX_CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
 
 /// A position in the log. Positions start at 1 and grow by one per message; 0 means
 /// "before everything". The event id a client sees is this number in decimal.
-pub type Position = u64;
+pub(crate) type Position = u64;
 
 /// One stored message, shared by every stream that delivers it.
 #[derive(Debug)]
-pub struct Message {
+pub(crate) struct Message {
     /// Where it stands in the log; its event id.
     pub pos: Position,
     /// The track it was published to.
@@ -63,7 +63,7 @@ pub struct Message {
 
 impl Message {
     /// Makes a message; `json` must be compact JSON.
-    pub fn new(pos: Position, track: Arc<str>, json: Box<str>, time_ms: u64) -> Self {
+    pub(crate) fn new(pos: Position, track: Arc<str>, json: Box<str>, time_ms: u64) -> Self {
         Self {
             pos,
             track,
@@ -77,7 +77,7 @@ impl Message {
 
     /// The message as one JSON event, `{"id", "track", "message"}`: a WebSocket text
     /// frame, and an item of a long-poll answer. Built once and shared.
-    pub fn json_event(&self) -> Bytes {
+    pub(crate) fn json_event(&self) -> Bytes {
         self.json_event
             .get_or_init(|| {
                 let track = serde_json::to_string(&*self.track).unwrap_or_default();
@@ -91,7 +91,7 @@ impl Message {
 
     /// The message's WebSocket frame, built once and shared by every socket: a final,
     /// unmasked text frame (RFC 6455 §5.2) carrying [`Self::json_event`].
-    pub fn ws_frame(&self) -> Bytes {
+    pub(crate) fn ws_frame(&self) -> Bytes {
         self.ws
             .get_or_init(|| {
                 let payload = self.json_event();
@@ -114,7 +114,7 @@ impl Message {
     }
 
     /// The message's Server-Sent Events frame, built once and shared by every stream.
-    pub fn sse_frame(&self) -> Bytes {
+    pub(crate) fn sse_frame(&self) -> Bytes {
         self.sse
             .get_or_init(|| {
                 let track = serde_json::to_string(&*self.track).unwrap_or_default();
@@ -129,7 +129,7 @@ impl Message {
 
 /// What a caller asks to publish: a checked track and a compact JSON message.
 #[derive(Debug, Clone)]
-pub struct Update {
+pub(crate) struct Update {
     /// The track, already checked by `names::check_track`.
     pub track: String,
     /// The message as compact JSON text.
@@ -138,18 +138,18 @@ pub struct Update {
 
 /// Longest `Idempotency-Key`, in bytes (the SPEC's 1 to 255 printable ASCII): room for
 /// any UUID, hash or composite key a publisher makes, while a stored key stays small.
-pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+pub(crate) const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 
 /// The shortest time an `Idempotency-Key` is remembered, whatever the retention: a
 /// publisher that retries after an outage (a night, a deploy) still must not publish
 /// twice, even when the messages themselves were already trimmed (SPEC: 24 h).
-pub const MIN_IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
+pub(crate) const MIN_IDEMPOTENCY_KEEP: Duration = Duration::from_secs(24 * 3600);
 
 /// A publisher's `Idempotency-Key`, with a digest of the updates it came with: an append
 /// repeated with the key answers the first one's positions and stores nothing; the
 /// same key with other updates is [`EngineError::KeyReused`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdempotencyKey {
+pub(crate) struct IdempotencyKey {
     key: String,
     digest: String,
 }
@@ -157,12 +157,12 @@ pub struct IdempotencyKey {
 /// Why a text is not an `Idempotency-Key`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
-pub struct BadIdempotencyKey(pub String);
+pub(crate) struct BadIdempotencyKey(pub String);
 
 impl IdempotencyKey {
     /// The key `key` for `updates`: 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] printable ASCII
     /// characters (space to `~`).
-    pub fn new(key: &[u8], updates: &[Update]) -> Result<Self, BadIdempotencyKey> {
+    pub(crate) fn new(key: &[u8], updates: &[Update]) -> Result<Self, BadIdempotencyKey> {
         if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
             return Err(BadIdempotencyKey(format!(
                 "an Idempotency-Key is 1 to {MAX_IDEMPOTENCY_KEY_BYTES} characters, this one is {}",
@@ -186,12 +186,12 @@ impl IdempotencyKey {
     }
 
     /// The key as the publisher sent it.
-    pub fn key(&self) -> &str {
+    pub(crate) fn key(&self) -> &str {
         &self.key
     }
 
     /// SHA-256 of the updates, in hex: what a repeat must match.
-    pub fn digest(&self) -> &str {
+    pub(crate) fn digest(&self) -> &str {
         &self.digest
     }
 }
@@ -218,7 +218,7 @@ fn digest(updates: &[Update]) -> String {
 
 /// What an append did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appended {
+pub(crate) struct Appended {
     /// The positions of the updates, in order.
     pub positions: Vec<Position>,
     /// Whether the append was a repeat of an earlier one with the same key: nothing was
@@ -228,7 +228,7 @@ pub struct Appended {
 
 /// A listener's subscription to one track.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Subscription {
+pub(crate) struct Subscription {
     /// The track.
     pub track: String,
     /// The log position when the subscription began: later messages are the listener's.
@@ -237,7 +237,7 @@ pub struct Subscription {
 
 /// A listener as the store knows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct Listener {
+pub(crate) struct Listener {
     /// Its uid.
     pub uid: String,
     /// Its subscriptions, in the order they were made.
@@ -250,14 +250,14 @@ pub struct Listener {
 
 impl Listener {
     /// The names of its tracks.
-    pub fn track_names(&self) -> Vec<String> {
+    pub(crate) fn track_names(&self) -> Vec<String> {
         self.tracks.iter().map(|s| s.track.clone()).collect()
     }
 }
 
 /// A page of a listener's queue, read from one consistent snapshot.
 #[derive(Debug, Default)]
-pub struct Replay {
+pub(crate) struct Replay {
     /// The listener's messages after the asked position, in log order, at most the limit.
     pub messages: Vec<Arc<Message>>,
     /// The listener's subscriptions in that snapshot.
@@ -271,7 +271,7 @@ pub struct Replay {
 impl Replay {
     /// Whether a client at `cursor` has lost something it can never get: a message of
     /// its tracks was deleted, or its cursor is from a log this store no longer has.
-    pub fn is_reset(&self, cursor: Position) -> bool {
+    pub(crate) fn is_reset(&self, cursor: Position) -> bool {
         cursor > self.head
             || self
                 .tracks
@@ -282,7 +282,7 @@ impl Replay {
 
 /// A page of a track's subscribers, ordered by uid.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Subscribers {
+pub(crate) struct Subscribers {
     /// How many listeners are subscribed to the track (all pages).
     pub count: u64,
     /// This page: each uid with when it was last seen (ms since the epoch).
@@ -291,7 +291,7 @@ pub struct Subscribers {
 
 /// A page of a track's history, read from one consistent snapshot.
 #[derive(Debug, Default)]
-pub struct History {
+pub(crate) struct History {
     /// The track's messages after the asked position, in log order, at most the limit.
     pub messages: Vec<Arc<Message>>,
     /// The last position in the log.
@@ -303,14 +303,14 @@ pub struct History {
 impl History {
     /// Whether a reader that had everything up to `after` has missed messages the store
     /// no longer keeps (or names a position this log never had).
-    pub fn is_reset(&self, after: Position) -> bool {
+    pub(crate) fn is_reset(&self, after: Position) -> bool {
         after > self.head || after < self.trimmed_through
     }
 }
 
 /// A change the engine committed, reported to the [`Tail`] in commit order.
 #[derive(Debug, Clone)]
-pub enum Change {
+pub(crate) enum Change {
     /// A message was stored.
     Appended(Arc<Message>),
     /// A listener was subscribed to a track.
@@ -334,7 +334,7 @@ pub enum Change {
 }
 
 /// Receives every committed change, in commit order. The hub implements it.
-pub trait Tail: Send + Sync + 'static {
+pub(crate) trait Tail: Send + Sync + 'static {
     /// Called once per commit with its changes and how long the commit took; must not
     /// block.
     fn apply(&self, changes: &[Change], commit_took: Duration);
@@ -342,7 +342,7 @@ pub trait Tail: Send + Sync + 'static {
 
 /// Counts for `/api/v1/stats` and `/metrics`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
-pub struct StoreCounts {
+pub(crate) struct StoreCounts {
     /// Listeners known to the store.
     pub listeners: u64,
     /// Tracks with at least one subscriber.
@@ -353,7 +353,7 @@ pub struct StoreCounts {
 
 /// Limits the engine enforces by itself.
 #[derive(Debug, Clone)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Messages older than this are deleted.
     pub retention: Duration,
     /// At most this many messages are kept; the oldest go first.
@@ -372,7 +372,7 @@ pub struct Limits {
 impl Limits {
     /// How long to remember an `Idempotency-Key` under `retention`: as long as the
     /// messages it stored are kept, and never less than [`MIN_IDEMPOTENCY_KEEP`].
-    pub fn idempotency_keep_for(retention: Duration) -> Duration {
+    pub(crate) fn idempotency_keep_for(retention: Duration) -> Duration {
         retention.max(MIN_IDEMPOTENCY_KEEP)
     }
 
@@ -425,16 +425,18 @@ pub enum EngineError {
 }
 
 /// Shortens `Result<T, EngineError>`.
-pub type Result<T, E = EngineError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 /// The store behind every node. See the module docs.
 #[async_trait::async_trait]
-pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
+pub(crate) trait Engine: Send + Sync + std::fmt::Debug + 'static {
     /// A short name for status pages: `memory`, `embedded`, `redis`.
     fn kind(&self) -> &'static str;
 
     /// Appends messages in one all-or-nothing step; returns their positions. When this
-    /// returns, the messages are stored as durably as the engine promises.
+    /// returns, the messages are stored as durably as the engine promises. (The tests'
+    /// shorthand for [`Engine::append_with_key`] without a key.)
+    #[cfg(test)]
     async fn append(&self, updates: Vec<Update>) -> Result<Vec<Position>> {
         Ok(self.append_with_key(updates, None).await?.positions)
     }
@@ -504,7 +506,7 @@ pub trait Engine: Send + Sync + std::fmt::Debug + 'static {
 }
 
 /// Milliseconds since the Unix epoch, now.
-pub fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -512,7 +514,7 @@ pub fn now_ms() -> u64 {
 }
 
 /// Opens the in-memory engine.
-pub fn open_memory(limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine> {
+pub(crate) fn open_memory(limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine> {
     Arc::new(LocalEngine::start(
         memory::MemoryStorage::default(),
         "memory",
@@ -522,7 +524,7 @@ pub fn open_memory(limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine> {
 }
 
 /// Connects to the Redis engine at `url`, its keys under `prefix`.
-pub async fn open_redis(
+pub(crate) async fn open_redis(
     url: &str,
     prefix: &str,
     limits: Limits,
@@ -537,12 +539,12 @@ pub async fn open_redis(
 /// Checks the embedded store in `dir` without changing it (a copy is checked), or
 /// repairs it in place when `repair`: `Ok(true)` when it was sound, `Ok(false)` when it
 /// was repaired. For `dolores check` and `dolores repair`, with the server stopped.
-pub fn check_embedded(dir: &std::path::Path, repair: bool) -> Result<bool> {
+pub(crate) fn check_embedded(dir: &std::path::Path, repair: bool) -> Result<bool> {
     embedded::check(dir, repair)
 }
 
 /// Opens the embedded store in `dir` (creating it if missing).
-pub fn open_embedded(
+pub(crate) fn open_embedded(
     dir: &std::path::Path,
     limits: Limits,
     tail: Arc<dyn Tail>,

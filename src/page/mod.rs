@@ -16,11 +16,11 @@ use crate::node::Node;
 /// The status page.
 const INDEX_HTML: &str = include_str!("index.html");
 /// The browser client, the same file as `clients/js/dolores.js`.
-pub const DOLORES_JS: &str = include_str!("../../clients/js/dolores.js");
+pub(crate) const DOLORES_JS: &str = include_str!("../../clients/js/dolores.js");
 
 /// `/status` and `/dolores.js` (with CORS: pages of other sites load the client). The
 /// page at `/` is routed by the server, which knows where the base path puts it.
-pub fn router(node: &Node) -> Router<Node> {
+pub(crate) fn router(node: &Node) -> Router<Node> {
     Router::new()
         .route(
             "/dolores.js",
@@ -34,12 +34,12 @@ pub fn router(node: &Node) -> Router<Node> {
 }
 
 /// `GET /`.
-pub async fn index() -> Html<&'static str> {
+pub(crate) async fn index() -> Html<&'static str> {
     Html(INDEX_HTML)
 }
 
 /// `GET /dolores.js`.
-pub async fn client_js() -> Response {
+pub(crate) async fn client_js() -> Response {
     (
         [
             (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
@@ -52,7 +52,7 @@ pub async fn client_js() -> Response {
 
 /// `GET /status`: the same counts as `/api/v1/stats` (and `/metrics`), without a key,
 /// and the last five minutes of published and delivered counts for the chart.
-pub async fn status(State(state): State<Node>) -> Result<Response, ApiError> {
+pub(crate) async fn status(State(state): State<Node>) -> Result<Response, ApiError> {
     let mut status = state.stats().await?;
     status["history"] = state.metrics.history_json();
     Ok(Json(status).into_response())

@@ -25,7 +25,7 @@ mod redis;
 
 /// What presence reports, once per cluster, in order per listener.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum PresenceEvent {
+pub(crate) enum PresenceEvent {
     /// The listener's first stream opened, on any node.
     ListenerOnline {
         /// The listener.
@@ -51,14 +51,14 @@ pub enum PresenceEvent {
 }
 
 /// Where presence reports its transitions (the webhooks' outbox).
-pub trait PresenceSink: Send + Sync + 'static {
+pub(crate) trait PresenceSink: Send + Sync + 'static {
     /// Called with events in order; must not block (hand them to a queue).
     fn emit(&self, events: Vec<PresenceEvent>, time_ms: u64);
 }
 
 /// A sink that drops every event: for a server with no webhooks.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct NoSink;
+pub(crate) struct NoSink;
 
 impl PresenceSink for NoSink {
     fn emit(&self, _events: Vec<PresenceEvent>, _time_ms: u64) {}
@@ -66,7 +66,7 @@ impl PresenceSink for NoSink {
 
 /// Who is online. Share it as `Arc<Presence>`; dropping it stops its tasks.
 #[derive(Debug)]
-pub struct Presence {
+pub(crate) struct Presence {
     backend: Backend,
     stop: CancellationToken,
     /// The one-node reporter, awaited by `close` so its last events are out.
@@ -82,7 +82,7 @@ enum Backend {
 impl Presence {
     /// Presence for one node: exact, from `hub`. Reports to `sink`, an offline after
     /// `grace`.
-    pub fn start_local(hub: Arc<Hub>, sink: Arc<dyn PresenceSink>, grace: Duration) -> Self {
+    pub(crate) fn start_local(hub: Arc<Hub>, sink: Arc<dyn PresenceSink>, grace: Duration) -> Self {
         let stop = CancellationToken::new();
         let reporter = tokio::spawn(local::report(hub.clone(), sink, grace, stop.clone()));
         Self {
@@ -94,7 +94,7 @@ impl Presence {
 
     /// Presence for a cluster sharing the Redis at `url`, keys under `prefix`: this
     /// node publishes what `hub` has open, and takes its turn at reporting to `sink`.
-    pub async fn start_redis(
+    pub(crate) async fn start_redis(
         url: &str,
         prefix: &str,
         hub: Arc<Hub>,
@@ -112,7 +112,7 @@ impl Presence {
     }
 
     /// Whether each of `uids` has an open stream on any node, in the same order.
-    pub async fn online(&self, uids: &[String]) -> engine::Result<Vec<bool>> {
+    pub(crate) async fn online(&self, uids: &[String]) -> engine::Result<Vec<bool>> {
         match &self.backend {
             Backend::Local(hub) => Ok(uids.iter().map(|uid| hub.online(uid) > 0).collect()),
             Backend::Redis(redis) => redis.online(uids).await,
@@ -121,7 +121,7 @@ impl Presence {
 
     /// How many listeners are online: on one node exactly; on Redis, those the reporter
     /// last reported online (one that left counts until its grace ran out).
-    pub async fn online_count(&self) -> engine::Result<u64> {
+    pub(crate) async fn online_count(&self) -> engine::Result<u64> {
         match &self.backend {
             Backend::Local(hub) => Ok(hub.online_count() as u64),
             Backend::Redis(redis) => redis.reported_count().await,
@@ -131,7 +131,7 @@ impl Presence {
     /// How many of `track`'s subscribers are online, when presence knows it without
     /// asking each (one node: exactly); `None` means ask [`Presence::online`] about each
     /// subscriber.
-    pub fn online_in_track(&self, track: &str) -> Option<u64> {
+    pub(crate) fn online_in_track(&self, track: &str) -> Option<u64> {
         match &self.backend {
             Backend::Local(hub) => Some(hub.online_in_track(track) as u64),
             Backend::Redis(_) => None,
@@ -143,7 +143,7 @@ impl Presence {
     /// it would not know whom to report offline); returns once that is handed to the
     /// sink. Redis: takes this node's listeners offline now rather than when its keys
     /// expire; the reporter of the cluster says so, after the grace.
-    pub async fn close(&self) {
+    pub(crate) async fn close(&self) {
         self.stop.cancel();
         let reporter = self
             .reporter

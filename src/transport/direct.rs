@@ -13,7 +13,7 @@ use crate::error::{ApiError, ErrorCode};
 
 /// The parts of a connection's first request that a direct stream needs.
 #[derive(Debug)]
-pub struct Head {
+pub(crate) struct Head {
     /// The path and query, as sent.
     pub target: String,
     /// The headers.

@@ -28,15 +28,15 @@ use crate::names;
 use crate::node::Node;
 use crate::proxy::Client;
 
-pub mod direct;
-pub mod poll;
-pub mod sse;
-pub mod ws;
+pub(crate) mod direct;
+pub(crate) mod poll;
+pub(crate) mod sse;
+pub(crate) mod ws;
 
-pub use direct::Head;
+pub(crate) use direct::Head;
 
 /// The listener endpoints, with CORS for the pages allowed to use them.
-pub fn router(node: &Node) -> Router<Node> {
+pub(crate) fn router(node: &Node) -> Router<Node> {
     Router::new()
         .route(Transport::Sse.route(), get(sse::listen).options(preflight))
         .route(Transport::Ws.route(), get(ws::listen).options(preflight))
@@ -56,7 +56,7 @@ const REPLAY_PAGE: usize = 512;
 
 /// The query string every listener endpoint accepts.
 #[derive(Debug, Default, Deserialize)]
-pub struct ListenQuery {
+pub(crate) struct ListenQuery {
     /// The listener token, when the server requires one.
     pub token: Option<String>,
     /// Resume after this event id (the `Last-Event-ID` header wins over it).
@@ -68,7 +68,7 @@ pub struct ListenQuery {
 /// What every listener endpoint reads from a request: the uid from the path, the
 /// query, and the headers. Its rejections are JSON errors like everything else.
 #[derive(Debug)]
-pub struct ListenRequest {
+pub(crate) struct ListenRequest {
     /// The `{uid}` path segment (not yet checked).
     pub uid: String,
     /// The query string.
@@ -81,7 +81,7 @@ pub struct ListenRequest {
 
 impl ListenRequest {
     /// Who sent the request: the peer, or what a trusted proxy says.
-    pub fn client(&self, state: &Node) -> Client {
+    pub(crate) fn client(&self, state: &Node) -> Client {
         state
             .settings
             .trusted_proxies
@@ -90,7 +90,7 @@ impl ListenRequest {
 
     /// Refuses a browser page at a foreign origin (`cors`): the same rule on every
     /// listener endpoint. `what` names the request in the log.
-    pub fn check_origin(&self, state: &Node, what: &str) -> Result<(), ApiError> {
+    pub(crate) fn check_origin(&self, state: &Node, what: &str) -> Result<(), ApiError> {
         crate::cors::check_origin(&state.origins, &self.headers, what, self.client(state))
     }
 }
@@ -122,7 +122,7 @@ impl<S: Send + Sync> FromRequestParts<S> for ListenRequest {
 
 /// What a transport sends next.
 #[derive(Debug)]
-pub enum Delivery {
+pub(crate) enum Delivery {
     /// A message of the listener's tracks.
     Message(Arc<Message>),
     /// The cursor was older than what is kept (or unknown to this store): the client
@@ -135,7 +135,7 @@ pub enum Delivery {
 
 /// Why a stream ends by itself.
 #[derive(Debug)]
-pub enum End {
+pub(crate) enum End {
     /// The listener was forgotten while the stream was open.
     Forgotten,
     /// The store failed; the client should retry later.
@@ -144,7 +144,7 @@ pub enum End {
 
 /// A listener's stream of deliveries. See the module docs.
 #[derive(Debug)]
-pub struct Deliveries {
+pub(crate) struct Deliveries {
     state: Node,
     uid: Arc<str>,
     subscription: Subscription,
@@ -155,7 +155,7 @@ pub struct Deliveries {
 
 /// Opens the stream of `uid`: checks it and its token, connects the token's tracks,
 /// and finds where to start. Errors are ready to answer (400, 401, 404, 503).
-pub async fn open(state: &Node, request: &ListenRequest) -> Result<Deliveries, ApiError> {
+pub(crate) async fn open(state: &Node, request: &ListenRequest) -> Result<Deliveries, ApiError> {
     let (uid, query, headers) = (request.uid.as_str(), &request.query, &request.headers);
     names::check_uid(uid).map_err(|e| ApiError::bad_field(ErrorCode::BadUid, e.0))?;
     if let Some(auth) = state.tokens() {
@@ -217,17 +217,17 @@ fn resume_cursor(query: &ListenQuery, headers: &HeaderMap) -> Result<Option<Posi
 
 impl Deliveries {
     /// The listener's uid.
-    pub fn uid(&self) -> &str {
+    pub(crate) fn uid(&self) -> &str {
         &self.uid
     }
 
     /// The last position delivered.
-    pub fn cursor(&self) -> Position {
+    pub(crate) fn cursor(&self) -> Position {
         self.cursor
     }
 
     /// The next delivery, waiting for one if need be. Cancel-safe.
-    pub async fn next(&mut self) -> Result<Delivery, End> {
+    pub(crate) async fn next(&mut self) -> Result<Delivery, End> {
         loop {
             if let Some(delivery) = self.ready().await? {
                 return Ok(delivery);
@@ -243,7 +243,7 @@ impl Deliveries {
     /// The next delivery that needs no waiting for live messages: one already queued,
     /// or one read from the store while the stream still replays. `None` when the
     /// stream is caught up. Cancel-safe.
-    pub async fn ready(&mut self) -> Result<Option<Delivery>, End> {
+    pub(crate) async fn ready(&mut self) -> Result<Option<Delivery>, End> {
         loop {
             if let Some(message) = self.take_ready() {
                 return Ok(Some(Delivery::Message(message)));
@@ -278,7 +278,7 @@ impl Deliveries {
 
     /// A delivery that is ready now without waiting, if any: lets a transport write
     /// everything queued in one go.
-    pub fn take_ready(&mut self) -> Option<Arc<Message>> {
+    pub(crate) fn take_ready(&mut self) -> Option<Arc<Message>> {
         while let Some(message) = self.pending.pop_front() {
             if message.pos > self.cursor {
                 self.cursor = message.pos;
@@ -289,7 +289,7 @@ impl Deliveries {
     }
 
     /// Records how far this stream has delivered (and that the listener is alive).
-    pub fn ack(&self) {
+    pub(crate) fn ack(&self) {
         self.state.engine.ack(&self.uid, self.cursor);
     }
 }

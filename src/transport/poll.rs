@@ -20,16 +20,16 @@ use crate::metrics::Transport;
 use crate::node::Node;
 
 /// How long a poll waits by default: under the 30 s idle timeout of common proxies.
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
+pub(crate) const DEFAULT_TIMEOUT: Duration = Duration::from_secs(25);
 /// Longest wait a client may ask for.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most events in one answer, so an answer stays a reasonable size.
 const MAX_EVENTS: usize = 1000;
 
 /// The `timeout` query parameter: seconds from 0 to [`MAX_TIMEOUT`], fractions allowed;
 /// none (or empty) is [`DEFAULT_TIMEOUT`]. Anything else is a 400, never a panic (NaN,
 /// infinities and negatives are refused before they become a `Duration`).
-pub fn parse_timeout(timeout: Option<&str>) -> Result<Duration, ApiError> {
+pub(crate) fn parse_timeout(timeout: Option<&str>) -> Result<Duration, ApiError> {
     match timeout {
         None | Some("") => Ok(DEFAULT_TIMEOUT),
         Some(t) => t
@@ -50,7 +50,7 @@ pub fn parse_timeout(timeout: Option<&str>) -> Result<Duration, ApiError> {
 }
 
 /// `GET /poll/{uid}`: waits for the listener's next events, at most `timeout`.
-pub async fn listen(
+pub(crate) async fn listen(
     State(state): State<Node>,
     request: ListenRequest,
 ) -> Result<Response, ApiError> {

@@ -32,7 +32,7 @@ mod deliver;
 mod embedded;
 pub(crate) mod outbox;
 mod redis;
-pub mod sign;
+pub(crate) mod sign;
 
 use outbox::{Entry, Outbox};
 

@@ -8,15 +8,15 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 /// The header's name.
-pub const HEADER: &str = "Dolores-Signature";
+pub(crate) const HEADER: &str = "Dolores-Signature";
 
 /// The header's value for `body` sent at `unix_seconds`, signed with `secret`.
-pub fn signature(secret: &str, unix_seconds: u64, body: &str) -> String {
+pub(crate) fn signature(secret: &str, unix_seconds: u64, body: &str) -> String {
     format!("t={unix_seconds},v1={}", v1(secret, unix_seconds, body))
 }
 
 /// The hex HMAC-SHA256 of `"{t}.{body}"` under `secret`.
-pub fn v1(secret: &str, unix_seconds: u64, body: &str) -> String {
+pub(crate) fn v1(secret: &str, unix_seconds: u64, body: &str) -> String {
     // HMAC takes a key of any length: this never fails.
     let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(secret.as_bytes()) else {
         return String::new();

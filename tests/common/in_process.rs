@@ -136,8 +136,7 @@ async fn serve(
     let addr = listener.local_addr()?;
     // As the binary does: the server's own origin is made of the address as bound.
     settings.listen = addr.to_string();
-    let sink = std::sync::Arc::new(dolores::presence::NoSink);
-    let node = dolores::node::Node::open(settings, api_key, sink).await?;
+    let node = dolores::node::Node::open(settings, api_key).await?;
     let _ = ready_tx.send(addr);
     dolores::server::run(listener, node, tls, stop).await
 }

@@ -17,7 +17,7 @@ use crate::node::Node;
 use crate::transport::{self, Deliveries, Head};
 
 /// Serves the stream; see the module docs.
-pub async fn serve_direct(mut socket: TcpStream, head: Head, state: Node) {
+pub(crate) async fn serve_direct(mut socket: TcpStream, head: Head, state: Node) {
     let cors = crate::cors::header_lines(&state.origins, &head.headers);
     // HTTP/1.0 knows no chunked bodies: its response ends when the connection closes.
     let chunked = head.http11;

@@ -21,7 +21,7 @@ mod direct;
 use crate::error::ApiError;
 use crate::metrics::Transport;
 use crate::node::Node;
-pub use direct::serve_direct;
+pub(crate) use direct::serve_direct;
 
 /// How long a browser waits before reconnecting after the stream drops, in ms. Short,
 /// because a reconnect costs little and resumes exactly.
@@ -31,7 +31,7 @@ const MAX_CHUNK_BYTES: usize = 64 * 1024;
 
 /// `GET /listen/{uid}` through the framework (a request after the first of its
 /// connection, or over TLS).
-pub async fn listen(
+pub(crate) async fn listen(
     State(state): State<Node>,
     request: ListenRequest,
 ) -> Result<Response, ApiError> {

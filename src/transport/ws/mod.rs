@@ -42,7 +42,7 @@ use crate::node::Node;
 mod frame;
 
 /// Largest frame a listener may send: it only ever needs control frames.
-pub const MAX_INBOUND_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_INBOUND_BYTES: usize = 64 * 1024;
 /// Most bytes written at once when several messages are ready, like SSE's largest
 /// chunk.
 const WRITE_BATCH_BYTES: usize = 64 * 1024;
@@ -50,7 +50,7 @@ const WRITE_BATCH_BYTES: usize = 64 * 1024;
 /// Every reason the server closes a WebSocket, and the code each sends (RFC 6455 §7.4
 /// for the 1000s; 4000 + an HTTP status for the server's own).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum CloseCode {
+pub(crate) enum CloseCode {
     /// 1000, or the code the client closed with, echoed (§5.5.1).
     Echo(Option<u16>),
     /// 1001: the server is shutting down; come back later, elsewhere.
@@ -72,7 +72,7 @@ pub enum CloseCode {
 
 impl CloseCode {
     /// The number sent in the close frame.
-    pub fn code(self) -> u16 {
+    pub(crate) fn code(self) -> u16 {
         match self {
             Self::Echo(code) => code.unwrap_or(1000),
             Self::Shutdown => 1001,
@@ -88,7 +88,7 @@ impl CloseCode {
 
 /// Whether the headers ask for a WebSocket the way RFC 6455 says; the
 /// `Sec-WebSocket-Accept` value to answer with if so.
-pub fn accept_key(headers: &HeaderMap) -> Option<String> {
+pub(crate) fn accept_key(headers: &HeaderMap) -> Option<String> {
     let has_token = |name: header::HeaderName, token: &str| {
         headers.get_all(name).iter().any(|value| {
             value.to_str().is_ok_and(|v| {
@@ -108,7 +108,11 @@ pub fn accept_key(headers: &HeaderMap) -> Option<String> {
 }
 
 /// The handler of `/ws/{uid}` on the framework path.
-pub async fn listen(State(state): State<Node>, request: ListenRequest, raw: Request) -> Response {
+pub(crate) async fn listen(
+    State(state): State<Node>,
+    request: ListenRequest,
+    raw: Request,
+) -> Response {
     let Some(accept) = accept_key(&request.headers) else {
         return ApiError::bad_field(
             ErrorCode::NotWebsocket,
@@ -153,7 +157,7 @@ pub async fn listen(State(state): State<Node>, request: ListenRequest, raw: Requ
 
 /// Serves `GET /ws/{uid}` as the first request of a connection, directly on the socket
 /// (see `connection`, which sends only complete upgrade requests here).
-pub async fn serve_direct(mut socket: TcpStream, head: Head, state: Node) {
+pub(crate) async fn serve_direct(mut socket: TcpStream, head: Head, state: Node) {
     // Boxed, like SSE's: the request and the opening live on the heap only while the
     // stream opens, not in every open socket's task.
     let opened = Box::pin(async {
