@@ -1,7 +1,8 @@
 //! Webhooks against the real binary, with a small HTTP receiver in the test playing
 //! the app: events arrive signed, in order per listener, an offline only after the
 //! grace; a failing app gets them again; the outbox is bounded, survives `kill -9`,
-//! and a hanging app slows no publish. On Redis, a cluster sends each event once.
+//! and after one the listeners reported online are reported offline unless they come
+//! back; a hanging app slows no publish. On Redis, a cluster sends each event once.
 
 mod common;
 
@@ -418,6 +419,50 @@ async fn events_pending_at_kill_9_are_all_sent_after_the_restart() {
     for g in receiver.got() {
         assert_signed(&g, SECRET);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_kill_9_who_was_reported_online_goes_offline_unless_back_within_the_grace() {
+    let receiver = Receiver::start(Answer::Ok).await;
+    let mut server = Server::config().args(webhook_args(&receiver)).spawn().await;
+    let gone_track = format!(":gone-{}", uid("t"));
+    let back_track = format!(":back-{}", uid("t"));
+    let (gone, gone_sse) = online(&server, "gone", &gone_track).await;
+    let (back, back_sse) = online(&server, "back", &back_track).await;
+    receiver.wait_for(&gone, &["listener.online"]).await;
+    receiver.wait_for(&gone_track, &["track.occupied"]).await;
+    receiver.wait_for(&back, &["listener.online"]).await;
+    receiver.wait_for(&back_track, &["track.occupied"]).await;
+    // The app took them: nothing about them is left in the outbox to resend.
+    wait_metric(&server, "dolores_webhook_events_pending", 0.0).await;
+
+    server.kill9().await;
+    let killed = Instant::now();
+    drop((gone_sse, back_sse));
+    server.restart().await;
+    // One comes back within the grace (a new port: its page reconnects); one never.
+    let _back_again = server.listen(&back).await;
+    receiver
+        .wait_for(&gone, &["listener.online", "listener.offline"])
+        .await;
+    receiver
+        .wait_for(&gone_track, &["track.occupied", "track.vacated"])
+        .await;
+    let got = receiver.got();
+    let offline = got
+        .iter()
+        .find(|g| g.subject() == gone && g.kind() == "listener.offline")
+        .expect("offline");
+    assert!(
+        offline.at.duration_since(killed) >= GRACE,
+        "offline {:?} after the kill, grace {GRACE:?}",
+        offline.at.duration_since(killed)
+    );
+    // Had the one that came back been due too, it would have gone out with the other
+    // (same grace, same batch): once the outbox is empty, nothing more is coming.
+    wait_metric(&server, "dolores_webhook_events_pending", 0.0).await;
+    assert_eq!(receiver.kinds_of(&back), ["listener.online"]);
+    assert_eq!(receiver.kinds_of(&back_track), ["track.occupied"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,8 +1,12 @@
 //! Presence on one node: the hub knows every open stream, so it is exact. A task
 //! looks at each turn the hub notes and reports the transitions, offline ones after
 //! their grace; when the node stops, everyone it reported online is reported gone.
-//! (What was reported is not stored: after a `kill -9`, the listeners that were online
-//! are not reported offline, and those that come back are reported online again.)
+//!
+//! After a `kill -9` it cannot say so: the sink keeps who stands reported (the
+//! embedded webhook outbox does, in the transaction that writes the events:
+//! [`PresenceSink::reported_online`]), and the reporter starts from them as if each had
+//! just left: one that comes back within the grace is no news, one that does not is
+//! reported offline (its tracks vacated) once the grace runs out.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,6 +26,12 @@ pub(super) async fn report(
     hub.watch();
     let mut uids = Graces::default();
     let mut tracks = Graces::default();
+    // Those a previous run reported online (it was killed) are leaving until they
+    // come back.
+    let (reported_uids, reported_tracks) = sink.reported_online();
+    let leave_at = Instant::now() + grace;
+    uids.reported_before(reported_uids, leave_at);
+    tracks.reported_before(reported_tracks, leave_at);
     // Streams opened before the watch began are turns too.
     let (open_uids, open_tracks) = hub.open();
     let mut pending = (open_uids, open_tracks);

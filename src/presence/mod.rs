@@ -54,6 +54,13 @@ pub(crate) enum PresenceEvent {
 pub(crate) trait PresenceSink: Send + Sync + 'static {
     /// Called with events in order; must not block (hand them to a queue).
     fn emit(&self, events: Vec<PresenceEvent>, time_ms: u64);
+
+    /// `(uids, tracks)` a previous run of this node reported online / occupied and never
+    /// offline / vacated (it was killed): one node's presence starts from them. Called
+    /// once, when presence starts. A sink that keeps nothing across restarts has none.
+    fn reported_online(&self) -> (Vec<String>, Vec<String>) {
+        (Vec::new(), Vec::new())
+    }
 }
 
 /// A sink that drops every event: for a server with no webhooks.
@@ -139,9 +146,8 @@ impl Presence {
     }
 
     /// Stops reporting. One node: what it reported online is reported gone now (the
-    /// node's streams are closed: nobody is online on it any more, and after a restart
-    /// it would not know whom to report offline); returns once that is handed to the
-    /// sink. Redis: takes this node's listeners offline now rather than when its keys
+    /// node's streams are closed: nobody is online on it any more); returns once that
+    /// is handed to the sink. Redis: takes this node's listeners offline now rather than when its keys
     /// expire; the reporter of the cluster says so, after the grace.
     pub(crate) async fn close(&self) {
         self.stop.cancel();
@@ -178,6 +184,16 @@ impl Graces {
     fn arrive(&mut self, key: &Arc<str>) -> bool {
         self.leaving.remove(key);
         self.reported.insert(key.clone())
+    }
+
+    /// `keys` were reported online by a previous run and are not known to be here: each
+    /// is reported gone at `at` unless it arrives before (then it is no news).
+    fn reported_before(&mut self, keys: Vec<String>, at: Instant) {
+        for key in keys {
+            let key: Arc<str> = key.into();
+            self.reported.insert(key.clone());
+            self.leaving.insert(key, at);
+        }
     }
 
     /// `key` is gone: if it was reported online, it is reported gone at `at` unless it
@@ -342,6 +358,45 @@ mod tests {
             [online("listener-2"), offline("listener-2")]
         );
         drop(last);
+    }
+
+    /// A sink a previous run of the node reported to: it remembers who stands reported.
+    #[derive(Default)]
+    struct RememberingSink {
+        heard: RecordingSink,
+        uids: Vec<String>,
+        tracks: Vec<String>,
+    }
+
+    impl PresenceSink for RememberingSink {
+        fn emit(&self, events: Vec<PresenceEvent>, time_ms: u64) {
+            self.heard.emit(events, time_ms);
+        }
+
+        fn reported_online(&self) -> (Vec<String>, Vec<String>) {
+            (self.uids.clone(), self.tracks.clone())
+        }
+    }
+
+    #[tokio::test]
+    async fn one_node_restarted_reports_gone_whom_it_reported_before_unless_they_come_back() {
+        let hub = Arc::new(Hub::default());
+        let sink = Arc::new(RememberingSink {
+            uids: vec!["gone".into(), "back".into()],
+            tracks: vec!["rooms/gone".into(), "rooms/back".into()],
+            ..RememberingSink::default()
+        });
+        let presence = Presence::start_local(hub.clone(), sink.clone(), Duration::from_millis(150));
+        let back = hub.subscribe("back");
+        back.add_tracks(["rooms/back"]);
+        heard(
+            &[&sink.heard],
+            &[vacated("rooms/gone"), offline("gone")],
+            Duration::from_millis(300),
+        )
+        .await;
+        presence.close().await;
+        drop(back);
     }
 
     fn redis_url() -> String {

@@ -7,7 +7,8 @@
 //! once the app answered 2xx. Nothing here runs on a publish's or a delivery's path.
 //!
 //! - `outbox` — the `Outbox` seam and the in-memory outbox;
-//! - `embedded` — `webhooks.redb` in the data dir;
+//! - `embedded` — `webhooks.redb` in the data dir, which also keeps who stands reported
+//!   online, for presence after a crash ([`crate::presence::PresenceSink::reported_online`]);
 //! - `redis` — a Stream shared by the cluster, sent by one node at a time (a lease);
 //! - `deliver` — the sender: lanes, concurrency, backoff;
 //! - [`sign`] — the `Dolores-Signature` header.
@@ -34,7 +35,7 @@ pub(crate) mod outbox;
 mod redis;
 pub(crate) mod sign;
 
-use outbox::{Entry, Outbox};
+use outbox::{Entry, Outbox, Staged};
 
 /// Most staged events written to the outbox in one write: bounds one commit.
 const WRITE_BATCH: usize = 1000;
@@ -82,7 +83,7 @@ impl Kind {
 /// Sends webhook events for this node. Cheap to share behind an `Arc`.
 #[derive(Debug)]
 pub struct Webhooks {
-    staged: Mutex<VecDeque<Entry>>,
+    staged: Mutex<VecDeque<Staged>>,
     max: u64,
     outbox: Arc<dyn Outbox>,
     write_wake: Notify,
@@ -186,9 +187,12 @@ impl Webhooks {
                     "time": time,
                     "data": data,
                 });
-                staged.push_back(Entry {
-                    lane,
-                    body: body.to_string(),
+                staged.push_back(Staged {
+                    kind,
+                    entry: Entry {
+                        lane,
+                        body: body.to_string(),
+                    },
                 });
                 if staged.len() as u64 > self.max {
                     staged.pop_front();
@@ -239,7 +243,7 @@ impl Webhooks {
 
     async fn write_staged(&self, stopping: bool) {
         loop {
-            let batch: Vec<Entry> = {
+            let batch: Vec<Staged> = {
                 let mut staged = self.staged.lock().unwrap_or_else(PoisonError::into_inner);
                 let n = staged.len().min(WRITE_BATCH);
                 staged.drain(..n).collect()
@@ -306,6 +310,11 @@ impl crate::presence::PresenceSink for Webhooks {
             }),
             time_ms,
         );
+    }
+
+    fn reported_online(&self) -> (Vec<String>, Vec<String>) {
+        let reported = self.outbox.reported_at_open();
+        (reported.uids, reported.tracks)
     }
 }
 

@@ -4,9 +4,15 @@
 //!
 //! Every outbox keeps at most a bound of events: past it the oldest go, and `push` says
 //! how many, so an app that is down for a day cannot fill the disk.
+//!
+//! The embedded outbox also keeps who stands reported online (see
+//! [`Outbox::reported_at_open`]): a single node's presence, restarted after a crash,
+//! reports them gone if they do not come back.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
+
+use super::Kind;
 
 /// An event's place in the outbox: later events have higher sequence numbers, which
 /// never repeat within an outbox.
@@ -30,6 +36,26 @@ pub(crate) struct Entry {
     pub(crate) body: String,
 }
 
+/// An event to append: the entry as it is sent, and what it says of its lane's subject
+/// (an outbox that keeps who stands reported online reads it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Staged {
+    /// What happened.
+    pub(crate) kind: Kind,
+    /// The event.
+    pub(crate) entry: Entry,
+}
+
+/// Who stands reported online: the uids whose last event was `listener.online` and the
+/// tracks whose last was `track.occupied`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Reported {
+    /// The listeners.
+    pub(crate) uids: Vec<String>,
+    /// The tracks.
+    pub(crate) tracks: Vec<String>,
+}
+
 /// An event as the outbox keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Stored {
@@ -44,7 +70,7 @@ pub(crate) struct Stored {
 pub(crate) trait Outbox: Send + Sync + std::fmt::Debug + 'static {
     /// Appends `entries` in order, durably as the outbox promises, then drops the
     /// oldest events past the bound; returns how many were dropped.
-    async fn push(&self, entries: Vec<Entry>) -> Result<u64>;
+    async fn push(&self, entries: Vec<Staged>) -> Result<u64>;
     /// Up to `limit` events after `after`, oldest first.
     async fn read(&self, after: Seq, limit: usize) -> Result<Vec<Stored>>;
     /// Forgets events the app has (an event already gone is no error).
@@ -60,6 +86,13 @@ pub(crate) trait Outbox: Send + Sync + std::fmt::Debug + 'static {
     }
     /// Lets go of the lease at shutdown, so another node takes over at once.
     async fn release(&self) {}
+    /// Who stood reported online when the outbox was opened: after a crash, those the
+    /// previous run reported online and never gone. Only a durable outbox of one node
+    /// keeps it (in memory a restart forgets everyone anyway; on Redis, presence keeps
+    /// its own).
+    fn reported_at_open(&self) -> Reported {
+        Reported::default()
+    }
 }
 
 /// The outbox of `--memory`: lost with the process, like everything else there.
@@ -93,9 +126,9 @@ impl MemoryOutbox {
 
 #[async_trait::async_trait]
 impl Outbox for MemoryOutbox {
-    async fn push(&self, entries: Vec<Entry>) -> Result<u64> {
+    async fn push(&self, entries: Vec<Staged>) -> Result<u64> {
         let mut inner = self.inner();
-        for entry in entries {
+        for Staged { entry, .. } in entries {
             inner.last += 1;
             let seq = inner.last;
             inner.events.insert(seq, entry);
@@ -144,10 +177,18 @@ pub(crate) mod tests {
 
     use super::*;
 
-    fn entry(lane: &str, n: u32) -> Entry {
-        Entry {
-            lane: lane.into(),
-            body: format!("{{\"n\":{n}}}"),
+    fn entry(lane: &str, n: u32) -> Staged {
+        let kind = if lane.starts_with("l:") {
+            Kind::ListenerOnline
+        } else {
+            Kind::TrackOccupied
+        };
+        Staged {
+            kind,
+            entry: Entry {
+                lane: lane.into(),
+                body: format!("{{\"n\":{n}}}"),
+            },
         }
     }
 

@@ -13,7 +13,7 @@ use std::time::Duration;
 use redis::Script;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-use super::outbox::{Entry, Outbox, OutboxError, Result, Seq, Stored};
+use super::outbox::{Entry, Outbox, OutboxError, Result, Seq, Staged, Stored};
 
 /// How long a lease lasts unless renewed. The sender renews it about once a second
 /// (`deliver::LEASE_EVERY`), so a few missed renewals (a GC pause, a slow Redis) do
@@ -117,10 +117,10 @@ impl RedisOutbox {
 
 #[async_trait::async_trait]
 impl Outbox for RedisOutbox {
-    async fn push(&self, entries: Vec<Entry>) -> Result<u64> {
+    async fn push(&self, entries: Vec<Staged>) -> Result<u64> {
         let mut invocation = self.push.key(&self.stream);
         invocation.key(&self.seq).arg(self.max);
-        for entry in &entries {
+        for Staged { entry, .. } in &entries {
             invocation.arg(&entry.lane).arg(&entry.body);
         }
         invocation
