@@ -242,6 +242,13 @@ async fn a_full_disk_answers_503_store_full_and_heals_when_space_is_freed() {
     common::assert_error(&refused, 503, "store_full");
     let health = server.get("/healthz").await;
     assert_eq!(health.0, 503, "{:?}", health.1);
+    // The contract's shape: a status beside the error.
+    assert_eq!(health.1["status"], "store_unavailable", "{:?}", health.1);
+    assert_eq!(
+        health.1["error"]["code"], "store_unavailable",
+        "{:?}",
+        health.1
+    );
 
     // Space comes back: the next writes work by themselves, and health with them.
     std::fs::remove_file(&filler).expect("free space");
