@@ -76,10 +76,15 @@ test("the page at / shows the running server and its try-it panel delivers live"
   await page.waitForFunction(() => document.getElementById("result").textContent !== "", null, { timeout: WAIT_MS });
   assert.match(await page.textContent("#result"), /^type the api key/);
 
-  // A wrong key is refused with the server's own words.
+  // A wrong key is refused with the server's own words. Waited for by its words: the
+  // previous answer is still on the page until this one arrives.
   await page.fill("#key", "not-the-key");
   await page.click("#publish");
-  await page.waitForFunction(() => document.getElementById("result").textContent !== "", null, { timeout: WAIT_MS });
+  await page
+    .waitForFunction(() => /wrong_api_key/.test(document.getElementById("result").textContent), null, { timeout: WAIT_MS })
+    .catch(async (e) => {
+      throw new Error(`no wrong_api_key answer (saw ${JSON.stringify(await page.textContent("#result"))}): ${e.message}`);
+    });
   assert.match(await page.textContent("#result"), /wrong_api_key/);
 
   await page.fill("#key", API_KEY);
