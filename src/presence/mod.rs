@@ -172,17 +172,22 @@ impl Drop for Presence {
 }
 
 /// What has been reported online (listeners or tracks) and which of those are leaving:
-/// gone, but still within their grace period.
+/// gone, but still within their grace period. The leaving are kept in deadline order too,
+/// so that a wake-up costs what is due, not a scan of everyone leaving (10,000 streams
+/// closing at once would otherwise cost 10,000² steps).
 #[derive(Debug, Default)]
 struct Graces {
     reported: HashSet<Arc<str>>,
     leaving: HashMap<Arc<str>, Instant>,
+    by_deadline: std::collections::BTreeSet<(Instant, Arc<str>)>,
 }
 
 impl Graces {
     /// `key` is online: true when that is news to report.
     fn arrive(&mut self, key: &Arc<str>) -> bool {
-        self.leaving.remove(key);
+        if let Some(at) = self.leaving.remove(key) {
+            self.by_deadline.remove(&(at, key.clone()));
+        }
         self.reported.insert(key.clone())
     }
 
@@ -192,7 +197,7 @@ impl Graces {
         for key in keys {
             let key: Arc<str> = key.into();
             self.reported.insert(key.clone());
-            self.leaving.insert(key, at);
+            self.start_leaving(key, at);
         }
     }
 
@@ -200,34 +205,39 @@ impl Graces {
     /// arrives again before.
     fn leave(&mut self, key: &Arc<str>, at: Instant) {
         if self.reported.contains(key) {
-            self.leaving.entry(key.clone()).or_insert(at);
+            self.start_leaving(key.clone(), at);
         }
     }
 
-    /// Those whose grace ran out by `now`: they are reported gone.
+    /// Puts `key` among the leaving at `at`, unless it is leaving already (its first
+    /// deadline stands).
+    fn start_leaving(&mut self, key: Arc<str>, at: Instant) {
+        if let std::collections::hash_map::Entry::Vacant(entry) = self.leaving.entry(key.clone()) {
+            entry.insert(at);
+            self.by_deadline.insert((at, key));
+        }
+    }
+
+    /// Those whose grace ran out by `now`, those that left first first: they are
+    /// reported gone.
     fn due(&mut self, now: Instant) -> Vec<Arc<str>> {
-        let mut due: Vec<(Instant, Arc<str>)> = Vec::new();
-        self.leaving.retain(|key, at| {
-            if *at <= now {
-                due.push((*at, key.clone()));
-                false
-            } else {
-                true
-            }
-        });
-        // Those that left first are reported first.
-        due.sort();
-        due.into_iter()
-            .map(|(_, key)| {
-                self.reported.remove(&key);
-                key
-            })
-            .collect()
+        let mut due = Vec::new();
+        while let Some((at, _)) = self.by_deadline.first()
+            && *at <= now
+        {
+            let Some((_, key)) = self.by_deadline.pop_first() else {
+                break;
+            };
+            self.leaving.remove(&key);
+            self.reported.remove(&key);
+            due.push(key);
+        }
+        due
     }
 
     /// When the next grace runs out.
     fn next_due(&self) -> Option<Instant> {
-        self.leaving.values().min().copied()
+        self.by_deadline.first().map(|(at, _)| *at)
     }
 }
 
