@@ -25,6 +25,10 @@ mod embedded;
 mod local;
 mod memory;
 mod redis;
+
+/// What presence and the webhook outbox share with the Redis engine: its connection and
+/// key prefix.
+pub(crate) use redis::{connect as connect_redis, key_prefix};
 #[cfg(test)]
 mod tests;
 

@@ -368,6 +368,40 @@ fn parse_listener(uid: &str, flat: Vec<String>) -> Listener {
     listener
 }
 
+/// A connection to Redis at `url` as every part of a node uses one (the engine, presence,
+/// the webhook outbox): commands time out after [`COMMAND_TIMEOUT`], a lost connection
+/// is tried again once, quickly.
+pub(crate) async fn connect(url: &str) -> Result<ConnectionManager> {
+    manager(&client(url)?, url).await
+}
+
+/// A client for `url` (nothing is connected yet).
+fn client(url: &str) -> Result<Client> {
+    Client::open(url).map_err(|e| EngineError::Storage(format!("bad redis url: {e}")))
+}
+
+/// [`connect`], from a client made already.
+async fn manager(client: &Client, url: &str) -> Result<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(COMMAND_TIMEOUT))
+        .set_connection_timeout(Some(COMMAND_TIMEOUT))
+        .set_number_of_retries(1)
+        .set_max_delay(Duration::from_millis(500));
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .map_err(|e| EngineError::Storage(format!("cannot reach redis at {url}: {e}")))
+}
+
+/// `prefix` as the start of a key: ending in one `:`, or empty.
+pub(crate) fn key_prefix(prefix: &str) -> String {
+    if prefix.is_empty() || prefix.ends_with(':') {
+        prefix.to_owned()
+    } else {
+        format!("{prefix}:")
+    }
+}
+
 impl RedisEngine {
     /// Connects to Redis at `url` and starts the tail reader and the maintenance tick.
     pub(crate) async fn open(
@@ -376,22 +410,10 @@ impl RedisEngine {
         limits: Limits,
         tail: Arc<dyn Tail>,
     ) -> Result<Self> {
-        let client =
-            Client::open(url).map_err(|e| EngineError::Storage(format!("bad redis url: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(|e| EngineError::Storage(format!("cannot reach redis at {url}: {e}")))?;
-        let prefix = if prefix.is_empty() || prefix.ends_with(':') {
-            prefix.to_owned()
-        } else {
-            format!("{prefix}:")
-        };
+        // The tail reader opens its own connection from the same client.
+        let client = client(url)?;
+        let conn = manager(&client, url).await?;
+        let prefix = key_prefix(prefix);
         let keys = Keys {
             log: format!("{prefix}log"),
             seq: format!("{prefix}seq"),

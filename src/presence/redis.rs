@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{PresenceEvent, PresenceSink, emit, until};
@@ -43,8 +43,6 @@ const REPORT_EVERY: Duration = Duration::from_millis(250);
 /// A node id unseen this long is dropped from `presence:nodes` by the reporter (its
 /// keys expired long before): restarts leave no trail.
 const FORGET_NODE_AFTER: Duration = Duration::from_secs(60);
-/// Longest a presence command may take: Redis answers in well under a millisecond.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Takes or renews the lease: 1 when this node (ARGV[1]) holds it.
 const LEASE_SCRIPT: &str = r"
@@ -99,11 +97,7 @@ struct Keys {
 
 impl Keys {
     fn new(prefix: &str) -> Self {
-        let prefix = if prefix.is_empty() || prefix.ends_with(':') {
-            format!("{prefix}presence:")
-        } else {
-            format!("{prefix}:presence:")
-        };
+        let prefix = format!("{}presence:", engine::key_prefix(prefix));
         Self {
             nodes: format!("{prefix}nodes"),
             leader: format!("{prefix}leader"),
@@ -155,17 +149,7 @@ impl RedisPresence {
         grace: Duration,
         stop: CancellationToken,
     ) -> engine::Result<Self> {
-        let client = redis::Client::open(url)
-            .map_err(|e| EngineError::Storage(format!("bad redis url: {e}")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(|e| EngineError::Storage(format!("cannot reach redis at {url}: {e}")))?;
+        let conn = engine::connect_redis(url).await?;
         let keys = Keys::new(prefix);
         // Unique per process: a restarted node starts with empty sets.
         let node = format!("{:016x}", rand::random::<u64>());

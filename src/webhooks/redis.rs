@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::ConnectionManager;
 
 use super::outbox::{Entry, Outbox, OutboxError, Result, Seq, Staged, Stored};
 
@@ -19,8 +19,6 @@ use super::outbox::{Entry, Outbox, OutboxError, Result, Seq, Staged, Stored};
 /// (`deliver::LEASE_EVERY`), so a few missed renewals (a GC pause, a slow Redis) do
 /// not hand the outbox over; a dead node's events wait at most this long.
 pub(crate) const LEASE_TTL: Duration = Duration::from_secs(5);
-/// Longest a Redis command may take: Redis answers in well under a millisecond.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// ARGV[1] = the bound, then lane, body pairs. Returns how many old events were dropped.
 const PUSH: &str = r"
@@ -83,20 +81,10 @@ impl std::fmt::Debug for RedisOutbox {
 impl RedisOutbox {
     /// Connects to Redis at `url`; keys under `prefix` (the engine's).
     pub(crate) async fn open(url: &str, prefix: &str, max: u64) -> Result<Self> {
-        let client = redis::Client::open(url).map_err(error)?;
-        let config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(COMMAND_TIMEOUT))
-            .set_connection_timeout(Some(COMMAND_TIMEOUT))
-            .set_number_of_retries(1);
-        let conn = client
-            .get_connection_manager_with_config(config)
+        let conn = crate::engine::connect_redis(url)
             .await
-            .map_err(error)?;
-        let prefix = if prefix.is_empty() || prefix.ends_with(':') {
-            prefix.to_owned()
-        } else {
-            format!("{prefix}:")
-        };
+            .map_err(|e| OutboxError(e.to_string()))?;
+        let prefix = crate::engine::key_prefix(prefix);
         let node: String = rand::random::<[u8; 12]>()
             .iter()
             .map(|b| format!("{b:02x}"))
