@@ -97,14 +97,11 @@ async fn healthz(State(node): State<Node>) -> Response {
             ErrorCode::ShuttingDown,
             "shutting down",
         )
-    } else if !node.engine.healthy() {
+    } else if let Some(why) = node.engine.failing() {
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             ErrorCode::StoreUnavailable,
-            format!(
-                "the {} store is failing (a write or a read did not go through; the log says why)",
-                node.engine.kind()
-            ),
+            why,
         )
     } else {
         return Json(json!({"status": "ok", "engine": node.engine.kind()})).into_response();

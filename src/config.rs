@@ -25,12 +25,17 @@ pub struct Options {
     /// Keep everything in memory: nothing on disk, queues lost on restart
     #[arg(long, env = "DOLORES_MEMORY", num_args = 0..=1, default_missing_value = "true")]
     pub memory: Option<bool>,
-    /// Redis URL for several nodes (redis://127.0.0.1:6379/0)
+    /// Redis URL for several nodes (redis://127.0.0.1:6379/0, or
+    /// redis+sentinel://host:port,host:port/mastername)
     #[arg(long, env = "DOLORES_REDIS")]
     pub redis: Option<String>,
     /// Prefix of every Redis key, so several deployments can share one Redis [default: dolores]
     #[arg(long, env = "DOLORES_REDIS_PREFIX")]
     pub redis_prefix: Option<String>,
+    /// Replicas that must have an update before it is acknowledged (Redis WAIT), so a
+    /// failover cannot lose it; 0 = off [default: 0]
+    #[arg(long, env = "DOLORES_REDIS_MIN_REPLICAS")]
+    pub redis_min_replicas: Option<u32>,
     /// The backend's api key (generated on loopback when not given)
     #[arg(long, env = "DOLORES_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -151,6 +156,7 @@ struct FileSettings {
     memory: Option<bool>,
     redis: Option<String>,
     redis_prefix: Option<String>,
+    redis_min_replicas: Option<u32>,
     api_key: Option<String>,
     token_secret: Option<String>,
     heartbeat: Option<String>,
@@ -190,6 +196,8 @@ pub struct Settings {
     pub redis: Option<String>,
     /// Prefix of the Redis keys.
     pub redis_prefix: String,
+    /// Replicas an append waits for (`WAIT`); 0 = none.
+    pub redis_min_replicas: u32,
     /// The api key, if given.
     pub api_key: Option<String>,
     /// The token secret, if any.
@@ -243,6 +251,7 @@ impl Default for Settings {
             memory: false,
             redis: None,
             redis_prefix: "dolores".into(),
+            redis_min_replicas: 0,
             api_key: None,
             token_secret: None,
             // Below the 30–60 s idle timeouts of common proxies and load balancers.
@@ -349,6 +358,10 @@ impl Settings {
                 .redis_prefix
                 .or(file.redis_prefix)
                 .unwrap_or(d.redis_prefix),
+            redis_min_replicas: o
+                .redis_min_replicas
+                .or(file.redis_min_replicas)
+                .unwrap_or(d.redis_min_replicas),
             api_key: o.api_key.or(file.api_key).filter(|k| !k.is_empty()),
             // An empty secret is a mistake (an unset variable), not "no auth": refused
             // in `check`, never taken as auth turned off.
@@ -498,6 +511,12 @@ impl Settings {
         self.check_webhooks()?;
         if self.memory && self.redis.is_some() {
             return invalid("choose --memory or --redis, not both");
+        }
+        if self.redis_min_replicas > 0 && self.redis.is_none() {
+            return invalid(
+                "--redis-min-replicas waits for Redis replicas: it needs --redis \
+                 (the embedded store syncs to its own disk instead)",
+            );
         }
         check_listen(&self.listen)?;
         for origin in &self.cors_origins {

@@ -84,6 +84,9 @@ pub enum ErrorCode {
     StoreCorrupt,
     /// The store failed (a lost connection, an I/O error).
     StoreUnavailable,
+    /// Stored on the Redis primary, but not by as many replicas as
+    /// `--redis-min-replicas` asks for.
+    StoreNotReplicated,
     /// A fault of the server itself (logged; never for bad input).
     Internal,
 }
@@ -127,6 +130,7 @@ impl ErrorCode {
             Self::StoreFull => "store_full",
             Self::StoreCorrupt => "store_corrupt",
             Self::StoreUnavailable => "store_unavailable",
+            Self::StoreNotReplicated => "store_not_replicated",
             Self::Internal => "internal",
         }
     }
@@ -263,6 +267,14 @@ impl From<EngineError> for ApiError {
                 "this Idempotency-Key was sent before with other updates: nothing was stored; \
                  send a new key with a new request",
             ),
+            EngineError::NotReplicated(detail) => {
+                tracing::warn!("store failure: {detail}");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    ErrorCode::StoreNotReplicated,
+                    detail,
+                )
+            }
             EngineError::Storage(detail) => {
                 tracing::error!("store failure: {detail}");
                 Self::new(

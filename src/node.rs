@@ -125,7 +125,14 @@ impl Node {
             revocation_ttl: crate::auth::REVOCATION_TTL,
         };
         let engine = if let Some(url) = &settings.redis {
-            engine::open_redis(url, &settings.redis_prefix, limits, tail).await?
+            engine::open_redis(
+                url,
+                &settings.redis_prefix,
+                settings.redis_min_replicas,
+                limits,
+                tail,
+            )
+            .await?
         } else if settings.memory {
             engine::open_memory(limits, tail)
         } else {

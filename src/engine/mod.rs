@@ -10,7 +10,8 @@
 //!
 //! both driven by the one writer in `local`, which does group commit; and
 //!
-//! - `redis` — several nodes on one Redis (`--redis URL`).
+//! - `redis` — several nodes on one Redis (`--redis URL`), through `redis_connection`
+//!   (one server, or the primary Sentinel names).
 //!
 //! `acks` keeps the delivered cursors not yet written, by one rule for every engine;
 //! `tests` is the shared suite every engine passes.
@@ -25,10 +26,12 @@ mod embedded;
 mod local;
 mod memory;
 mod redis;
+mod redis_connection;
 
 /// What presence and the webhook outbox share with the Redis engine: its connection and
 /// key prefix.
 pub(crate) use redis::{connect as connect_redis, key_prefix};
+pub(crate) use redis_connection::RedisConnection;
 #[cfg(test)]
 mod tests;
 
@@ -426,6 +429,10 @@ pub enum EngineError {
     /// The `Idempotency-Key` came with other updates before: nothing was stored.
     #[error("the idempotency key was used for other updates")]
     KeyReused,
+    /// Stored on the Redis primary, but fewer replicas than `--redis-min-replicas`
+    /// acknowledged it in time: a failover could lose it. Says how many did.
+    #[error("{0}")]
+    NotReplicated(String),
 }
 
 /// Shortens `Result<T, EngineError>`.
@@ -500,6 +507,17 @@ pub(crate) trait Engine: Send + Sync + std::fmt::Debug + 'static {
         true
     }
 
+    /// Why `/healthz` should answer 503, when it should: the store does not answer, or
+    /// (Redis) this node has stopped following the log.
+    fn failing(&self) -> Option<String> {
+        (!self.healthy()).then(|| {
+            format!(
+                "the {} store is failing (a write or a read did not go through; the log says why)",
+                self.kind()
+            )
+        })
+    }
+
     /// Writes everything pending and stops taking work.
     async fn close(&self);
 
@@ -527,15 +545,17 @@ pub(crate) fn open_memory(limits: Limits, tail: Arc<dyn Tail>) -> Arc<dyn Engine
     ))
 }
 
-/// Connects to the Redis engine at `url`, its keys under `prefix`.
+/// Connects to the Redis engine at `url`, its keys under `prefix`; with `min_replicas`
+/// > 0 an append waits for that many replicas (`--redis-min-replicas`).
 pub(crate) async fn open_redis(
     url: &str,
     prefix: &str,
+    min_replicas: u32,
     limits: Limits,
     tail: Arc<dyn Tail>,
 ) -> Result<Arc<dyn Engine>> {
     Ok(Arc::new(
-        redis::RedisEngine::open(url, prefix, limits, tail).await?,
+        redis::RedisEngine::open(url, prefix, min_replicas, limits, tail).await?,
     ))
 }
 

@@ -32,22 +32,28 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncConnectionConfig, Client, Script};
+use redis::{AsyncConnectionConfig, Script};
 use tokio_util::sync::CancellationToken;
 
 use super::acks::PendingAcks;
+use super::redis_connection::{COMMAND_TIMEOUT, RedisConnection};
 use super::{
     Appended, Change, Engine, EngineError, History, IdempotencyKey, Limits, Listener, Message,
     Position, Replay, Result, StoreCounts, Subscribers, Subscription, TICK, Tail, Update, now_ms,
 };
 
-/// Longest a command may take before the caller gets a 503: Redis answers in well
-/// under a millisecond, so two seconds means it is gone, paused or overloaded.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long an append waits for `--redis-min-replicas` replicas to acknowledge it
+/// (`WAIT`): replicas on a healthy network answer in a millisecond, and half the
+/// [`COMMAND_TIMEOUT`] leaves the connection's own timeout room to see the answer.
+const REPLICA_WAIT_MS: u64 = 1000;
+/// A tail reader that has read nothing this long while the log moved on is wedged, and
+/// `/healthz` says so: longer than a blocked read plus its timeout (3 s), so a reader
+/// that is merely reconnecting is not called wedged.
+const WEDGED_AFTER: Duration = Duration::from_secs(5);
 /// How long the tail reader blocks in one `XREAD`.
 const TAIL_BLOCK_MS: u64 = 1000;
 /// Most entries the tail reader takes per read.
@@ -61,58 +67,98 @@ const MAX_INDEXES_DROPPED_PER_TICK: usize = 1000;
 
 /// The first position the log still keeps, from its first entry id: an entry `N-k`
 /// with k > 0 follows message N, which is then gone. Shared by the scripts below.
+/// Positions before the log's epoch (`epoch_key`, see [`EPOCH`]) count as gone too.
+///
+/// Positions are Lua numbers (doubles): exact below 2^53, which the clock-based epochs
+/// stay under until the year 2255; written into strings with `%d`, never `..` (which
+/// would print a 16-digit number as `1.7e+15`).
 const KEEP_FROM: &str = r"
-local function keep_from(log, head)
+local function keep_from(log, head, epoch_key)
+  local start = tonumber(redis.call('GET', epoch_key) or '0')
   local first = redis.call('XRANGE', log, '-', '+', 'COUNT', 1)
-  if #first == 0 then return tonumber(head) + 1, '' end
+  if #first == 0 then return math.max(tonumber(head), start) + 1, '' end
   local ms, sq = string.match(first[1][1], '^(%d+)-(%d+)$')
   local keep = tonumber(ms)
   if tonumber(sq) > 0 then keep = keep + 1 end
-  return keep, first[1][1]
+  return math.max(keep, start + 1), first[1][1]
 end
 ";
 
+/// The log's epoch: the position its current stretch began after. It changes when the
+/// log may have lost its tail — `seq` is behind a position this node has seen (a
+/// replica promoted before it had everything; a Redis restarted without its data) —
+/// and then starts past every position ever handed out: past what the node saw, what
+/// Redis has, and the clock in microseconds (a log hands out far fewer than a million
+/// positions a second, so an epoch begun now is past any earlier epoch's positions even
+/// when no node remembers them). A new log starts at epoch 0, as logs always did.
+/// Answers the epoch's start.
+const EPOCH: &str = r"
+local function epoch_of(log, seq_key, epoch_key, floor, now)
+  local seq = redis.call('GET', seq_key)
+  local start = tonumber(redis.call('GET', epoch_key) or '0')
+  if seq and tonumber(seq) >= floor then return start end
+  if not seq and floor == 0 and start == 0 and redis.call('EXISTS', log) == 0 then return 0 end
+  local new = math.max(now, tonumber(seq or '0') + 1, floor + 1, start + 1)
+  local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
+  if #last > 0 then new = math.max(new, tonumber(string.match(last[1][1], '^(%d+)')) + 1) end
+  local s = string.format('%d', new)
+  redis.call('SET', epoch_key, s)
+  redis.call('SET', seq_key, s)
+  return new
+end
+";
+
+/// KEYS: log, seq, epoch. ARGV: the highest position this node has seen, the time in
+/// microseconds. Answers the epoch's start and the head.
+const CHECK_EPOCH: &str = r"
+local start = epoch_of(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[1]), tonumber(ARGV[2]))
+return {start, tonumber(redis.call('GET', KEYS[2]) or '0')}
+";
+
 /// KEYS: log, seq, tidx, and, when given, the idempotency key. ARGV: max length, time,
-/// the digest of the updates and the key's time to live in ms, the key prefix, then
-/// (track, json) pairs. Answers `{0, ids…}` for a new append, `{1, ids…}` for a repeat
-/// (nothing stored), `{2}` for the key used with other updates.
+/// the digest of the updates and the key's time to live in ms, the key prefix, the
+/// highest position this node has seen and the time in µs (for [`EPOCH`]), then
+/// (track, json) pairs. Answers `{0, epoch, ids…}` for a new append, `{1, epoch, ids…}`
+/// for a repeat (nothing stored), `{2}` for the key used with other updates.
 const APPEND: &str = r"
+local epoch = epoch_of(KEYS[1], KEYS[2], ARGV[5] .. 'epoch', tonumber(ARGV[6]), tonumber(ARGV[7]))
 if KEYS[4] then
   local seen = redis.call('GET', KEYS[4])
   if seen then
     local digest, first, count = string.match(seen, '^(%x+) (%d+) (%d+)$')
     if digest ~= ARGV[3] then return {2} end
-    local ids = {1}
+    local ids = {1, epoch}
     for n = tonumber(first), tonumber(first) + tonumber(count) - 1 do ids[#ids + 1] = n end
     return ids
   end
 end
-local ids, tracks = {0}, {}
-for i = 6, #ARGV, 2 do
+local ids, tracks = {0, epoch}, {}
+for i = 8, #ARGV, 2 do
   local n = redis.call('INCR', KEYS[2])
-  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], n .. '-0', 'k', 'm', 't', ARGV[i], 'j', ARGV[i + 1], 'ts', ARGV[2])
+  redis.call('XADD', KEYS[1], 'MAXLEN', ARGV[1], string.format('%d-0', n), 'k', 'm', 't', ARGV[i], 'j', ARGV[i + 1], 'ts', ARGV[2])
   redis.call('ZADD', ARGV[5] .. 't:' .. ARGV[i], n, n)
   redis.call('ZADD', KEYS[3], n, ARGV[i])
   tracks[ARGV[i]] = true
   ids[#ids + 1] = n
 end
-local keep = keep_from(KEYS[1], redis.call('GET', KEYS[2]) or '0')
+local keep = keep_from(KEYS[1], redis.call('GET', KEYS[2]) or '0', ARGV[5] .. 'epoch')
 for t in pairs(tracks) do
-  redis.call('ZREMRANGEBYSCORE', ARGV[5] .. 't:' .. t, '-inf', '(' .. keep)
+  redis.call('ZREMRANGEBYSCORE', ARGV[5] .. 't:' .. t, '-inf', string.format('(%d', keep))
 end
-if KEYS[4] and #ids > 1 then
-  redis.call('SET', KEYS[4], ARGV[3] .. ' ' .. ids[2] .. ' ' .. (#ids - 1), 'PX', ARGV[4])
+if KEYS[4] and #ids > 2 then
+  redis.call('SET', KEYS[4], string.format('%s %d %d', ARGV[3], ids[3], #ids - 2), 'PX', ARGV[4])
 end
 return ids
 ";
 
 /// A page of the messages of some tracks, in log order, read through their indexes.
 /// KEYS: log, seq. ARGV: key prefix, limit, head ('' for now), then (track, after)
-/// pairs. Returns the head, the log's first entry id ('' when empty) and the entries.
+/// pairs. Returns the head, the log's first entry id ('' when empty), the entries and
+/// the epoch's start.
 const HISTORY: &str = r"
 local head = ARGV[3]
 if head == '' then head = redis.call('GET', KEYS[2]) or '0' end
-local keep, fid = keep_from(KEYS[1], head)
+local keep, fid = keep_from(KEYS[1], head, ARGV[1] .. 'epoch')
 local limit = tonumber(ARGV[2])
 local positions = {}
 for i = 4, #ARGV, 2 do
@@ -127,13 +173,13 @@ for i = 1, math.min(limit, #positions) do
   local e = redis.call('XRANGE', KEYS[1], id, id)
   if #e > 0 then entries[#entries + 1] = e[1] end
 end
-return {head, fid, entries}
+return {head, fid, entries, redis.call('GET', ARGV[1] .. 'epoch') or '0'}
 ";
 
 /// Deletes the indexes of tracks whose every message is gone. KEYS: tidx, log, seq.
 /// ARGV: key prefix, then tracks.
 const DROP_INDEXES: &str = r"
-local keep = keep_from(KEYS[2], redis.call('GET', KEYS[3]) or '0')
+local keep = keep_from(KEYS[2], redis.call('GET', KEYS[3]) or '0', ARGV[1] .. 'epoch')
 for i = 2, #ARGV do
   local last = redis.call('ZSCORE', KEYS[1], ARGV[i])
   if last and tonumber(last) < keep then
@@ -144,11 +190,13 @@ end
 return 0
 ";
 
-/// ARGV: time, uid, key prefix, then tracks.
+/// ARGV: time, uid, key prefix, the highest position this node has seen, the time in
+/// µs (for [`EPOCH`]), then tracks.
 const CONNECT: &str = r"
+epoch_of(KEYS[5], KEYS[2], ARGV[3] .. 'epoch', tonumber(ARGV[4]), tonumber(ARGV[5]))
 local head = redis.call('GET', KEYS[2]) or '0'
 if redis.call('EXISTS', KEYS[1]) == 0 then redis.call('HSET', KEYS[1], 'cursor', head) end
-for i = 4, #ARGV do
+for i = 6, #ARGV do
   if redis.call('HSETNX', KEYS[1], 's:' .. ARGV[i], head) == 1 then
     redis.call('HINCRBY', KEYS[3], ARGV[i], 1)
     redis.call('ZADD', ARGV[3] .. 'ts:' .. ARGV[i], 0, ARGV[2])
@@ -163,10 +211,12 @@ return redis.call('HGETALL', KEYS[1])
 /// ARGV[3] is the track, or '' to forget the listener; ARGV[4], when not '', forgets
 /// only a listener still unseen since then (expiry racing a reconnect); ARGV[5], when
 /// not '', revokes the listener's tokens (KEYS[6]) for that many ms, even when the
-/// listener is already gone; ARGV[6] is the key prefix.
+/// listener is already gone; ARGV[6] is the key prefix; ARGV[7] and ARGV[8] the
+/// highest position this node has seen and the time in µs (for [`EPOCH`]).
 const DISCONNECT: &str = r"
 if ARGV[3] == '' and ARGV[5] ~= '' then redis.call('SET', KEYS[6], ARGV[1], 'PX', ARGV[5]) end
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+epoch_of(KEYS[5], KEYS[2], ARGV[6] .. 'epoch', tonumber(ARGV[7]), tonumber(ARGV[8]))
 local head = redis.call('GET', KEYS[2]) or '0'
 if ARGV[3] ~= '' then
   if redis.call('HDEL', KEYS[1], 's:' .. ARGV[3]) == 1 then
@@ -205,7 +255,8 @@ end
 return 1
 ";
 
-/// The listener, the head and the first entry id, read atomically.
+/// The listener, the head, the first entry id and the epoch's start, read atomically.
+/// KEYS: listener, seq, log, epoch.
 const SNAPSHOT: &str = r"
 local l = redis.call('HGETALL', KEYS[1])
 if #l == 0 then return false end
@@ -213,7 +264,7 @@ local head = redis.call('GET', KEYS[2]) or '0'
 local first = redis.call('XRANGE', KEYS[3], '-', '+', 'COUNT', 1)
 local fid = ''
 if #first > 0 then fid = first[1][1] end
-return {head, fid, l}
+return {head, fid, l, redis.call('GET', KEYS[4]) or '0'}
 ";
 
 fn redis_error(e: redis::RedisError) -> EngineError {
@@ -227,6 +278,7 @@ struct Keys {
     seen: String,
     tidx: String,
     index: String,
+    epoch: String,
     prefix: String,
 }
 
@@ -260,16 +312,34 @@ struct Scripts {
     snapshot: Script,
     history: Script,
     drop_indexes: Script,
+    check_epoch: Script,
 }
 
 /// What the engine's background tasks share with it.
 struct Shared {
-    conn: ConnectionManager,
+    conn: RedisConnection,
+    /// With `--redis-min-replicas`, appends and their `WAIT` go through a connection of
+    /// their own: `WAIT` blocks the connection it runs on, which would stall every other
+    /// command on the shared one.
+    append_conn: Option<RedisConnection>,
+    /// `--redis-min-replicas`: replicas that must acknowledge an append before it is.
+    min_replicas: u32,
     keys: Keys,
     scripts: Scripts,
     limits: Limits,
     acks: PendingAcks,
     healthy: AtomicBool,
+    /// This node's hub: told `Lost` when the log's epoch changes.
+    tail: Arc<dyn Tail>,
+    /// The highest position this node has seen handed out (appended, read by the tail
+    /// reader, or read as the head): a log whose `seq` is behind it lost its tail.
+    floor: AtomicU64,
+    /// The epoch this node knows (see [`EPOCH`]).
+    epoch: AtomicU64,
+    /// The position of the last entry the tail reader read.
+    tail_pos: AtomicU64,
+    /// Why the tail reader counts as wedged, while it does (see [`WEDGED_AFTER`]).
+    wedged: Mutex<Option<String>>,
 }
 
 /// The Redis engine. See the module docs.
@@ -313,15 +383,19 @@ fn parse_entry((id, flat): RawEntry) -> Entry {
     Entry { pos, seq, fields }
 }
 
-/// Every position up to this one is gone, given the log's head and first entry id.
-fn trimmed_through(head: Position, first_id: &str) -> Position {
-    if first_id.is_empty() {
-        return head;
-    }
-    match parse_id(first_id) {
-        (pos, 0) => pos.saturating_sub(1),
-        (pos, _) => pos,
-    }
+/// Every position up to this one is gone, given the log's head, first entry id and
+/// epoch: a position from before the epoch belongs to a log that may have lost entries
+/// after it, so it counts as gone.
+fn trimmed_through(head: Position, first_id: &str, epoch: Position) -> Position {
+    let trimmed = if first_id.is_empty() {
+        head
+    } else {
+        match parse_id(first_id) {
+            (pos, 0) => pos.saturating_sub(1),
+            (pos, _) => pos,
+        }
+    };
+    trimmed.max(epoch)
 }
 
 fn field(entry: &Entry, name: &str) -> String {
@@ -368,29 +442,15 @@ fn parse_listener(uid: &str, flat: Vec<String>) -> Listener {
     listener
 }
 
-/// A connection to Redis at `url` as every part of a node uses one (the engine, presence,
-/// the webhook outbox): commands time out after [`COMMAND_TIMEOUT`], a lost connection
-/// is tried again once, quickly.
-pub(crate) async fn connect(url: &str) -> Result<ConnectionManager> {
-    manager(&client(url)?, url).await
+/// A connection to Redis at `url` (`redis://` or `redis+sentinel://`) as every part of a
+/// node uses one (the engine, presence, the webhook outbox): see `redis_connection`.
+pub(crate) async fn connect(url: &str) -> Result<RedisConnection> {
+    RedisConnection::open(url).await
 }
 
-/// A client for `url` (nothing is connected yet).
-fn client(url: &str) -> Result<Client> {
-    Client::open(url).map_err(|e| EngineError::Storage(format!("bad redis url: {e}")))
-}
-
-/// [`connect`], from a client made already.
-async fn manager(client: &Client, url: &str) -> Result<ConnectionManager> {
-    let config = ConnectionManagerConfig::new()
-        .set_response_timeout(Some(COMMAND_TIMEOUT))
-        .set_connection_timeout(Some(COMMAND_TIMEOUT))
-        .set_number_of_retries(1)
-        .set_max_delay(Duration::from_millis(500));
-    client
-        .get_connection_manager_with_config(config)
-        .await
-        .map_err(|e| EngineError::Storage(format!("cannot reach redis at {url}: {e}")))
+/// Microseconds since the Unix epoch, now: where a new epoch starts at the earliest.
+fn now_us() -> u64 {
+    now_ms().saturating_mul(1000)
 }
 
 /// `prefix` as the start of a key: ending in one `:`, or empty.
@@ -404,15 +464,21 @@ pub(crate) fn key_prefix(prefix: &str) -> String {
 
 impl RedisEngine {
     /// Connects to Redis at `url` and starts the tail reader and the maintenance tick.
+    /// With `min_replicas` > 0, an append is acknowledged only once that many replicas
+    /// have it.
     pub(crate) async fn open(
         url: &str,
         prefix: &str,
+        min_replicas: u32,
         limits: Limits,
         tail: Arc<dyn Tail>,
     ) -> Result<Self> {
-        // The tail reader opens its own connection from the same client.
-        let client = client(url)?;
-        let conn = manager(&client, url).await?;
+        let conn = RedisConnection::open(url).await?;
+        let append_conn = if min_replicas > 0 {
+            Some(RedisConnection::open(url).await?)
+        } else {
+            None
+        };
         let prefix = key_prefix(prefix);
         let keys = Keys {
             log: format!("{prefix}log"),
@@ -421,34 +487,41 @@ impl RedisEngine {
             seen: format!("{prefix}seen"),
             tidx: format!("{prefix}tidx"),
             index: format!("{prefix}index"),
+            epoch: format!("{prefix}epoch"),
             prefix,
         };
         let shared = Arc::new(Shared {
             conn,
+            append_conn,
+            min_replicas,
             keys,
             scripts: Scripts {
-                append: Script::new(&format!("{KEEP_FROM}{APPEND}")),
-                connect: Script::new(CONNECT),
-                disconnect: Script::new(DISCONNECT),
+                append: Script::new(&format!("{KEEP_FROM}{EPOCH}{APPEND}")),
+                connect: Script::new(&format!("{EPOCH}{CONNECT}")),
+                disconnect: Script::new(&format!("{EPOCH}{DISCONNECT}")),
                 ack: Script::new(ACK),
                 snapshot: Script::new(SNAPSHOT),
                 history: Script::new(&format!("{KEEP_FROM}{HISTORY}")),
                 drop_indexes: Script::new(&format!("{KEEP_FROM}{DROP_INDEXES}")),
+                check_epoch: Script::new(&format!("{EPOCH}{CHECK_EPOCH}")),
             },
             limits,
             acks: PendingAcks::default(),
             healthy: AtomicBool::new(true),
+            tail,
+            floor: AtomicU64::new(0),
+            epoch: AtomicU64::new(UNKNOWN_EPOCH),
+            tail_pos: AtomicU64::new(0),
+            wedged: Mutex::new(None),
         });
         shared.build_indexes().await?;
+        shared.check_epoch().await?;
         let stop = CancellationToken::new();
         let last_id = shared.last_id().await?;
-        tokio::spawn(tail_reader(
-            client,
-            shared.clone(),
-            tail,
-            last_id,
-            stop.clone(),
-        ));
+        shared
+            .tail_pos
+            .store(parse_id(&last_id).0, Ordering::Relaxed);
+        tokio::spawn(tail_reader(shared.clone(), last_id, stop.clone()));
         tokio::spawn(maintenance(shared.clone(), stop.clone()));
         Ok(Self {
             shared,
@@ -466,9 +539,47 @@ impl RedisEngine {
     }
 }
 
+/// What [`Shared::epoch`] holds before the first answer.
+const UNKNOWN_EPOCH: u64 = u64::MAX;
+
 impl Shared {
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> RedisConnection {
         self.conn.clone()
+    }
+
+    /// Raises the floor to `pos`, a position Redis answered.
+    fn saw(&self, pos: Position) {
+        self.floor.fetch_max(pos, Ordering::Relaxed);
+    }
+
+    /// Records the log's epoch as Redis answered it; a change means the log may have
+    /// lost entries some streams were given, so every stream catches up from the store
+    /// by its cursor (and a cursor from before the epoch gets a `reset`).
+    fn note_epoch(&self, start: Position) {
+        self.saw(start);
+        let known = self.epoch.swap(start, Ordering::Relaxed);
+        if known != start && known != UNKNOWN_EPOCH {
+            tracing::warn!(
+                "the redis log has a new epoch, starting after position {start} (it was {known}): \
+                 it may have lost its last entries (a failover to a replica that was behind, \
+                 or a restart without data); streams from before it get a reset"
+            );
+            self.tail.apply(&[Change::Lost], Duration::ZERO);
+        }
+    }
+
+    /// Runs the epoch check ([`EPOCH`]) with this node's floor; answers the head.
+    async fn check_epoch(&self) -> Result<Position> {
+        let mut call = self.scripts.check_epoch.prepare_invoke();
+        call.key(&self.keys.log)
+            .key(&self.keys.seq)
+            .key(&self.keys.epoch)
+            .arg(self.floor.load(Ordering::Relaxed))
+            .arg(now_us());
+        let (start, head): (u64, u64) = self.observe(call.invoke_async(&mut self.conn()).await)?;
+        self.note_epoch(start);
+        self.saw(head);
+        Ok(head)
     }
 
     fn observe<T>(&self, result: redis::RedisResult<T>) -> Result<T> {
@@ -517,7 +628,9 @@ impl Shared {
             .arg(track.unwrap_or(""))
             .arg(stale_before.map(|b| b.to_string()).unwrap_or_default())
             .arg(revoke_for_ms)
-            .arg(&k.prefix);
+            .arg(&k.prefix)
+            .arg(self.floor.load(Ordering::Relaxed))
+            .arg(now_us());
         let left: Option<Vec<String>> = self.observe(call.invoke_async(&mut self.conn()).await)?;
         Ok(left.map(|flat| parse_listener(uid, flat).track_names()))
     }
@@ -691,14 +804,15 @@ impl Shared {
         for (track, after) in tracks {
             call.arg(*track).arg(*after);
         }
-        let (head, first_id, raw): (String, String, Vec<RawEntry>) =
+        let (head, first_id, raw, start): (String, String, Vec<RawEntry>, String) =
             self.observe(call.invoke_async(&mut self.conn()).await)?;
         let head: Position = head.parse().unwrap_or(0);
+        let start: Position = start.parse().unwrap_or(0);
         let messages = raw
             .into_iter()
             .map(|raw| message(&parse_entry(raw)))
             .collect();
-        Ok((messages, head, trimmed_through(head, &first_id)))
+        Ok((messages, head, trimmed_through(head, &first_id, start)))
     }
 
     /// Deletes entries older than the retention, and forgets listeners unseen for the
@@ -754,10 +868,12 @@ impl Shared {
     }
 }
 
-/// Every tick: write cursors, clean up, check health.
+/// Every tick: write cursors, clean up, check health — Redis answers, the log's epoch
+/// still holds, and the tail reader keeps up with the log.
 async fn maintenance(shared: Arc<Shared>, stop: CancellationToken) {
     let every = shared.limits.clean_up_every();
     let mut last_clean_up = Instant::now();
+    let mut behind: Option<Behind> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => break,
@@ -770,37 +886,83 @@ async fn maintenance(shared: Arc<Shared>, stop: CancellationToken) {
                 tracing::warn!("redis clean-up failed: {e}");
             }
         }
-        let mut conn = shared.conn();
-        let ping = redis::cmd("PING");
-        let pong: redis::RedisResult<String> =
-            match tokio::time::timeout(COMMAND_TIMEOUT, ping.query_async(&mut conn)).await {
-                Ok(pong) => pong,
-                Err(_) => Err(redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "no answer to PING",
-                ))),
-            };
-        let _ = shared.observe(pong);
+        // The epoch check doubles as the health probe (it answers or not) and reads
+        // the head the tail reader must keep up with.
+        let head = match tokio::time::timeout(COMMAND_TIMEOUT, shared.check_epoch()).await {
+            Ok(Ok(head)) => head,
+            Ok(Err(_)) => continue,
+            Err(_) => {
+                shared.healthy.store(false, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let read = shared.tail_pos.load(Ordering::Relaxed);
+        let start = shared.epoch.load(Ordering::Relaxed);
+        behind = watch_tail(behind, read, head, start, Instant::now());
+        let wedged = behind.as_ref().and_then(|b| {
+            (b.since.elapsed() >= WEDGED_AFTER).then(|| {
+                format!(
+                    "the redis tail reader is wedged: it has read nothing past position {} \
+                     for {} s while the log's head moved on to {head}, so this node's \
+                     streams get no new messages",
+                    b.read,
+                    b.since.elapsed().as_secs()
+                )
+            })
+        });
+        if let Some(why) = &wedged {
+            tracing::warn!("{why}");
+        }
+        if let Ok(mut slot) = shared.wedged.lock() {
+            *slot = wedged;
+        }
+    }
+}
+
+/// Since when the tail reader has been behind the head without reading anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Behind {
+    /// The last position it had read then (and still has).
+    read: Position,
+    since: Instant,
+}
+
+/// The tail reader's progress after one more look: `None` when it has read up to the
+/// head (or nothing was appended in this epoch yet); else since when it has been stuck
+/// where it is. A reader that moves, even while still behind, starts a new wait.
+fn watch_tail(
+    behind: Option<Behind>,
+    read: Position,
+    head: Position,
+    epoch: Position,
+    now: Instant,
+) -> Option<Behind> {
+    if read >= head || head <= epoch {
+        return None;
+    }
+    match behind {
+        Some(b) if b.read == read => Some(b),
+        _ => Some(Behind { read, since: now }),
     }
 }
 
 /// Tails the log on its own connection and hands every entry to the hub, in order.
-async fn tail_reader(
-    client: Client,
-    shared: Arc<Shared>,
-    tail: Arc<dyn Tail>,
-    mut last_id: String,
-    stop: CancellationToken,
-) {
+async fn tail_reader(shared: Arc<Shared>, mut last_id: String, stop: CancellationToken) {
+    let tail = shared.tail.clone();
     let mut last_message = parse_id(&last_id).0;
     let config = AsyncConnectionConfig::new()
         .set_response_timeout(Some(Duration::from_millis(TAIL_BLOCK_MS) + COMMAND_TIMEOUT))
         .set_connection_timeout(Some(COMMAND_TIMEOUT));
     'connect: while !stop.is_cancelled() {
-        let mut conn = match client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-        {
+        // With Sentinel, the primary now: the reader follows a failover by reconnecting.
+        let opened = match shared.conn.target().client().await {
+            Ok(client) => client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+                .map_err(redis_error),
+            Err(e) => Err(e),
+        };
+        let mut conn = match opened {
             Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!("redis tail reader cannot connect: {e}");
@@ -811,6 +973,13 @@ async fn tail_reader(
                 }
             }
         };
+        // Before reading on: a log that lost what this node saw gets a new epoch (and
+        // the hub a `Lost`), so no position this node delivered is handed out again.
+        if let Err(e) = shared.check_epoch().await {
+            tracing::warn!("redis tail reader: {e}; reconnecting");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue 'connect;
+        }
         // A Redis that came back without its data has a shorter log: follow it.
         if let Ok(now_last) = shared.last_id().await
             && parse_id(&now_last) < parse_id(&last_id)
@@ -851,11 +1020,15 @@ async fn tail_reader(
                 for raw in entries {
                     last_id.clone_from(&raw.0);
                     let entry = parse_entry(raw);
+                    shared.saw(entry.pos);
                     if let Some(change) = to_change(&entry, &mut last_message) {
                         changes.extend(change);
                     }
                 }
             }
+            shared
+                .tail_pos
+                .store(parse_id(&last_id).0, Ordering::Relaxed);
             if !changes.is_empty() {
                 tail.apply(&changes, started.elapsed());
             }
@@ -922,25 +1095,52 @@ impl Engine for RedisEngine {
                 call.arg("").arg(0);
             }
         }
-        call.arg(&s.keys.prefix);
+        call.arg(&s.keys.prefix)
+            .arg(s.floor.load(Ordering::Relaxed))
+            .arg(now_us());
         for update in &updates {
             call.arg(&update.track).arg(&update.json);
         }
-        let answer: Vec<u64> = s.observe(call.invoke_async(&mut s.conn()).await)?;
-        match answer.split_first() {
-            Some((0, positions)) => Ok(Appended {
-                positions: positions.to_vec(),
-                repeated: false,
-            }),
-            Some((1, positions)) => Ok(Appended {
-                positions: positions.to_vec(),
-                repeated: true,
-            }),
-            Some((2, _)) => Err(EngineError::KeyReused),
-            _ => Err(EngineError::Storage(format!(
-                "redis: unexpected answer to the append script: {answer:?}"
-            ))),
+        let mut conn = s.append_conn.as_ref().unwrap_or(&s.conn).clone();
+        let answer: Vec<u64> = s.observe(call.invoke_async(&mut conn).await)?;
+        let appended = match answer.as_slice() {
+            [status @ (0 | 1), epoch, positions @ ..] => {
+                s.note_epoch(*epoch);
+                if let Some(last) = positions.last() {
+                    s.saw(*last);
+                }
+                Appended {
+                    positions: positions.to_vec(),
+                    repeated: *status == 1,
+                }
+            }
+            [2] => return Err(EngineError::KeyReused),
+            _ => {
+                return Err(EngineError::Storage(format!(
+                    "redis: unexpected answer to the append script: {answer:?}"
+                )));
+            }
+        };
+        if s.min_replicas > 0 {
+            // On the connection that wrote: WAIT counts the replicas that have this
+            // client's writes so far (a repeat's too, written by an earlier call).
+            let acknowledged: u64 = s.observe(
+                redis::cmd("WAIT")
+                    .arg(s.min_replicas)
+                    .arg(REPLICA_WAIT_MS)
+                    .query_async(&mut conn)
+                    .await,
+            )?;
+            if acknowledged < u64::from(s.min_replicas) {
+                return Err(EngineError::NotReplicated(format!(
+                    "the update reached the redis primary, but only {acknowledged} of the {} \
+                     replicas --redis-min-replicas asks for acknowledged it within {REPLICA_WAIT_MS} ms, \
+                     so a failover could lose it; retry with the same Idempotency-Key",
+                    s.min_replicas
+                )));
+            }
         }
+        Ok(appended)
     }
 
     async fn connect(&self, uid: &str, tracks: Vec<String>) -> Result<Vec<String>> {
@@ -954,7 +1154,9 @@ impl Engine for RedisEngine {
             .key(&s.keys.log)
             .arg(now_ms())
             .arg(uid)
-            .arg(&s.keys.prefix);
+            .arg(&s.keys.prefix)
+            .arg(s.floor.load(Ordering::Relaxed))
+            .arg(now_us());
         for track in &tracks {
             call.arg(track);
         }
@@ -998,13 +1200,15 @@ impl Engine for RedisEngine {
         let mut call = s.scripts.snapshot.prepare_invoke();
         call.key(s.keys.listener(uid))
             .key(&s.keys.seq)
-            .key(&s.keys.log);
-        let snapshot: Option<(String, String, Vec<String>)> =
+            .key(&s.keys.log)
+            .key(&s.keys.epoch);
+        let snapshot: Option<(String, String, Vec<String>, String)> =
             s.observe(call.invoke_async(&mut s.conn()).await)?;
-        let Some((head, first_id, flat)) = snapshot else {
+        let Some((head, first_id, flat, start)) = snapshot else {
             return Ok(None);
         };
         let head: Position = head.parse().unwrap_or(0);
+        let start: Position = start.parse().unwrap_or(0);
         let listener = parse_listener(uid, flat);
         // Read only up to the snapshot's head: a track connected after it can only have
         // later messages, which the live path brings. What retention deleted is read
@@ -1014,7 +1218,7 @@ impl Engine for RedisEngine {
             .iter()
             .map(|t| (t.track.as_str(), after.max(t.since)))
             .collect();
-        let trimmed = trimmed_through(head, &first_id);
+        let trimmed = trimmed_through(head, &first_id, start);
         let (messages, trimmed) = if tracks.is_empty() || after >= head {
             (Vec::new(), trimmed)
         } else {
@@ -1109,7 +1313,18 @@ impl Engine for RedisEngine {
     }
 
     fn healthy(&self) -> bool {
-        self.shared.healthy.load(Ordering::Relaxed)
+        self.failing().is_none()
+    }
+
+    fn failing(&self) -> Option<String> {
+        let s = &self.shared;
+        if let Some(why) = s.wedged.lock().ok().and_then(|w| w.clone()) {
+            return Some(why);
+        }
+        (!s.healthy.load(Ordering::Relaxed)).then(|| {
+            "the redis store is failing (a write or a read did not go through; the log says why)"
+                .to_owned()
+        })
     }
 
     async fn close(&self) {

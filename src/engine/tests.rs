@@ -102,7 +102,7 @@ impl Factory for RedisFactory {
         let prefix = self.0.clone();
         tokio::task::block_in_place(|| {
             tokio::runtime::Handle::current()
-                .block_on(open_redis(&url, &prefix, limits, tail))
+                .block_on(open_redis(&url, &prefix, 0, limits, tail))
                 .expect("open redis engine (is redis-server running?)")
         })
     }

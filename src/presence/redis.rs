@@ -20,8 +20,8 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::engine::RedisConnection;
 use redis::Script;
-use redis::aio::ConnectionManager;
 use tokio_util::sync::CancellationToken;
 
 use super::{PresenceEvent, PresenceSink, emit, until};
@@ -125,7 +125,7 @@ fn redis_error(e: redis::RedisError) -> EngineError {
 
 /// This node's side of cluster presence.
 pub(super) struct RedisPresence {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     keys: Keys,
     node: String,
 }
@@ -239,7 +239,7 @@ impl RedisPresence {
 
 /// Node ids seen within [`FORGET_NODE_AFTER`]; a dead one's sets have expired, so
 /// asking them costs a little and answers nothing.
-async fn live_nodes(conn: &mut ConnectionManager, keys: &Keys) -> engine::Result<Vec<String>> {
+async fn live_nodes(conn: &mut RedisConnection, keys: &Keys) -> engine::Result<Vec<String>> {
     let since = now_ms().saturating_sub(FORGET_NODE_AFTER.as_millis() as u64);
     redis::cmd("ZRANGEBYSCORE")
         .arg(&keys.nodes)
@@ -254,7 +254,7 @@ async fn live_nodes(conn: &mut ConnectionManager, keys: &Keys) -> engine::Result
 /// [`HEARTBEAT`]. After a failure, or when its keys are gone (they expired while this
 /// node could not reach Redis, or Redis lost its data), it writes them whole again.
 async fn publish(
-    mut conn: ConnectionManager,
+    mut conn: RedisConnection,
     keys: Keys,
     node: String,
     hub: Arc<Hub>,
@@ -361,7 +361,7 @@ struct Diff {
 /// While this node holds the lease, diffs the cluster every [`REPORT_EVERY`] and
 /// reports what changed; what left is reported after its grace.
 async fn report(
-    mut conn: ConnectionManager,
+    mut conn: RedisConnection,
     keys: Keys,
     node: String,
     sink: Arc<dyn PresenceSink>,
@@ -449,7 +449,7 @@ struct Seen {
 /// Diffs the cluster against what was reported, unless nothing changed since `last`:
 /// what it saw, and the diff when it made one.
 async fn diff_cluster(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConnection,
     keys: &Keys,
     script: &Script,
     last: Option<&Seen>,
@@ -568,7 +568,7 @@ fn due(
 /// Writes what was reported, so the next diff (by this node or the next reporter)
 /// starts from it.
 async fn record(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConnection,
     keys: &Keys,
     events: &[PresenceEvent],
 ) -> redis::RedisResult<()> {

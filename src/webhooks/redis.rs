@@ -10,8 +10,8 @@
 
 use std::time::Duration;
 
+use crate::engine::RedisConnection;
 use redis::Script;
-use redis::aio::ConnectionManager;
 
 use super::outbox::{Entry, Outbox, OutboxError, Result, Seq, Staged, Stored};
 
@@ -58,7 +58,7 @@ fn error(e: redis::RedisError) -> OutboxError {
 
 /// The cluster's outbox in Redis.
 pub(crate) struct RedisOutbox {
-    conn: ConnectionManager,
+    conn: RedisConnection,
     stream: String,
     seq: String,
     lease_key: String,
