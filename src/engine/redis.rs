@@ -97,7 +97,10 @@ local function epoch_of(log, seq_key, epoch_key, floor, now)
   local seq = redis.call('GET', seq_key)
   local start = tonumber(redis.call('GET', epoch_key) or '0')
   if seq and tonumber(seq) >= floor then return start end
-  if not seq and floor == 0 and start == 0 and redis.call('EXISTS', log) == 0 then return 0 end
+  if not seq and floor == 0 and start == 0 and redis.call('EXISTS', log) == 0 then
+    redis.call('SET', seq_key, '0')
+    return 0
+  end
   local new = math.max(now, tonumber(seq or '0') + 1, floor + 1, start + 1)
   local last = redis.call('XREVRANGE', log, '+', '-', 'COUNT', 1)
   if #last > 0 then new = math.max(new, tonumber(string.match(last[1][1], '^(%d+)')) + 1) end
