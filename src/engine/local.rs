@@ -416,6 +416,7 @@ fn read_replay(
         tracks: listener.tracks,
         head: bounds.head,
         trimmed_through: bounds.trimmed_through,
+        epoch: 0,
     }))
 }
 

@@ -271,8 +271,12 @@ pub(crate) struct Replay {
     pub tracks: Vec<Subscription>,
     /// The last position in the log in that snapshot.
     pub head: Position,
-    /// Every position up to this one has been deleted by retention.
+    /// Every position up to this one has been deleted by retention (or, on Redis, is
+    /// from before the log's epoch).
     pub trimmed_through: Position,
+    /// Where the log's epoch began (Redis; 0 elsewhere): positions up to it are from a
+    /// log that may have lost entries after them.
+    pub epoch: Position,
 }
 
 impl Replay {
@@ -284,6 +288,18 @@ impl Replay {
                 .tracks
                 .iter()
                 .any(|s| cursor.max(s.since) < self.trimmed_through)
+    }
+
+    /// Where a stream at `cursor` goes on after its reset: for a cursor from before the
+    /// epoch, the epoch's start, so everything the new epoch keeps follows the reset
+    /// (nothing acknowledged since the failover is skipped); for one that retention
+    /// passed, the head (then only live messages, as the SPEC says).
+    pub(crate) fn resume_after_reset(&self, cursor: Position) -> Position {
+        if cursor < self.epoch && self.trimmed_through <= self.epoch && self.epoch <= self.head {
+            self.epoch
+        } else {
+            self.head
+        }
     }
 }
 

@@ -1233,6 +1233,7 @@ impl Engine for RedisEngine {
             tracks: listener.tracks,
             head,
             trimmed_through: trimmed,
+            epoch: start,
         }))
     }
 

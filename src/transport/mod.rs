@@ -265,9 +265,10 @@ impl Deliveries {
             // replays a long queue) while retention or max_stored_messages trimmed
             // past its cursor has lost messages, and must say so.
             if page.is_reset(self.cursor) {
-                self.cursor = page.head;
-                self.replaying = false;
-                return Ok(Some(Delivery::Reset { head: page.head }));
+                // After an epoch change, what the new epoch keeps is still to replay.
+                self.cursor = page.resume_after_reset(self.cursor);
+                self.replaying = self.cursor < page.head;
+                return Ok(Some(Delivery::Reset { head: self.cursor }));
             }
             if page.messages.len() < REPLAY_PAGE {
                 self.replaying = false;
