@@ -1,0 +1,650 @@
+//! Redis failover through Sentinel, with real processes on loopback ports: a primary, a
+//! replica and three sentinels (`redis-server --sentinel`), two nodes following them
+//! (`--redis redis+sentinel://…`, run as processes), publishers and SSE listeners
+//! running — then the primary is killed with -9.
+//!
+//! To make the failover lose writes for sure (on loopback a replica otherwise has
+//! everything the instant the primary dies), the replica is stopped (SIGSTOP) and its
+//! link dropped (`CLIENT KILL TYPE replica`) a moment before the kill: what the primary
+//! takes in that moment only it has. Then:
+//!
+//! - with `--redis-min-replicas 1` those updates answer `503 store_not_replicated`, and
+//!   every update acknowledged reaches every listener, once, in order;
+//! - without it they are acknowledged and lost, and every listener either gets every
+//!   acknowledged update or a `reset` in its place — never a silent gap, never another
+//!   message under an acknowledged id.
+//!
+//! The nodes notice the lost tail (the new primary's `seq` is behind what they saw) and
+//! start a new epoch; the streams from before it get their reset.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{Server, Sse, to_event, uid};
+use serde_json::json;
+use tokio::process::{Child, Command};
+
+const MASTER: &str = "dolores-test";
+const TRACKS: [&str; 2] = ["fo-a", "fo-b"];
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// One redis-server (or sentinel) process, killed on drop.
+struct RedisProcess {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl RedisProcess {
+    async fn start(port: u16, args: &[String]) -> Self {
+        let child = Command::new("redis-server")
+            .args(args)
+            .stdout(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server (apt-get install redis-server)");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self {
+            port,
+            child: Some(child),
+        }
+    }
+
+    fn pid(&self) -> String {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("running")
+            .to_string()
+    }
+
+    async fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid()])
+            .status()
+            .await
+            .expect("kill");
+        assert!(status.success(), "kill {signal}");
+    }
+
+    async fn kill9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.start_kill().expect("kill -9");
+            let _ = child.wait().await;
+        }
+    }
+
+    async fn cli(&self, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .expect("redis-cli");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+}
+
+/// A primary, its replica and three sentinels watching them.
+struct Sentinels {
+    _dir: tempfile::TempDir,
+    primary: RedisProcess,
+    replica: RedisProcess,
+    sentinels: Vec<RedisProcess>,
+}
+
+impl Sentinels {
+    async fn start() -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().to_string_lossy().into_owned();
+        let server = |port: u16| -> Vec<String> {
+            [
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &path,
+                "--dbfilename",
+                &format!("dump-{port}.rdb"),
+            ]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect()
+        };
+        let primary_port = free_port();
+        let primary = RedisProcess::start(primary_port, &server(primary_port)).await;
+        let replica_port = free_port();
+        let mut replica_args = server(replica_port);
+        replica_args.extend([
+            "--replicaof".into(),
+            "127.0.0.1".into(),
+            primary_port.to_string(),
+        ]);
+        let replica = RedisProcess::start(replica_port, &replica_args).await;
+        let mut sentinels = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {path}\n\
+                     sentinel monitor {MASTER} 127.0.0.1 {primary_port} 2\n\
+                     sentinel down-after-milliseconds {MASTER} 1000\n\
+                     sentinel failover-timeout {MASTER} 4000\n\
+                     sentinel parallel-syncs {MASTER} 1\n"
+                ),
+            )
+            .expect("sentinel.conf");
+            let args = vec![conf.to_string_lossy().into_owned(), "--sentinel".into()];
+            sentinels.push(RedisProcess::start(port, &args).await);
+        }
+        let cluster = Self {
+            _dir: dir,
+            primary,
+            replica,
+            sentinels,
+        };
+        cluster.wait_until_ready().await;
+        cluster
+    }
+
+    /// Until the replica is in sync and every sentinel knows the replica and the two
+    /// other sentinels (without them, no failover can be agreed).
+    async fn wait_until_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let info = self.replica.cli(&["INFO", "replication"]).await;
+            let mut ready = info.contains("master_link_status:up");
+            for sentinel in &self.sentinels {
+                let master = sentinel.cli(&["SENTINEL", "MASTER", MASTER]).await;
+                let fields: Vec<&str> = master.lines().collect();
+                let field = |name: &str| {
+                    fields
+                        .iter()
+                        .position(|f| *f == name)
+                        .and_then(|i| fields.get(i + 1))
+                        .copied()
+                        .unwrap_or("")
+                };
+                ready &= field("num-slaves") == "1" && field("num-other-sentinels") == "2";
+            }
+            if ready {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sentinels did not find each other and the replica"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect();
+        format!("redis+sentinel://{}/{MASTER}", hosts.join(","))
+    }
+
+    /// Until the sentinels name the replica as the primary.
+    async fn wait_for_failover(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let want = self.replica.port.to_string();
+        loop {
+            let answer = self.sentinels[0]
+                .cli(&["SENTINEL", "get-master-addr-by-name", MASTER])
+                .await;
+            if answer.lines().nth(1) == Some(want.as_str()) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "no failover: {answer}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// What a listener saw: messages (id, track, text) and resets (id), in order.
+#[derive(Debug, Clone, PartialEq)]
+enum Seen {
+    Message(u64, String, String),
+    Reset(u64),
+}
+
+/// What a publisher got acknowledged: id → (track, text).
+type Acked = Arc<Mutex<BTreeMap<u64, (String, String)>>>;
+
+/// Publishes to `node` until `stop`, each update with its text as Idempotency-Key and
+/// tried again (same key) until acknowledged; counts the answers by code.
+async fn publisher(
+    url: String,
+    api_key: String,
+    name: String,
+    acked: Acked,
+    codes: Arc<Mutex<HashMap<String, u64>>>,
+    stop: Arc<AtomicBool>,
+) {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(5))
+        .build()
+        .expect("client");
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let track = TRACKS[(n % 2) as usize];
+        let text = format!("{name}-{n}");
+        while !stop.load(Ordering::Relaxed) {
+            let sent = client
+                .post(format!("{url}/api/v1/update"))
+                .bearer_auth(&api_key)
+                .header("Idempotency-Key", &text)
+                .json(&json!({"track": track, "message": text}))
+                .send()
+                .await;
+            let code = match sent {
+                Ok(response) if response.status() == 200 => {
+                    let body: serde_json::Value = response.json().await.unwrap_or_default();
+                    if let Some(id) = body["id"].as_str().and_then(|id| id.parse().ok()) {
+                        acked
+                            .lock()
+                            .expect("acked")
+                            .insert(id, (track.to_owned(), text.clone()));
+                        *codes
+                            .lock()
+                            .expect("codes")
+                            .entry("200".into())
+                            .or_default() += 1;
+                        break;
+                    }
+                    "bad 200".to_owned()
+                }
+                Ok(response) => {
+                    let body: serde_json::Value = response.json().await.unwrap_or_default();
+                    body["error"]["code"].as_str().unwrap_or("?").to_owned()
+                }
+                Err(_) => "no answer".to_owned(),
+            };
+            *codes.lock().expect("codes").entry(code).or_default() += 1;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Listens as `uid` until `stop` and the last message has an id at least `until` (set
+/// at the end), reconnecting (alternating nodes) with its last id as Last-Event-ID.
+async fn listener(
+    urls: Vec<String>,
+    uid: String,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    until: Arc<Mutex<Option<u64>>>,
+) {
+    let mut last: Option<String> = None;
+    let mut attempt = 0usize;
+    loop {
+        let url = &urls[attempt % urls.len()];
+        attempt += 1;
+        let done = |seen: &[Seen]| {
+            let until = *until.lock().expect("until");
+            until.is_some_and(|until| {
+                seen.iter().rev().find_map(|s| match s {
+                    Seen::Message(id, ..) | Seen::Reset(id) => Some(*id),
+                }) >= Some(until)
+            })
+        };
+        if done(&seen.lock().expect("seen")) {
+            return;
+        }
+        let Ok(mut stream) = Sse::open(&format!("{url}/listen/{uid}"), last.as_deref()).await
+        else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        loop {
+            match stream.try_next_block(Duration::from_millis(300)).await {
+                Some(Some(block)) => {
+                    let Some(event) = to_event(block) else {
+                        continue;
+                    };
+                    let mut seen = seen.lock().expect("seen");
+                    if event.is_reset() {
+                        seen.push(Seen::Reset(event.pos()));
+                    } else {
+                        seen.push(Seen::Message(
+                            event.pos(),
+                            event.track().to_owned(),
+                            event.message().as_str().unwrap_or("").to_owned(),
+                        ));
+                    }
+                    last = Some(event.id.clone());
+                }
+                Some(None) => break,
+                None => {
+                    if done(&seen.lock().expect("seen")) {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What one run saw.
+struct Outcome {
+    acked: BTreeMap<u64, (String, String)>,
+    /// Per listener: its tracks and what it saw.
+    listeners: Vec<(Vec<&'static str>, Vec<Seen>)>,
+    codes: HashMap<String, u64>,
+    /// Acknowledged updates the new primary does not have.
+    lost_from_store: Vec<u64>,
+}
+
+async fn run(min_replicas: u32) -> Outcome {
+    let mut redis = Sentinels::start().await;
+    let prefix = format!("dolores-failover-{}-{min_replicas}", std::process::id());
+    let node = || {
+        Server::config()
+            .args(["--redis", &redis.url(), "--redis-prefix", &prefix])
+            .args(["--redis-min-replicas", &min_replicas.to_string()])
+            .spawn()
+    };
+    let a = node().await;
+    let b = node().await;
+    let urls = vec![a.url(), b.url()];
+    // Listeners on one track or both, streams on either node.
+    let subscriptions: Vec<Vec<&'static str>> = vec![
+        vec![TRACKS[0]],
+        vec![TRACKS[1]],
+        TRACKS.to_vec(),
+        TRACKS.to_vec(),
+    ];
+    let until = Arc::new(Mutex::new(None));
+    let mut listeners = Vec::new();
+    for (i, tracks) in subscriptions.iter().enumerate() {
+        let uid = uid("failover");
+        for track in tracks {
+            let (status, body) = a.api("connect", json!({"uid": uid, "track": track})).await;
+            assert_eq!(status, 200, "{body}");
+        }
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut order = urls.clone();
+        order.rotate_left(i % 2);
+        listeners.push((
+            seen.clone(),
+            tokio::spawn(listener(order, uid, seen, until.clone())),
+        ));
+    }
+    let acked: Acked = Arc::default();
+    let codes = Arc::new(Mutex::new(HashMap::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let publishers: Vec<_> = [&a, &b]
+        .iter()
+        .enumerate()
+        .map(|(i, node)| {
+            tokio::spawn(publisher(
+                node.url(),
+                node.api_key().to_owned(),
+                format!("p{i}"),
+                acked.clone(),
+                codes.clone(),
+                stop.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // The replica falls behind for good: stopped, its link dropped; then the primary dies.
+    redis.replica.signal("-STOP").await;
+    redis
+        .primary
+        .cli(&["CLIENT", "KILL", "TYPE", "replica"])
+        .await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    redis.primary.kill9().await;
+    redis.replica.signal("-CONT").await;
+    let before = acked.lock().expect("acked").len();
+    redis.wait_for_failover().await;
+    // Traffic after the failover: until 40 more updates are acknowledged.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acked.lock().expect("acked").len() < before + 40 {
+        assert!(
+            Instant::now() < deadline,
+            "no update acknowledged after the failover"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.store(true, Ordering::Relaxed);
+    for publisher in publishers {
+        publisher.await.expect("publisher");
+    }
+    // A last update per track: every listener ends there.
+    let mut last = 0;
+    for track in TRACKS {
+        let (status, body) = a
+            .api("update", json!({"track": track, "message": "end"}))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        let id: u64 = body["id"]
+            .as_str()
+            .and_then(|id| id.parse().ok())
+            .expect("id");
+        acked
+            .lock()
+            .expect("acked")
+            .insert(id, (track.to_owned(), "end".to_owned()));
+        last = last.max(id);
+    }
+    // A listener on one track ends with that track's last update.
+    let ends: Vec<u64> = {
+        let acked = acked.lock().expect("acked");
+        TRACKS
+            .iter()
+            .map(|t| {
+                acked
+                    .iter()
+                    .rev()
+                    .find(|(_, (track, _))| track == t)
+                    .map_or(0, |(id, _)| *id)
+            })
+            .collect()
+    };
+    *until.lock().expect("until") = Some(ends.iter().copied().min().unwrap_or(last));
+    let mut seen_by = Vec::new();
+    for ((seen, task), tracks) in listeners.into_iter().zip(subscriptions) {
+        tokio::time::timeout(Duration::from_secs(20), task)
+            .await
+            .unwrap_or_else(|_| {
+                panic!(
+                    "a listener on {tracks:?} did not catch up; it saw {:?}",
+                    seen.lock()
+                        .expect("seen")
+                        .iter()
+                        .rev()
+                        .take(5)
+                        .collect::<Vec<_>>()
+                )
+            })
+            .expect("listener");
+        seen_by.push((tracks, seen.lock().expect("seen").clone()));
+    }
+    let acked = acked.lock().expect("acked").clone();
+    let codes = codes.lock().expect("codes").clone();
+    let log = redis
+        .replica
+        .cli(&["XRANGE", &format!("{prefix}:log"), "-", "+"])
+        .await;
+    let stored: std::collections::HashSet<u64> = log
+        .lines()
+        .filter_map(|line| line.strip_suffix("-0"))
+        .filter_map(|id| id.parse().ok())
+        .collect();
+    let lost_from_store = acked
+        .keys()
+        .filter(|id| !stored.contains(id))
+        .copied()
+        .collect();
+    drop((a, b));
+    Outcome {
+        acked,
+        listeners: seen_by,
+        codes,
+        lost_from_store,
+    }
+}
+
+/// Checks what every listener may be sure of, with or without `--redis-min-replicas`:
+/// ids only grow (no duplicate, publish order), and an acknowledged id always carries
+/// the acknowledged message. Returns, per listener, the acknowledged updates of its
+/// tracks it never got, each with whether a reset stood in its place.
+fn check(outcome: &Outcome) -> Vec<Vec<(u64, bool)>> {
+    let mut missing_by = Vec::new();
+    for (tracks, seen) in &outcome.listeners {
+        let mut previous = 0;
+        for event in seen {
+            let (Seen::Message(id, ..) | Seen::Reset(id)) = event;
+            assert!(
+                *id > previous || matches!(event, Seen::Reset(_)) && *id >= previous,
+                "ids go back or repeat at {event:?} (after {previous}) for {tracks:?}"
+            );
+            previous = *id;
+            if let Seen::Message(id, track, text) = event
+                && let Some((acked_track, acked_text)) = outcome.acked.get(id)
+            {
+                assert_eq!(
+                    (track, text),
+                    (acked_track, acked_text),
+                    "id {id} carried another message than the one acknowledged"
+                );
+            }
+        }
+        let received: Vec<u64> = seen
+            .iter()
+            .filter_map(|s| match s {
+                Seen::Message(id, ..) => Some(*id),
+                Seen::Reset(_) => None,
+            })
+            .collect();
+        let mut missing = Vec::new();
+        for (id, (track, _)) in &outcome.acked {
+            if !tracks.contains(&track.as_str()) || received.contains(id) {
+                continue;
+            }
+            // A reset stands in for it when it came after the last message before it and
+            // before the first message after it.
+            let before = seen
+                .iter()
+                .rposition(|s| matches!(s, Seen::Message(m, ..) if m < id));
+            let after = seen
+                .iter()
+                .position(|s| matches!(s, Seen::Message(m, ..) if m > id))
+                .unwrap_or(seen.len());
+            let covered = seen.iter().enumerate().any(|(i, s)| {
+                matches!(s, Seen::Reset(_)) && before.is_none_or(|b| i > b) && i < after
+            });
+            missing.push((*id, covered));
+        }
+        missing_by.push(missing);
+    }
+    missing_by
+}
+
+fn summary(outcome: &Outcome) -> String {
+    let resets: Vec<usize> = outcome
+        .listeners
+        .iter()
+        .map(|(_, seen)| seen.iter().filter(|s| matches!(s, Seen::Reset(_))).count())
+        .collect();
+    format!(
+        "{} acknowledged, {} of them lost from the store; answers {:?}; resets per listener {resets:?}",
+        outcome.acked.len(),
+        outcome.lost_from_store.len(),
+        outcome.codes
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_min_replicas_every_acknowledged_update_survives_a_failover() {
+    let outcome = run(1).await;
+    eprintln!("{}", summary(&outcome));
+    let missing = check(&outcome);
+    for ((tracks, _), missing) in outcome.listeners.iter().zip(&missing) {
+        assert!(
+            missing.is_empty(),
+            "a listener on {tracks:?} never got acknowledged updates {missing:?} ({})",
+            summary(&outcome)
+        );
+    }
+    assert!(
+        outcome.lost_from_store.is_empty(),
+        "acknowledged updates are gone from the new primary: {:?}",
+        outcome.lost_from_store
+    );
+    assert!(
+        outcome
+            .codes
+            .get("store_not_replicated")
+            .copied()
+            .unwrap_or(0)
+            > 0,
+        "while the replica was cut off, an update answers store_not_replicated ({})",
+        summary(&outcome)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_min_replicas_a_lost_update_is_a_reset_never_a_silent_gap() {
+    let outcome = run(0).await;
+    eprintln!("{}", summary(&outcome));
+    let missing = check(&outcome);
+    for ((tracks, seen), missing) in outcome.listeners.iter().zip(&missing) {
+        let silent: Vec<u64> = missing
+            .iter()
+            .filter(|(_, covered)| !covered)
+            .map(|(id, _)| *id)
+            .collect();
+        assert!(
+            silent.is_empty(),
+            "a listener on {tracks:?} silently missed acknowledged updates {silent:?} ({})",
+            summary(&outcome)
+        );
+        // Every listener was given what the failover lost: it must have been told.
+        assert!(
+            seen.iter().any(|s| matches!(s, Seen::Reset(_))),
+            "a listener on {tracks:?} got no reset ({})",
+            summary(&outcome)
+        );
+    }
+    // The setup did lose acknowledged updates: otherwise this test proves nothing.
+    assert!(
+        !outcome.lost_from_store.is_empty(),
+        "the failover lost nothing acknowledged ({})",
+        summary(&outcome)
+    );
+}
