@@ -104,11 +104,13 @@ impl RedisProcess {
     }
 }
 
-/// A primary, its replica and three sentinels watching them.
+/// A primary, its two replicas and three sentinels watching them. Two replicas, so
+/// that after a failover the new primary still has one (`--redis-min-replicas 1`
+/// refuses every update without).
 struct Sentinels {
     _dir: tempfile::TempDir,
     primary: RedisProcess,
-    replica: RedisProcess,
+    replicas: Vec<RedisProcess>,
     sentinels: Vec<RedisProcess>,
 }
 
@@ -137,14 +139,17 @@ impl Sentinels {
         };
         let primary_port = free_port();
         let primary = RedisProcess::start(primary_port, &server(primary_port)).await;
-        let replica_port = free_port();
-        let mut replica_args = server(replica_port);
-        replica_args.extend([
-            "--replicaof".into(),
-            "127.0.0.1".into(),
-            primary_port.to_string(),
-        ]);
-        let replica = RedisProcess::start(replica_port, &replica_args).await;
+        let mut replicas = Vec::new();
+        for _ in 0..2 {
+            let port = free_port();
+            let mut args = server(port);
+            args.extend([
+                "--replicaof".into(),
+                "127.0.0.1".into(),
+                primary_port.to_string(),
+            ]);
+            replicas.push(RedisProcess::start(port, &args).await);
+        }
         let mut sentinels = Vec::new();
         for _ in 0..3 {
             let port = free_port();
@@ -166,7 +171,7 @@ impl Sentinels {
         let cluster = Self {
             _dir: dir,
             primary,
-            replica,
+            replicas,
             sentinels,
         };
         cluster.wait_until_ready().await;
@@ -178,8 +183,11 @@ impl Sentinels {
     async fn wait_until_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let info = self.replica.cli(&["INFO", "replication"]).await;
-            let mut ready = info.contains("master_link_status:up");
+            let mut ready = true;
+            for replica in &self.replicas {
+                let info = replica.cli(&["INFO", "replication"]).await;
+                ready &= info.contains("master_link_status:up");
+            }
             for sentinel in &self.sentinels {
                 let master = sentinel.cli(&["SENTINEL", "MASTER", MASTER]).await;
                 let fields: Vec<&str> = master.lines().collect();
@@ -191,7 +199,7 @@ impl Sentinels {
                         .copied()
                         .unwrap_or("")
                 };
-                ready &= field("num-slaves") == "1" && field("num-other-sentinels") == "2";
+                ready &= field("num-slaves") == "2" && field("num-other-sentinels") == "2";
             }
             if ready {
                 return;
@@ -213,16 +221,16 @@ impl Sentinels {
         format!("redis+sentinel://{}/{MASTER}", hosts.join(","))
     }
 
-    /// Until the sentinels name the replica as the primary.
-    async fn wait_for_failover(&self) {
+    /// Until the sentinels name a replica as the primary; returns it.
+    async fn wait_for_failover(&self) -> &RedisProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let want = self.replica.port.to_string();
         loop {
             let answer = self.sentinels[0]
                 .cli(&["SENTINEL", "get-master-addr-by-name", MASTER])
                 .await;
-            if answer.lines().nth(1) == Some(want.as_str()) {
-                return;
+            let port = answer.lines().nth(1).unwrap_or("");
+            if let Some(promoted) = self.replicas.iter().find(|r| r.port.to_string() == port) {
+                return promoted;
             }
             assert!(Instant::now() < deadline, "no failover: {answer}");
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -240,8 +248,10 @@ enum Seen {
 /// What a publisher got acknowledged: id → (track, text).
 type Acked = Arc<Mutex<BTreeMap<u64, (String, String)>>>;
 
-/// Publishes to `node` until `stop`, each update with its text as Idempotency-Key and
-/// tried again (same key) until acknowledged; counts the answers by code.
+/// Publishes to `node` until `stop`, each update with its text as Idempotency-Key; one
+/// that is not acknowledged is left for later and the next one sent (so writes go on
+/// while a failover is pending), then, once stopped, each left one is sent again with
+/// its key until it is acknowledged. Counts the answers by code.
 async fn publisher(
     url: String,
     api_key: String,
@@ -254,35 +264,32 @@ async fn publisher(
         .timeout(Duration::from_secs(5))
         .build()
         .expect("client");
-    let mut n = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        n += 1;
-        let track = TRACKS[(n % 2) as usize];
-        let text = format!("{name}-{n}");
-        while !stop.load(Ordering::Relaxed) {
+    let publish = |track: &'static str, text: String| {
+        let (client, url, api_key, acked, codes) =
+            (&client, &url, &api_key, acked.clone(), codes.clone());
+        async move {
             let sent = client
                 .post(format!("{url}/api/v1/update"))
-                .bearer_auth(&api_key)
+                .bearer_auth(api_key)
                 .header("Idempotency-Key", &text)
                 .json(&json!({"track": track, "message": text}))
                 .send()
                 .await;
+            let mut done = false;
             let code = match sent {
                 Ok(response) if response.status() == 200 => {
                     let body: serde_json::Value = response.json().await.unwrap_or_default();
-                    if let Some(id) = body["id"].as_str().and_then(|id| id.parse().ok()) {
-                        acked
-                            .lock()
-                            .expect("acked")
-                            .insert(id, (track.to_owned(), text.clone()));
-                        *codes
-                            .lock()
-                            .expect("codes")
-                            .entry("200".into())
-                            .or_default() += 1;
-                        break;
+                    match body["id"].as_str().and_then(|id| id.parse().ok()) {
+                        Some(id) => {
+                            acked
+                                .lock()
+                                .expect("acked")
+                                .insert(id, (track.to_owned(), text.clone()));
+                            done = true;
+                            "200".to_owned()
+                        }
+                        None => "bad 200".to_owned(),
                     }
-                    "bad 200".to_owned()
                 }
                 Ok(response) => {
                     let body: serde_json::Value = response.json().await.unwrap_or_default();
@@ -291,9 +298,27 @@ async fn publisher(
                 Err(_) => "no answer".to_owned(),
             };
             *codes.lock().expect("codes").entry(code).or_default() += 1;
+            done
+        }
+    };
+    let mut left = Vec::new();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let track = TRACKS[(n % 2) as usize];
+        let text = format!("{name}-{n}");
+        if !publish(track, text.clone()).await {
+            left.push((track, text));
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    for (track, text) in left {
+        while !publish(track, text.clone()).await {
+            assert!(Instant::now() < deadline, "{text} is never acknowledged");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 }
 
@@ -420,23 +445,31 @@ async fn run(min_replicas: u32) -> Outcome {
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    // The replica falls behind for good: stopped, its link dropped; then the primary dies.
-    redis.replica.signal("-STOP").await;
+    // The replicas fall behind for good: stopped, their links dropped; then the
+    // primary dies.
+    for replica in &redis.replicas {
+        replica.signal("-STOP").await;
+    }
     redis
         .primary
         .cli(&["CLIENT", "KILL", "TYPE", "replica"])
         .await;
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    // Longer than an append waits for its replicas (1 s), so that with
+    // --redis-min-replicas some answer store_not_replicated.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     redis.primary.kill9().await;
-    redis.replica.signal("-CONT").await;
+    for replica in &redis.replicas {
+        replica.signal("-CONT").await;
+    }
     let before = acked.lock().expect("acked").len();
-    redis.wait_for_failover().await;
+    let promoted = redis.wait_for_failover().await.port;
     // Traffic after the failover: until 40 more updates are acknowledged.
     let deadline = Instant::now() + Duration::from_secs(30);
     while acked.lock().expect("acked").len() < before + 40 {
         assert!(
             Instant::now() < deadline,
-            "no update acknowledged after the failover"
+            "no update acknowledged after the failover: {:?}",
+            codes.lock().expect("codes")
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -497,7 +530,10 @@ async fn run(min_replicas: u32) -> Outcome {
     let acked = acked.lock().expect("acked").clone();
     let codes = codes.lock().expect("codes").clone();
     let log = redis
-        .replica
+        .replicas
+        .iter()
+        .find(|r| r.port == promoted)
+        .expect("the new primary")
         .cli(&["XRANGE", &format!("{prefix}:log"), "-", "+"])
         .await;
     let stored: std::collections::HashSet<u64> = log
@@ -581,8 +617,18 @@ fn summary(outcome: &Outcome) -> String {
         .iter()
         .map(|(_, seen)| seen.iter().filter(|s| matches!(s, Seen::Reset(_))).count())
         .collect();
+    let unacknowledged: Vec<usize> = outcome
+        .listeners
+        .iter()
+        .map(|(_, seen)| {
+            seen.iter()
+                .filter(|s| matches!(s, Seen::Message(id, ..) if !outcome.acked.contains_key(id)))
+                .count()
+        })
+        .collect();
     format!(
-        "{} acknowledged, {} of them lost from the store; answers {:?}; resets per listener {resets:?}",
+        "{} acknowledged, {} of them lost from the store; answers {:?}; resets per listener \
+         {resets:?}; unacknowledged messages seen per listener {unacknowledged:?}",
         outcome.acked.len(),
         outcome.lost_from_store.len(),
         outcome.codes
