@@ -694,3 +694,94 @@ async fn without_min_replicas_a_lost_update_is_a_reset_never_a_silent_gap() {
         summary(&outcome)
     );
 }
+
+/// A tail reader that cannot read (here: an ACL that takes `XREAD` from the node's Redis
+/// user, as a wrong ACL or a proxy that drops blocking reads would) while updates still
+/// go through: the node's streams get nothing new, and `/healthz` must say so instead
+/// of staying green; once the reader reads again, the streams catch up and it is green.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_while_the_tail_reader_is_wedged() {
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(["--dir".into(), dir.path().to_string_lossy().into_owned()])
+    .collect();
+    let redis = RedisProcess::start(port, &args).await;
+    assert_eq!(
+        redis
+            .cli(&[
+                "ACL", "SETUSER", "dolores", "on", ">secret", "~*", "&*", "+@all"
+            ])
+            .await,
+        "OK"
+    );
+    let node = Server::config()
+        .args([
+            "--redis",
+            &format!("redis://dolores:secret@127.0.0.1:{port}/0"),
+            "--redis-prefix",
+            "wedge",
+        ])
+        .start()
+        .await;
+    let listener = uid("wedge");
+    node.connect(&listener, "w").await;
+    let mut stream = node.listen(&listener).await;
+    let first = node.publish("w", json!("before")).await;
+    assert_eq!(stream.next_event().await.pos(), first);
+    assert!(node.healthy().await);
+
+    assert_eq!(
+        redis.cli(&["ACL", "SETUSER", "dolores", "-xread"]).await,
+        "OK"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut published = Vec::new();
+    // Its read errors may show as a store failure at once; within a few seconds the
+    // node must say what is wrong: it no longer follows the log.
+    let answer = loop {
+        published.push(node.publish("w", json!(published.len())).await);
+        let (status, body) = node.get("/healthz").await;
+        let message = body["error"]["message"].as_str().unwrap_or("");
+        if status == 503 && message.contains("tail reader is wedged") {
+            break body;
+        }
+        assert!(Instant::now() < deadline, "/healthz: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    assert_eq!(answer["status"], "store_unavailable", "{answer}");
+    // It stays red while the reader is stuck, not one probe in a few.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(node.get("/healthz").await.0, 503);
+    }
+
+    assert_eq!(
+        redis.cli(&["ACL", "SETUSER", "dolores", "+xread"]).await,
+        "OK"
+    );
+    let caught_up: Vec<u64> = stream
+        .events(published.len())
+        .await
+        .iter()
+        .map(common::Event::pos)
+        .collect();
+    assert_eq!(caught_up, published, "the stream catches up, in order");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !node.healthy().await {
+        assert!(
+            Instant::now() < deadline,
+            "/healthz did not turn green again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -913,10 +913,12 @@ async fn maintenance(shared: Arc<Shared>, stop: CancellationToken) {
                 )
             })
         });
-        if let Some(why) = &wedged {
-            tracing::warn!("{why}");
-        }
         if let Ok(mut slot) = shared.wedged.lock() {
+            match (&*slot, &wedged) {
+                (None, Some(why)) => tracing::warn!("{why}"),
+                (Some(_), None) => tracing::warn!("the redis tail reader follows the log again"),
+                _ => {}
+            }
             *slot = wedged;
         }
     }
