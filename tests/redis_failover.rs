@@ -338,8 +338,8 @@ async fn listener(
         let done = |seen: &[Seen]| {
             let until = *until.lock().expect("until");
             until.is_some_and(|until| {
-                seen.iter().rev().find_map(|s| match s {
-                    Seen::Message(id, ..) | Seen::Reset(id) => Some(*id),
+                seen.last().map(|s| match s {
+                    Seen::Message(id, ..) | Seen::Reset(id) => *id,
                 }) >= Some(until)
             })
         };

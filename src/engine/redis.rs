@@ -8,6 +8,10 @@
 //!   stream orders messages *and* the connects and disconnects between them. `seq`
 //!   counts positions. Retention trims by count (`MAXLEN` on every append) and by age
 //!   (`XTRIM MINID`, from each entry's `ts`).
+//! - `epoch` — where the log's current epoch began (absent: 0). A log that may have lost
+//!   its tail (a failover to a replica that was behind, a restart without data) starts a
+//!   new epoch past every position handed out, and a cursor from before it gets a reset
+//!   (see [`EPOCH`] and `docs/several-nodes.md`).
 //! - `l:{uid}` — a hash per listener: `cursor`, `seen`, and `s:{track}` = the position
 //!   its subscription began. `seen` (a sorted set of uids by last seen) drives expiry;
 //!   `subs` (track → subscriber count) the track count.
@@ -26,9 +30,13 @@
 //!   bounded without a sweep.
 //!
 //! Every write is one Lua script, so it is atomic and costs one round trip whatever the
-//! number of listeners or nodes. Each node tails `log` with one blocking reader on its
+//! number of listeners or nodes; with `--redis-min-replicas N`, an append is followed by
+//! `WAIT N` on a connection of its own. Each node tails `log` with one blocking reader on its
 //! own connection and hands every entry to its hub, in stream order: every node sees
 //! every message, and every subscription change before the messages that follow it.
+//! The maintenance tick checks the epoch and that the tail reader keeps up with the log
+//! (a wedged reader turns `/healthz` red). Connections (one server, or Sentinel) are
+//! `redis_connection`'s.
 
 use std::collections::HashMap;
 use std::sync::Arc;
