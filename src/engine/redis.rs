@@ -1358,3 +1358,165 @@ impl Drop for RedisEngine {
         self.stop.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use super::{Behind, RedisEngine, watch_tail};
+    use crate::engine::{Change, Engine, Limits, Tail, Update, now_ms};
+
+    #[test]
+    fn a_tail_reader_is_behind_only_while_it_reads_nothing_and_the_log_moves() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(watch_tail(None, 10, 10, 0, t0), None, "caught up");
+        assert_eq!(
+            watch_tail(None, 3, 3_000, 3_000, t0),
+            None,
+            "nothing in this epoch yet"
+        );
+        let behind = watch_tail(None, 10, 12, 0, t0);
+        assert_eq!(
+            behind,
+            Some(Behind {
+                read: 10,
+                since: t0
+            })
+        );
+        assert_eq!(
+            watch_tail(behind, 10, 15, 0, t1),
+            behind,
+            "stuck: the wait goes on"
+        );
+        assert_eq!(
+            watch_tail(behind, 11, 15, 0, t1),
+            Some(Behind {
+                read: 11,
+                since: t1
+            }),
+            "moving, though behind: a new wait"
+        );
+        assert_eq!(watch_tail(behind, 15, 15, 0, t1), None);
+    }
+
+    #[derive(Default)]
+    struct Changes(Mutex<Vec<String>>);
+
+    impl Tail for Changes {
+        fn apply(&self, changes: &[Change], _took: Duration) {
+            let mut seen = self.0.lock().expect("changes");
+            for change in changes {
+                seen.push(match change {
+                    Change::Appended(m) => m.pos.to_string(),
+                    Change::Lost => "lost".into(),
+                    _ => "other".into(),
+                });
+            }
+        }
+    }
+
+    fn update(text: &str) -> Update {
+        Update {
+            track: "t".into(),
+            json: format!("\"{text}\""),
+        }
+    }
+
+    /// A primary promoted without the last entries is imitated by taking them off the
+    /// log and setting `seq` back, as a replica that was behind would have it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_log_that_lost_its_tail_starts_a_new_epoch_and_old_cursors_reset() {
+        let url = std::env::var("DOLORES_TEST_REDIS")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into());
+        let prefix = format!("dolores-epoch-{}-{}", std::process::id(), now_ms());
+        let limits = Limits {
+            retention: Duration::from_secs(3600),
+            max_stored_messages: 1000,
+            listener_ttl: Duration::from_secs(3600),
+            idempotency_keep: Duration::from_secs(3600),
+            revocation_ttl: Duration::from_secs(3600),
+        };
+        let tail = Arc::new(Changes::default());
+        let engine = RedisEngine::open(&url, &prefix, 0, limits, tail.clone())
+            .await
+            .expect("redis engine (is redis-server running?)");
+        engine
+            .connect("listener-1", vec!["t".into()])
+            .await
+            .expect("connect");
+        let old = engine
+            .append(vec![update("a"), update("b"), update("c")])
+            .await
+            .expect("append");
+        assert_eq!(old, [1, 2, 3], "a new log starts at epoch 0");
+
+        let client = ::redis::Client::open(url.as_str()).expect("url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis");
+        let _: () = ::redis::pipe()
+            .cmd("XDEL")
+            .arg(format!("{prefix}:log"))
+            .arg("2-0")
+            .arg("3-0")
+            .cmd("SET")
+            .arg(format!("{prefix}:seq"))
+            .arg(1)
+            .query_async(&mut conn)
+            .await
+            .expect("lose the tail");
+
+        let new = engine.append(vec![update("d")]).await.expect("append");
+        let start = now_ms() * 1000 - 60_000_000;
+        assert!(
+            new[0] > start,
+            "past the clock, not {} again: {new:?}",
+            old[1]
+        );
+        let epoch = new[0] - 1;
+        let seen = tail.0.lock().expect("changes").clone();
+        assert!(
+            seen.contains(&"lost".to_owned()),
+            "the hub hears Lost: {seen:?}"
+        );
+
+        let page = engine
+            .replay("listener-1", 3, 10)
+            .await
+            .expect("replay")
+            .expect("known");
+        assert_eq!(page.epoch, epoch);
+        assert!(page.is_reset(3), "a cursor from the old epoch resets");
+        assert_eq!(
+            page.resume_after_reset(3),
+            epoch,
+            "then the new epoch follows"
+        );
+        assert!(page.is_reset(1), "even one the new primary still has");
+        let after = engine
+            .replay("listener-1", epoch, 10)
+            .await
+            .expect("replay")
+            .expect("known");
+        assert!(!after.is_reset(epoch));
+        let ids: Vec<u64> = after.messages.iter().map(|m| m.pos).collect();
+        assert_eq!(ids, new, "only the new epoch's messages");
+        let history = engine.history("t", 0, 10).await.expect("history");
+        assert!(history.is_reset(2) && !history.is_reset(epoch));
+
+        engine.close().await;
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{prefix}:*"))
+            .query_async(&mut conn)
+            .await
+            .expect("keys");
+        let _: () = ::redis::cmd("DEL")
+            .arg(keys)
+            .query_async(&mut conn)
+            .await
+            .expect("del");
+    }
+}
