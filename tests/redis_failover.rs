@@ -785,3 +785,94 @@ async fn healthz_turns_503_while_the_tail_reader_is_wedged() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// A switchover on purpose (`SENTINEL FAILOVER`, as for maintenance): the old primary
+/// stays up and becomes a replica. The node's connections leave it (its writes answer
+/// READONLY, its blocked reads are cut) for the new primary, and a listener gets every
+/// acknowledged update, or a reset where one may be missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_is_followed_by_every_connection() {
+    let redis = Sentinels::start().await;
+    let prefix = format!("dolores-switchover-{}", std::process::id());
+    let node = Server::config()
+        .args(["--redis", &redis.url(), "--redis-prefix", &prefix])
+        .start()
+        .await;
+    let listener = uid("switch");
+    node.connect(&listener, TRACKS[0]).await;
+    let mut stream = node.listen(&listener).await;
+    let mut acked = Vec::new();
+    for n in 0..10 {
+        acked.push(node.publish(TRACKS[0], json!(n)).await);
+    }
+    let answer = redis.sentinels[0]
+        .cli(&["SENTINEL", "FAILOVER", MASTER])
+        .await;
+    assert_eq!(answer, "OK");
+    redis.wait_for_failover().await;
+    // Updates go through again, to the new primary (retried with their key).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for n in 10..20 {
+        loop {
+            let response = node
+                .client()
+                .post(format!("{}/api/v1/update", node.url()))
+                .bearer_auth(node.api_key())
+                .header("Idempotency-Key", format!("switch-{n}"))
+                .json(&json!({"track": TRACKS[0], "message": n}))
+                .send()
+                .await
+                .expect("update");
+            if response.status() == 200 {
+                let body: serde_json::Value = response.json().await.expect("json");
+                acked.push(
+                    body["id"]
+                        .as_str()
+                        .and_then(|id| id.parse().ok())
+                        .expect("id"),
+                );
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no update through after the switchover"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let last = *acked.last().expect("acked");
+    let mut got = Vec::new();
+    let mut reset = false;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut cursor: Option<String> = None;
+    while got.last() != Some(&last) {
+        assert!(Instant::now() < deadline, "the listener stopped at {got:?}");
+        match stream.try_next_block(Duration::from_millis(500)).await {
+            Some(Some(block)) => {
+                if let Some(event) = to_event(block) {
+                    reset |= event.is_reset();
+                    if !event.is_reset() {
+                        got.push(event.pos());
+                    }
+                    cursor = Some(event.id);
+                }
+            }
+            Some(None) => {
+                // The stream ended (its replay failed during the switchover): resume.
+                if let Ok(again) =
+                    Sse::open(&node.listen_url(&listener, ""), cursor.as_deref()).await
+                {
+                    stream = again;
+                }
+            }
+            None => {}
+        }
+    }
+    let mut sorted = got.clone();
+    sorted.dedup();
+    assert_eq!(sorted, got, "no duplicate");
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "in order: {got:?}");
+    if !reset {
+        assert_eq!(got, acked, "without a reset, every acknowledged update");
+    }
+}
