@@ -876,3 +876,104 @@ async fn a_switchover_is_followed_by_every_connection() {
         assert_eq!(got, acked, "without a reset, every acknowledged update");
     }
 }
+
+/// A Redis that comes back without its data (no persistence) while a node runs: the node
+/// saw positions the new log does not have, so the log starts a new epoch, past them,
+/// and no old id is handed out again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_back_without_its_data_starts_a_new_epoch() {
+    let port = free_port();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args: Vec<String> = [
+        "--port",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ]
+    .iter()
+    .map(|s| (*s).to_owned())
+    .chain(["--dir".into(), dir.path().to_string_lossy().into_owned()])
+    .collect();
+    let mut redis = RedisProcess::start(port, &args).await;
+    let node = Server::config()
+        .args([
+            "--redis",
+            &format!("redis://127.0.0.1:{port}/0"),
+            "--redis-prefix",
+            "nodata",
+        ])
+        .start()
+        .await;
+    let listener = uid("nodata");
+    node.connect(&listener, "n").await;
+    let mut stream = node.listen(&listener).await;
+    let mut old = Vec::new();
+    for n in 0..5 {
+        old.push(node.publish("n", json!(n)).await);
+    }
+    let got: Vec<u64> = stream
+        .events(5)
+        .await
+        .iter()
+        .map(common::Event::pos)
+        .collect();
+    assert_eq!(got, old);
+
+    redis.kill9().await;
+    let redis = RedisProcess::start(port, &args).await;
+    // The app subscribes its listener again (the listener is gone with the data).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while node
+        .api("connect", json!({"uid": listener, "track": "n"}))
+        .await
+        .0
+        != 200
+    {
+        assert!(Instant::now() < deadline, "no connect after the restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new = node.publish("n", json!("after")).await;
+    assert!(new > old[4], "a new epoch: {new} is past {:?}", old);
+    let epoch: u64 = redis
+        .cli(&["GET", "nodata:epoch"])
+        .await
+        .parse()
+        .expect("an epoch is stored");
+    assert!(epoch > old[4] && epoch < new, "{epoch}");
+    // The open stream (or its resume) is told, then gets what follows.
+    let mut cursor = Some(old[4].to_string());
+    let mut events = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !events
+        .iter()
+        .any(|e: &common::Event| e.id == new.to_string())
+    {
+        assert!(Instant::now() < deadline, "got {events:?}");
+        match stream.try_next_block(Duration::from_millis(500)).await {
+            Some(Some(block)) => {
+                if let Some(event) = to_event(block) {
+                    cursor = Some(event.id.clone());
+                    events.push(event);
+                }
+            }
+            Some(None) => {
+                if let Ok(again) =
+                    Sse::open(&node.listen_url(&listener, ""), cursor.as_deref()).await
+                {
+                    stream = again;
+                }
+            }
+            None => {}
+        }
+    }
+    // Its subscription began in the new epoch (the app subscribed it again), so it
+    // missed nothing and needs no reset; what it gets has only new ids.
+    assert!(
+        events.iter().all(|e| e.pos() > old[4]),
+        "only new ids: {events:?}"
+    );
+}
