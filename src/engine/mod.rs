@@ -49,7 +49,9 @@ const MIN_CLEAN_UP_EVERY: Duration = Duration::from_millis(200);
 const MAX_CLEAN_UP_EVERY: Duration = Duration::from_secs(60);
 
 /// A position in the log. Positions start at 1 and grow by one per message; 0 means
-/// "before everything". The event id a client sees is this number in decimal.
+/// "before everything". On Redis, a new epoch (the log lost its tail in a failover) makes
+/// them jump past every position handed out before, and they stay below 2^53. The event
+/// id a client sees is this number in decimal.
 pub(crate) type Position = u64;
 
 /// One stored message, shared by every stream that delivers it.
