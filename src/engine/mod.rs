@@ -23,8 +23,10 @@ use bytes::Bytes;
 mod acks;
 mod embedded;
 mod local;
+mod logstore;
 mod memory;
 mod redis;
+mod segment;
 
 /// What presence and the webhook outbox share with the Redis engine: its connection and
 /// key prefix.
@@ -544,7 +546,7 @@ pub(crate) async fn open_redis(
 /// repairs it in place when `repair`: `Ok(true)` when it was sound, `Ok(false)` when it
 /// was repaired. For `dolores check` and `dolores repair`, with the server stopped.
 pub(crate) fn check_embedded(dir: &std::path::Path, repair: bool) -> Result<bool> {
-    embedded::check(dir, repair)
+    logstore::check(dir, repair)
 }
 
 /// Opens the embedded store in `dir` (creating it if missing).
@@ -553,7 +555,7 @@ pub(crate) fn open_embedded(
     limits: Limits,
     tail: Arc<dyn Tail>,
 ) -> Result<Arc<dyn Engine>> {
-    let storage = embedded::RedbStorage::open(dir)?;
+    let storage = logstore::LogStorage::open(dir)?;
     Ok(Arc::new(LocalEngine::start(
         storage, "embedded", limits, tail,
     )))
