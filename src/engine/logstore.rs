@@ -105,6 +105,8 @@ struct LogState {
     /// The same keys oldest first, for expiry.
     keys_by_age: BTreeSet<(u64, String)>,
     segments: BTreeMap<u64, Segment>,
+    /// Whether `load_frame` took in a frame yet (the first one sets where it starts).
+    loaded_a_frame: bool,
 }
 
 impl LogState {
@@ -250,9 +252,12 @@ impl LogState {
             .filter(|e| matches!(e, Entry::Message { .. }))
             .count() as u64;
         // The first frame read may follow messages in segments deleted since.
-        if self.segments.is_empty() && self.entries.is_empty() && self.bounds == Bounds::default()
-        {
-            self.bounds.head = bounds.head.checked_sub(count).ok_or("a head before its messages")?;
+        if !self.loaded_a_frame {
+            self.loaded_a_frame = true;
+            self.bounds.head = bounds
+                .head
+                .checked_sub(count)
+                .ok_or("a head before its messages")?;
         }
         for entry in entries {
             match entry {
@@ -449,12 +454,18 @@ fn cut_log(log_dir: &Path, seq: u64, at: u64) -> Result<()> {
 impl LogStorage {
     /// Opens or creates the store in `dir` (created if missing).
     pub(crate) fn open(dir: &Path) -> Result<Self> {
+        Self::open_with(dir, segment::SEGMENT_BYTES)
+    }
+
+    /// [`LogStorage::open`] with segments of `segment_bytes` (small in tests, so that
+    /// retention has whole segments to delete).
+    pub(crate) fn open_with(dir: &Path, segment_bytes: u64) -> Result<Self> {
         let redb = RedbStorage::open(dir)?;
         let log_dir = dir.join(segment::DIR_NAME);
         std::fs::create_dir_all(&log_dir)
             .map_err(|e| segment::io_error("cannot create", &log_dir, &e))?;
         if segment::list(&log_dir)?.is_empty() {
-            migrate(&redb, &log_dir)?;
+            migrate(&redb, &log_dir, segment_bytes)?;
         }
         // Left by a migration that stopped after the log was synced: already moved.
         redb.forget_old_log()?;
@@ -464,7 +475,7 @@ impl LogStorage {
             .get(&seq)
             .map(|s| s.file.clone())
             .ok_or_else(|| EngineError::Storage(format!("{}: no segment", log_dir.display())))?;
-        let writer = SegmentWriter::new(&log_dir, seq, file, end.valid_end)?;
+        let writer = SegmentWriter::new(&log_dir, seq, file, end.valid_end, segment_bytes)?;
         Ok(Self {
             redb,
             state: RwLock::new(state),
@@ -484,7 +495,7 @@ impl LogStorage {
 
 /// Starts the log in `log_dir` (which has no segment): empty, or with what a store
 /// from before the log kept in redb. See the module doc.
-fn migrate(redb: &RedbStorage, log_dir: &Path) -> Result<()> {
+fn migrate(redb: &RedbStorage, log_dir: &Path, segment_bytes: u64) -> Result<()> {
     let (file, _) = segment::open_file(log_dir, 1, true)?;
     segment::sync_dir(log_dir)?;
     let Some(old) = redb.old_log()? else {
@@ -496,7 +507,7 @@ fn migrate(redb: &RedbStorage, log_dir: &Path) -> Result<()> {
         embedded::FILE_NAME,
         log_dir.display()
     );
-    let mut writer = SegmentWriter::new(log_dir, 1, Arc::new(file), 0)?;
+    let mut writer = SegmentWriter::new(log_dir, 1, Arc::new(file), 0, segment_bytes)?;
     let mut head = old
         .messages
         .first()
@@ -863,3 +874,7 @@ impl LogTxn<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[path = "logstore_tests.rs"]
+mod tests;

@@ -439,6 +439,8 @@ pub(crate) struct SegmentWriter {
     path: PathBuf,
     write_at: u64,
     zeroed_to: u64,
+    /// Where a segment is full ([`SEGMENT_BYTES`]; smaller in tests).
+    segment_bytes: u64,
     /// Set when an `fdatasync` failed: the kernel may have dropped the pages it could
     /// not write and call them clean, so a later sync proves nothing. Every later
     /// write is refused until a restart reads the log again.
@@ -451,7 +453,13 @@ const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 impl SegmentWriter {
     /// The writer of segment `seq` (open as `file`), whose frames end at `write_at` and
     /// whose bytes from there to its end are zeros.
-    pub(crate) fn new(dir: &Path, seq: u64, file: Arc<File>, write_at: u64) -> Result<Self> {
+    pub(crate) fn new(
+        dir: &Path,
+        seq: u64,
+        file: Arc<File>,
+        write_at: u64,
+        segment_bytes: u64,
+    ) -> Result<Self> {
         let path = dir.join(file_name(seq));
         let len = file
             .metadata()
@@ -464,6 +472,7 @@ impl SegmentWriter {
             path,
             write_at,
             zeroed_to: len.max(write_at),
+            segment_bytes,
             broken: None,
         })
     }
@@ -476,7 +485,7 @@ impl SegmentWriter {
         }
         let mut new_file = None;
         let end = self.write_at + frame.len() as u64;
-        if end > SEGMENT_BYTES && self.write_at > 0 {
+        if end > self.segment_bytes && self.write_at > 0 {
             new_file = Some(self.roll()?);
         }
         let end = self.write_at + frame.len() as u64;
@@ -509,7 +518,9 @@ impl SegmentWriter {
     /// Zero-fills the segment to at least `end` (a chunk ahead when there is room for
     /// it, only what this frame needs when the disk is nearly full) and syncs that.
     fn zero_fill(&mut self, end: u64) -> Result<()> {
-        let ahead = (self.zeroed_to + ZERO_CHUNK).min(SEGMENT_BYTES).max(end);
+        let ahead = (self.zeroed_to + ZERO_CHUNK)
+            .min(self.segment_bytes)
+            .max(end);
         let filled = self
             .write_zeros(ahead)
             .or_else(|_| self.write_zeros(end));
