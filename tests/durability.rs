@@ -175,7 +175,9 @@ async fn kill9_and_restart_keeps_every_acknowledged_message_and_subscription() {
         let mut after = 0;
         loop {
             let (status, page) = server
-                .get(&format!("/api/v1/tracks/{track}/messages?after={after}&limit=1000"))
+                .get(&format!(
+                    "/api/v1/tracks/{track}/messages?after={after}&limit=1000"
+                ))
                 .await;
             assert_eq!(status, StatusCode::OK, "{page}");
             for message in page["messages"].as_array().expect("messages") {
@@ -196,12 +198,19 @@ async fn kill9_and_restart_keeps_every_acknowledged_message_and_subscription() {
         "no hole in the log"
     );
     for (id, (track, message, _)) in &acked {
-        assert_eq!(stored.get(id), Some(&(track.clone(), message.clone())), "{id}");
+        assert_eq!(
+            stored.get(id),
+            Some(&(track.clone(), message.clone())),
+            "{id}"
+        );
     }
 
     // Ids go on from where they were: never reused after the restart.
     let next = server.publish(":a", json!("after restart")).await;
-    assert!(next > max_acked && next > head, "{next} after {max_acked}, {head}");
+    assert!(
+        next > max_acked && next > head,
+        "{next} after {max_acked}, {head}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -425,8 +425,14 @@ async fn a_damaged_log_is_found_by_check_refused_at_start_and_cut_by_repair() {
 
     let check = dolores(&["check", "--data", dir]).await;
     let said = String::from_utf8_lossy(&check.stderr);
-    assert!(!check.status.success(), "check passed a damaged log: {said}");
-    assert!(said.contains("is damaged") && said.contains(".seg"), "{said}");
+    assert!(
+        !check.status.success(),
+        "check passed a damaged log: {said}"
+    );
+    assert!(
+        said.contains("is damaged") && said.contains(".seg"),
+        "{said}"
+    );
     match serve_store(dir).await {
         Start::Refused(said) => assert_refused_with_what_to_do(&said),
         Start::Serving(mut child, line) => {
@@ -448,10 +454,7 @@ async fn a_damaged_log_is_found_by_check_refused_at_start_and_cut_by_repair() {
     assert!((1..300).contains(&kept), "kept {kept} of 300");
     let mut stream = server.listen(&uid).await;
     let events = stream.events(kept as usize).await;
-    assert_eq!(
-        common::positions(&events),
-        (1..=kept).collect::<Vec<u64>>()
-    );
+    assert_eq!(common::positions(&events), (1..=kept).collect::<Vec<u64>>());
 }
 
 #[tokio::test]

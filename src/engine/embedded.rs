@@ -1,4 +1,8 @@
-//! The durable embedded storage (the default): one redb file in the data dir.
+//! The redb file in the data dir, `dolores.redb`: since the segment log (`logstore`)
+//! holds the messages, the durable store keeps only its listener tables here (and
+//! reads the message tables once, to move a store from before the log). Its
+//! `Storage` implementation, messages included, is kept whole: the tables are one
+//! format, and the move reads them with it.
 //!
 //! Tables: `log` (position → time, track, message), `by_track` ((track, position) → ()),
 //! the index that makes a listener's queue a range scan per track, `listeners`

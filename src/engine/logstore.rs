@@ -297,7 +297,9 @@ impl LogState {
         }
         self.trim(bounds.trimmed_through.max(self.bounds.trimmed_through));
         if let Some(segment) = self.segments.get_mut(&seq) {
-            segment.last_pos = segment.last_pos.max(if count > 0 { bounds.head } else { 0 });
+            segment.last_pos = segment
+                .last_pos
+                .max(if count > 0 { bounds.head } else { 0 });
         }
         Ok(())
     }
@@ -342,10 +344,13 @@ fn load(
     };
     let seqs = segment::list(log_dir).map_err(engine)?;
     let mut state = LogState::default();
-    let mut last = (0, segment::ScanEnd {
-        valid_end: 0,
-        torn: false,
-    });
+    let mut last = (
+        0,
+        segment::ScanEnd {
+            valid_end: 0,
+            torn: false,
+        },
+    );
     for (i, &seq) in seqs.iter().enumerate() {
         let (file, path) = segment::open_file(log_dir, seq, false).map_err(engine)?;
         let bytes = std::fs::read(&path)
@@ -383,10 +388,11 @@ fn load(
                 path.display(),
                 end.valid_end
             );
-            let cut = state
-                .segments
-                .get(&seq)
-                .map(|s| s.file.set_len(end.valid_end).and_then(|()| s.file.sync_all()));
+            let cut = state.segments.get(&seq).map(|s| {
+                s.file
+                    .set_len(end.valid_end)
+                    .and_then(|()| s.file.sync_all())
+            });
             if let Some(Err(e)) = cut {
                 return Err(engine(segment::io_error("cannot cut", &path, &e)));
             }
@@ -809,12 +815,17 @@ impl LogTxn<'_> {
             let state = storage.state();
             let dead = state.dead_segments(self.bounds.trimmed_through, writer.seq());
             let keep_after = self.expire_before.unwrap_or(0);
-            let carried: Vec<(String, KeyRecord)> = state
-                .keys
-                .iter()
-                .filter(|(_, (record, seq))| dead.contains(seq) && record.time_ms >= keep_after)
-                .map(|(key, (record, _))| (key.clone(), record.clone()))
-                .collect();
+            // Looked for only when a segment dies: rare, and a scan of every key.
+            let carried: Vec<(String, KeyRecord)> = if dead.is_empty() {
+                Vec::new()
+            } else {
+                state
+                    .keys
+                    .iter()
+                    .filter(|(_, (record, seq))| dead.contains(seq) && record.time_ms >= keep_after)
+                    .map(|(key, (record, _))| (key.clone(), record.clone()))
+                    .collect()
+            };
             (dead, carried)
         };
         for (key, record) in &carried {
@@ -825,13 +836,9 @@ impl LogTxn<'_> {
 
         let mut state = storage.state_mut();
         if let Some(file) = written.new_file {
-            state.segments.insert(
-                written.seq,
-                Segment {
-                    file,
-                    last_pos: 0,
-                },
-            );
+            state
+                .segments
+                .insert(written.seq, Segment { file, last_pos: 0 });
         }
         for (message, json_at) in self.appended.iter().zip(json_ats) {
             let stored = Stored {

@@ -72,11 +72,7 @@ fn frames(path: &Path) -> (Vec<u64>, u64) {
 
 /// Copies the store in `from` (redb's file and the log) into `to`.
 fn copy_store(from: &Path, to: &Path) {
-    std::fs::copy(
-        from.join(embedded::FILE_NAME),
-        to.join(embedded::FILE_NAME),
-    )
-    .expect("copy redb");
+    std::fs::copy(from.join(embedded::FILE_NAME), to.join(embedded::FILE_NAME)).expect("copy redb");
     std::fs::create_dir_all(to.join(segment::DIR_NAME)).expect("log dir");
     for seq in segment::list(&from.join(segment::DIR_NAME)).expect("segments") {
         std::fs::copy(segment_path(from, seq), segment_path(to, seq)).expect("copy segment");
@@ -135,7 +131,11 @@ async fn a_last_frame_torn_at_any_byte_is_cut_and_the_log_goes_on() {
 
         let engine = open(copy.path(), segment::SEGMENT_BYTES, 1000);
         let all: Vec<Position> = (1..=N).collect();
-        assert_eq!(positions(&engine, ":t").await, all, "cut at {cut}: reopened");
+        assert_eq!(
+            positions(&engine, ":t").await,
+            all,
+            "cut at {cut}: reopened"
+        );
         close(engine).await;
     }
 }
@@ -155,10 +155,16 @@ async fn zeros_or_garbage_after_the_last_frame_are_a_torn_tail_too() {
     std::fs::write(&path, bytes).expect("write");
     let engine = open(dir.path(), segment::SEGMENT_BYTES, 1000);
     assert_eq!(positions(&engine, ":t").await, (1..=N).collect::<Vec<_>>());
-    assert_eq!(engine.append(vec![update(":t", 9)]).await.expect("append"), [N + 1]);
+    assert_eq!(
+        engine.append(vec![update(":t", 9)]).await.expect("append"),
+        [N + 1]
+    );
     close(engine).await;
     let engine = open(dir.path(), segment::SEGMENT_BYTES, 1000);
-    assert_eq!(positions(&engine, ":t").await, (1..=N + 1).collect::<Vec<_>>());
+    assert_eq!(
+        positions(&engine, ":t").await,
+        (1..=N + 1).collect::<Vec<_>>()
+    );
     close(engine).await;
 }
 
@@ -190,10 +196,16 @@ async fn a_flipped_byte_in_a_middle_frame_is_damage_that_repair_cuts() {
         other => panic!("check passed a damaged log: {other:?}"),
     }
     assert!(!check(dir.path(), true).expect("repair"), "repaired");
-    assert!(check(dir.path(), false).expect("check"), "sound after repair");
+    assert!(
+        check(dir.path(), false).expect("check"),
+        "sound after repair"
+    );
     let engine = open(dir.path(), segment::SEGMENT_BYTES, 1000);
     assert_eq!(positions(&engine, ":t").await, [1], "cut at the damage");
-    assert_eq!(engine.append(vec![update(":t", 2)]).await.expect("append"), [2]);
+    assert_eq!(
+        engine.append(vec![update(":t", 2)]).await.expect("append"),
+        [2]
+    );
     close(engine).await;
 }
 
@@ -216,18 +228,27 @@ async fn retention_deletes_whole_segments_and_keeps_their_keys() {
         segments.len() <= 3 && segments.first().is_some_and(|&s| s > 1),
         "old segments deleted: {segments:?}"
     );
-    assert_eq!(positions(&engine, ":t").await, (281..=300).collect::<Vec<_>>());
+    assert_eq!(
+        positions(&engine, ":t").await,
+        (281..=300).collect::<Vec<_>>()
+    );
     close(engine).await;
 
     let engine = open(dir.path(), 4096, 20);
-    assert_eq!(positions(&engine, ":t").await, (281..=300).collect::<Vec<_>>());
+    assert_eq!(
+        positions(&engine, ":t").await,
+        (281..=300).collect::<Vec<_>>()
+    );
     let again = engine
         .append_with_key(keyed, Some(key))
         .await
         .expect("append");
     assert!(again.repeated, "the key outlived its segment");
     assert_eq!(again.positions, [1]);
-    assert_eq!(engine.append(vec![update(":t", 1)]).await.expect("append"), [301]);
+    assert_eq!(
+        engine.append(vec![update(":t", 1)]).await.expect("append"),
+        [301]
+    );
     close(engine).await;
 }
 
@@ -248,10 +269,16 @@ async fn a_store_from_before_the_log_moves_its_messages_into_it_once() {
     let history = engine.history(":t", 0, 10).await.expect("history");
     let texts: Vec<&str> = history.messages.iter().map(|m| &*m.json).collect();
     assert_eq!(texts, ["{\"n\":1}", "{\"n\":2}", "{\"n\":3}"]);
-    assert_eq!(engine.append(vec![update(":t", 4)]).await.expect("append"), [4]);
+    assert_eq!(
+        engine.append(vec![update(":t", 4)]).await.expect("append"),
+        [4]
+    );
     close(engine).await;
     let redb = RedbStorage::open(dir.path()).expect("redb");
-    assert!(redb.old_log().expect("read").is_none(), "redb's copy is gone");
+    assert!(
+        redb.old_log().expect("read").is_none(),
+        "redb's copy is gone"
+    );
     drop(redb);
     let engine = open(dir.path(), segment::SEGMENT_BYTES, 1000);
     assert_eq!(positions(&engine, ":t").await, [1, 2, 3, 4]);

@@ -286,7 +286,10 @@ enum At<'a> {
 fn frame_at(bytes: &[u8], at: usize) -> At<'_> {
     let Some(header) = bytes.get(at..at + HEADER) else {
         // A few bytes short of a header: end of file, or a header cut by it.
-        return if bytes.get(at..).is_some_and(|rest| rest.iter().any(|&b| b != 0)) {
+        return if bytes
+            .get(at..)
+            .is_some_and(|rest| rest.iter().any(|&b| b != 0))
+        {
             At::Broken
         } else {
             At::End
@@ -368,7 +371,9 @@ pub(crate) fn scan<'a>(
                     });
                 }
                 let torn = matches!(end, At::Broken)
-                    || bytes.get(at..).is_some_and(|rest| rest.iter().any(|&b| b != 0));
+                    || bytes
+                        .get(at..)
+                        .is_some_and(|rest| rest.iter().any(|&b| b != 0));
                 return Ok(ScanEnd {
                     valid_end: at as u64,
                     torn,
@@ -448,7 +453,7 @@ pub(crate) struct SegmentWriter {
 }
 
 /// Zeros written at a time while zero-filling.
-const ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
 
 impl SegmentWriter {
     /// The writer of segment `seq` (open as `file`), whose frames end at `write_at` and
@@ -521,9 +526,7 @@ impl SegmentWriter {
         let ahead = (self.zeroed_to + ZERO_CHUNK)
             .min(self.segment_bytes)
             .max(end);
-        let filled = self
-            .write_zeros(ahead)
-            .or_else(|_| self.write_zeros(end));
+        let filled = self.write_zeros(ahead).or_else(|_| self.write_zeros(end));
         filled.map_err(|e| io_error("cannot grow", &self.path, &e))
     }
 
