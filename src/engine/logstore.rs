@@ -25,7 +25,12 @@
 //! up to a tick, as before). The other order could leave redb naming a position the
 //! log lost — a listener whose subscription or cursor lies past the head — which the
 //! log-first order rules out: redb only ever names positions already synced.
-//! Readers take their redb snapshot before the log's, for the same reason.
+//! Readers take their redb snapshot before the log's, for the same reason. If redb's
+//! commit fails after the frame was synced (a disk that filled up: the log writes into
+//! space zero-filled earlier, redb needs new pages), the callers hear the failure but
+//! the messages stay — an unknown outcome, like an answer lost on the way, which an
+//! `Idempotency-Key` makes safe to retry — and open streams are told to catch up from
+//! the store (`Change::Lost`), so none of them misses one.
 //!
 //! # Retention
 //!
@@ -51,6 +56,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::ReadTransaction;
@@ -320,6 +326,10 @@ pub(crate) struct LogStorage {
     state: RwLock<LogState>,
     writer: Mutex<SegmentWriter>,
     log_dir: PathBuf,
+    /// Set when a commit's frame was synced but its redb part failed (see
+    /// `Storage::take_partial_commit`): its callers are told it failed, though its
+    /// messages are kept (like any answer lost on the way, an "unknown" outcome).
+    partial_commit: AtomicBool,
 }
 
 fn corrupt_segment(data_dir: &Path, path: &Path, what: &str) -> EngineError {
@@ -487,6 +497,7 @@ impl LogStorage {
             state: RwLock::new(state),
             writer: Mutex::new(writer),
             log_dir,
+            partial_commit: AtomicBool::new(false),
         })
     }
 
@@ -601,6 +612,10 @@ impl Storage for LogStorage {
 
     fn recover(&self) -> Result<()> {
         self.redb.recover()
+    }
+
+    fn take_partial_commit(&self) -> bool {
+        self.partial_commit.swap(false, Ordering::Relaxed)
     }
 }
 
@@ -787,11 +802,16 @@ impl StorageTxn for LogTxn<'_> {
     }
 
     fn commit(mut self) -> Result<()> {
-        if self.log_changed() {
+        let logged = self.log_changed();
+        if logged {
             self.commit_log()?;
         }
         match self.redb_write.take() {
-            Some(redb) => redb.commit(),
+            Some(redb) => redb.commit().inspect_err(|_| {
+                if logged && !self.appended.is_empty() {
+                    self.storage.partial_commit.store(true, Ordering::Relaxed);
+                }
+            }),
             None => Ok(()),
         }
     }
