@@ -687,7 +687,13 @@ impl RedbStorage {
     /// Empties the message tables of a store from before the segment log, once the log
     /// holds what they held (a no-op, without a commit, when they are empty).
     pub(crate) fn forget_old_log(&self) -> Result<()> {
-        if self.old_log()?.is_none() {
+        let empty = {
+            let txn = self.read()?;
+            Snapshot::bounds(&txn)? == Bounds::default()
+                && txn.table(LOG)?.is_empty().map_err(storage_error)?
+                && txn.table(KEYS)?.is_empty().map_err(storage_error)?
+        };
+        if empty {
             return Ok(());
         }
         let txn = self.db()?.begin_write().map_err(storage_error)?;
