@@ -101,8 +101,8 @@ async fn kill9_and_restart_keeps_every_acknowledged_message_and_subscription() {
     .await;
     server.connect(&late, ":c").await;
     LATE_CONNECTED.store(true, Ordering::SeqCst);
-    common::eventually("300 acknowledged messages", common::WAIT, || async {
-        (acked.lock().await.len() >= 300).then_some(())
+    common::eventually("1,000 acknowledged messages", common::WAIT, || async {
+        (acked.lock().await.len() >= 1000).then_some(())
     })
     .await;
 
