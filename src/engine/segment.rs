@@ -39,6 +39,11 @@
 //! which file and what to run. Finding none in the last segment means a torn tail: the
 //! frame being written when the process or the machine died, which nobody was told was
 //! stored; it is cut off. A frame that is not whole in an older segment is damage too.
+//!
+//! What this cannot tell apart: bit rot in the very last frame looks like a torn write
+//! and is cut like one (no log can tell, without a second copy). What it cannot be
+//! fooled by: a message's text holding bytes that read as a frame — a frame header
+//! holds NUL bytes (its length's high byte), which compact JSON text never does.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
