@@ -42,8 +42,9 @@
 //!
 //! What this cannot tell apart: bit rot in the very last frame looks like a torn write
 //! and is cut like one (no log can tell, without a second copy). What it cannot be
-//! fooled by: a message's text holding bytes that read as a frame — a frame header
-//! holds NUL bytes (its length's high byte), which compact JSON text never does.
+//! fooled by: a message's text holding bytes that read as a frame — a frame's payload
+//! starts with the byte 0x01 (the `Bounds` tag), a control character that JSON text
+//! never holds unescaped.
 
 use std::fs::{File, OpenOptions};
 use std::io::ErrorKind;
