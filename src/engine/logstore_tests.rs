@@ -300,3 +300,41 @@ async fn old_texts_are_read_back_from_their_segment() {
     assert_eq!(texts, ["{\"n\":2}", "{\"n\":3}"]);
     close(engine).await;
 }
+
+#[tokio::test]
+async fn a_torn_tail_in_the_newest_of_several_segments_is_cut() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let engine = open(dir.path(), 4096, 1000);
+    for n in 1..=200 {
+        engine.append(vec![update(":t", n)]).await.expect("append");
+    }
+    close(engine).await;
+    let segments = segment::list(&dir.path().join(segment::DIR_NAME)).expect("list");
+    assert!(segments.len() > 3, "rolled over: {segments:?}");
+    let newest = segment_path(dir.path(), *segments.last().expect("segments"));
+    let (starts, end) = frames(&newest);
+    let last = *starts.last().expect("frames");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&newest)
+        .expect("open");
+    file.set_len((last + end) / 2).expect("truncate");
+    drop(file);
+
+    let engine = open(dir.path(), 4096, 1000);
+    assert_eq!(positions(&engine, ":t").await, (1..200).collect::<Vec<_>>());
+    assert_eq!(
+        engine
+            .append(vec![update(":t", 200)])
+            .await
+            .expect("append"),
+        [200]
+    );
+    close(engine).await;
+    let engine = open(dir.path(), 4096, 1000);
+    assert_eq!(
+        positions(&engine, ":t").await,
+        (1..=200).collect::<Vec<_>>()
+    );
+    close(engine).await;
+}
