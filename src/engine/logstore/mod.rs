@@ -13,8 +13,12 @@
 //! - In memory: a per-track index of positions and, for every kept message, where its
 //!   text is in which segment (about 60 bytes a message), so a listener's queue read
 //!   (`track_after`) is a range lookup; the text of the newest messages (up to
-//!   [`CACHED_BODY_BYTES`]) is kept too, older texts are read back from their segment.
+//!   [`index::CACHED_BODY_BYTES`]) is kept too, older texts are read back from their segment.
 //!   All of it is rebuilt by reading the segments at open.
+//!
+//! Here: the storage, its read view and its transaction; `index` is the in-memory
+//! index, `recovery` the reading of the segments at open, `dolores check`/`repair`, and
+//! the move of a store from before the log; `tests` its own tests.
 //!
 //! # Sync order
 //!
@@ -53,271 +57,24 @@
 //! is safe: a log that has segments is never migrated into again, and the leftover
 //! tables are emptied at the next open.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use redb::ReadTransaction;
 
-use super::embedded::{self, RedbStorage, RedbTxn};
+mod index;
+mod recovery;
+
+pub(crate) use recovery::check;
+
+use index::{LogState, Segment, Stored};
+use recovery::{load, migrate};
+
+use super::embedded::{RedbStorage, RedbTxn};
 use super::local::{Bounds, KeyRecord, Snapshot, Storage, StorageTxn};
-use super::segment::{self, Entry, FrameBuilder, SegmentWriter};
+use super::segment::{self, FrameBuilder, SegmentWriter};
 use super::{EngineError, Listener, Message, Position, Result, StoreCounts};
-
-/// Message texts kept in memory, newest first: enough for every listener that is
-/// keeping up (and the tens of thousands of messages a burst holds), while memory does
-/// not grow with `max_stored_messages`; older texts are one `pread` away.
-pub(crate) const CACHED_BODY_BYTES: usize = 64 * 1024 * 1024;
-
-/// Messages per frame when a store from before the log is migrated into it.
-const MIGRATION_FRAME_MESSAGES: usize = 10_000;
-
-/// Where a kept message is.
-#[derive(Debug)]
-struct Stored {
-    time_ms: u64,
-    track: Arc<str>,
-    seq: u64,
-    json_at: u64,
-    json_len: u32,
-    /// Its text, while it is among the newest.
-    cached: Option<Arc<Message>>,
-}
-
-/// A segment that is kept.
-#[derive(Debug)]
-struct Segment {
-    file: Arc<File>,
-    /// The newest position in it (0: none).
-    last_pos: Position,
-}
-
-/// The log as readers see it.
-#[derive(Debug, Default)]
-struct LogState {
-    bounds: Bounds,
-    /// The position of `entries[0]` (`trimmed_through + 1` once open).
-    base: Position,
-    entries: VecDeque<Stored>,
-    /// Each track's kept positions, in order.
-    by_track: HashMap<Arc<str>, VecDeque<Position>>,
-    /// Texts cached are those of positions from this one on.
-    cached_from: Position,
-    cached_bytes: usize,
-    /// Idempotency keys, with the segment their newest record is in.
-    keys: HashMap<String, (KeyRecord, u64)>,
-    /// The same keys oldest first, for expiry.
-    keys_by_age: BTreeSet<(u64, String)>,
-    segments: BTreeMap<u64, Segment>,
-    /// Whether `load_frame` took in a frame yet (the first one sets where it starts).
-    loaded_a_frame: bool,
-}
-
-impl LogState {
-    fn intern(&self, track: &str) -> Arc<str> {
-        self.by_track
-            .get_key_value(track)
-            .map_or_else(|| track.into(), |(name, _)| name.clone())
-    }
-
-    /// Adds the message at `head + 1`.
-    fn push(&mut self, pos: Position, stored: Stored) {
-        if self.entries.is_empty() {
-            self.base = pos;
-        }
-        if let Some(message) = &stored.cached {
-            self.cached_bytes += message.json.len();
-        } else {
-            self.cached_from = pos + 1;
-        }
-        self.by_track
-            .entry(stored.track.clone())
-            .or_default()
-            .push_back(pos);
-        self.entries.push_back(stored);
-        self.bounds.head = pos;
-        while self.cached_bytes > CACHED_BODY_BYTES && self.cached_from <= pos {
-            if let Some(entry) = self.entry_mut(self.cached_from)
-                && let Some(message) = entry.cached.take()
-            {
-                self.cached_bytes -= message.json.len();
-            }
-            self.cached_from += 1;
-        }
-    }
-
-    fn entry_mut(&mut self, pos: Position) -> Option<&mut Stored> {
-        let at = pos.checked_sub(self.base)?;
-        self.entries.get_mut(usize::try_from(at).ok()?)
-    }
-
-    fn entry(&self, pos: Position) -> Option<&Stored> {
-        let at = pos.checked_sub(self.base)?;
-        self.entries.get(usize::try_from(at).ok()?)
-    }
-
-    /// Drops the messages up to `trimmed_through` from the index.
-    fn trim(&mut self, trimmed_through: Position) {
-        self.bounds.trimmed_through = trimmed_through;
-        while self.base <= trimmed_through
-            && let Some(stored) = self.entries.pop_front()
-        {
-            if let Some(message) = &stored.cached {
-                self.cached_bytes -= message.json.len();
-            }
-            if let Some(positions) = self.by_track.get_mut(&stored.track) {
-                positions.pop_front();
-                if positions.is_empty() {
-                    self.by_track.remove(&stored.track);
-                }
-            }
-            self.base += 1;
-        }
-        if self.entries.is_empty() {
-            self.base = self.bounds.head + 1;
-        }
-        self.cached_from = self.cached_from.max(self.base);
-    }
-
-    fn put_key(&mut self, key: &str, record: KeyRecord, seq: u64) {
-        self.keys_by_age.insert((record.time_ms, key.to_owned()));
-        if let Some((old, _)) = self.keys.insert(key.to_owned(), (record, seq))
-            && let Some((new, _)) = self.keys.get(key)
-            && old.time_ms != new.time_ms
-        {
-            self.keys_by_age.remove(&(old.time_ms, key.to_owned()));
-        }
-    }
-
-    /// Forgets the keys recorded before `before_ms`.
-    fn expire_keys(&mut self, before_ms: u64) {
-        while let Some((time, _)) = self.keys_by_age.first()
-            && *time < before_ms
-        {
-            if let Some((_, key)) = self.keys_by_age.pop_first() {
-                self.keys.remove(&key);
-            }
-        }
-    }
-
-    /// The message at `pos`, from the cache or its segment.
-    fn message(&self, pos: Position) -> Result<Option<Arc<Message>>> {
-        let Some(stored) = self.entry(pos) else {
-            return Ok(None);
-        };
-        if let Some(message) = &stored.cached {
-            return Ok(Some(message.clone()));
-        }
-        let segment = self.segments.get(&stored.seq).ok_or_else(|| {
-            EngineError::Storage(format!("message {pos}: segment {} is gone", stored.seq))
-        })?;
-        let json = segment::read_text(&segment.file, stored.json_at, stored.json_len)
-            .map_err(|e| EngineError::Storage(format!("cannot read message {pos}: {e}")))?;
-        Ok(Some(Arc::new(Message::new(
-            pos,
-            stored.track.clone(),
-            json.into(),
-            stored.time_ms,
-        ))))
-    }
-
-    fn track_after(&self, track: &str, after: Position, limit: usize) -> Result<Vec<Arc<Message>>> {
-        let Some(positions) = self.by_track.get(track) else {
-            return Ok(Vec::new());
-        };
-        let first = positions.partition_point(|&p| p <= after);
-        let mut messages = Vec::with_capacity(limit.min(positions.len() - first));
-        for &pos in positions.range(first..).take(limit) {
-            if let Some(message) = self.message(pos)? {
-                messages.push(message);
-            }
-        }
-        Ok(messages)
-    }
-
-    /// The segments older than `current` whose messages are all trimmed.
-    fn dead_segments(&self, trimmed_through: Position, current: u64) -> Vec<u64> {
-        self.segments
-            .range(..current)
-            .filter(|(_, s)| s.last_pos <= trimmed_through)
-            .map(|(&seq, _)| seq)
-            .collect()
-    }
-
-    /// Takes in one frame read at open from segment `seq`: its positions must follow
-    /// the ones before.
-    fn load_frame(&mut self, seq: u64, entries: Vec<Entry<'_>>) -> std::result::Result<(), String> {
-        let Some(Entry::Bounds(bounds)) = entries.first() else {
-            return Err("a frame without bounds".into());
-        };
-        let bounds = *bounds;
-        let count = entries
-            .iter()
-            .filter(|e| matches!(e, Entry::Message { .. }))
-            .count() as u64;
-        // The first frame read may follow messages in segments deleted since.
-        if !self.loaded_a_frame {
-            self.loaded_a_frame = true;
-            self.bounds.head = bounds
-                .head
-                .checked_sub(count)
-                .ok_or("a head before its messages")?;
-        }
-        for entry in entries {
-            match entry {
-                Entry::Bounds(_) => {}
-                Entry::Message {
-                    pos,
-                    time_ms,
-                    track,
-                    json,
-                    json_at,
-                } => {
-                    if pos != self.bounds.head + 1 {
-                        return Err(format!(
-                            "message {pos} follows message {}",
-                            self.bounds.head
-                        ));
-                    }
-                    let stored = Stored {
-                        time_ms,
-                        track: self.intern(track),
-                        seq,
-                        json_at,
-                        json_len: json.len() as u32,
-                        cached: None,
-                    };
-                    self.push(pos, stored);
-                }
-                Entry::Key { key, record } => self.put_key(key, record, seq),
-                Entry::ExpireKeys { before_ms } => self.expire_keys(before_ms),
-            }
-        }
-        if self.bounds.head != bounds.head {
-            return Err(format!(
-                "the frame says the head is {}, its messages end at {}",
-                bounds.head, self.bounds.head
-            ));
-        }
-        self.trim(bounds.trimmed_through.max(self.bounds.trimmed_through));
-        if let Some(segment) = self.segments.get_mut(&seq) {
-            segment.last_pos = segment
-                .last_pos
-                .max(if count > 0 { bounds.head } else { 0 });
-        }
-        Ok(())
-    }
-}
-
-/// Where the damage that stops a log from opening is.
-#[derive(Debug)]
-struct Damaged {
-    seq: u64,
-    at: u64,
-    error: EngineError,
-}
 
 /// The storage. See the module docs.
 #[derive(Debug)]
@@ -330,141 +87,6 @@ pub(crate) struct LogStorage {
     /// `Storage::take_partial_commit`): its callers are told it failed, though its
     /// messages are kept (like any answer lost on the way, an "unknown" outcome).
     partial_commit: AtomicBool,
-}
-
-fn corrupt_segment(data_dir: &Path, path: &Path, what: &str) -> EngineError {
-    EngineError::Corrupt(format!(
-        "the log segment {} is damaged ({what}): {}",
-        path.display(),
-        segment::repair_hint(data_dir)
-    ))
-}
-
-/// Reads every segment of `log_dir` into a fresh state. With `cut_torn_tail`, a torn
-/// last frame is cut off the file; without, the files are only read (`dolores check`).
-fn load(
-    data_dir: &Path,
-    log_dir: &Path,
-    cut_torn_tail: bool,
-) -> std::result::Result<(LogState, u64, segment::ScanEnd), Damaged> {
-    let engine = |error| Damaged {
-        seq: 0,
-        at: 0,
-        error,
-    };
-    let seqs = segment::list(log_dir).map_err(engine)?;
-    let mut state = LogState::default();
-    let mut last = (
-        0,
-        segment::ScanEnd {
-            valid_end: 0,
-            torn: false,
-        },
-    );
-    for (i, &seq) in seqs.iter().enumerate() {
-        let (file, path) = segment::open_file(log_dir, seq, false).map_err(engine)?;
-        let bytes = std::fs::read(&path)
-            .map_err(|e| engine(segment::io_error("cannot read", &path, &e)))?;
-        let is_last = i + 1 == seqs.len();
-        // Registered before its frames are read, so they can say where they are.
-        state.segments.insert(
-            seq,
-            Segment {
-                file: Arc::new(file),
-                last_pos: 0,
-            },
-        );
-        let end = segment::scan(&bytes, |_, entries| state.load_frame(seq, entries)).map_err(
-            |damage| Damaged {
-                seq,
-                at: damage.at,
-                error: corrupt_segment(data_dir, &path, &damage.what),
-            },
-        )?;
-        if end.torn && !is_last {
-            return Err(Damaged {
-                seq,
-                at: end.valid_end,
-                error: corrupt_segment(
-                    data_dir,
-                    &path,
-                    &format!("the frame at byte {} is damaged", end.valid_end),
-                ),
-            });
-        }
-        if end.torn && cut_torn_tail {
-            tracing::warn!(
-                "{}: cut a torn frame at byte {} (written when the server stopped, never acknowledged)",
-                path.display(),
-                end.valid_end
-            );
-            let cut = state.segments.get(&seq).map(|s| {
-                s.file
-                    .set_len(end.valid_end)
-                    .and_then(|()| s.file.sync_all())
-            });
-            if let Some(Err(e)) = cut {
-                return Err(engine(segment::io_error("cannot cut", &path, &e)));
-            }
-        }
-        last = (seq, end);
-    }
-    // Every kept position must be there: from just after trimmed_through to the head.
-    let bounds = state.bounds;
-    let kept_from = if state.entries.is_empty() {
-        bounds.head + 1
-    } else {
-        state.base
-    };
-    if kept_from != bounds.trimmed_through + 1 {
-        let path = log_dir.join(segment::file_name(seqs.first().copied().unwrap_or(0)));
-        return Err(engine(corrupt_segment(
-            data_dir,
-            &path,
-            &format!(
-                "messages {} to {} are missing",
-                bounds.trimmed_through + 1,
-                kept_from.saturating_sub(1)
-            ),
-        )));
-    }
-    Ok((state, last.0, last.1))
-}
-
-/// Checks the store in `dir` (see `engine::check_embedded`): redb's file as before,
-/// then the log, read without changing it. A torn last frame is what a crash leaves
-/// and is sound (the next start cuts it). With `repair`, a damaged log is cut at the
-/// damage: the damaged frame and everything after it are dropped.
-pub(crate) fn check(dir: &Path, repair: bool) -> Result<bool> {
-    let redb_sound = embedded::check(dir, repair)?;
-    let log_dir = dir.join(segment::DIR_NAME);
-    if !log_dir.is_dir() {
-        // A store from before the log: its messages are in redb, moved at next start.
-        return Ok(redb_sound);
-    }
-    match load(dir, &log_dir, false) {
-        Ok(_) => Ok(redb_sound),
-        Err(damaged) if !repair || damaged.seq == 0 => Err(damaged.error),
-        Err(damaged) => {
-            cut_log(&log_dir, damaged.seq, damaged.at)?;
-            load(dir, &log_dir, true).map_err(|d| d.error)?;
-            Ok(false)
-        }
-    }
-}
-
-/// Cuts the log at byte `at` of segment `seq`: that segment is truncated there, every
-/// later one deleted.
-fn cut_log(log_dir: &Path, seq: u64, at: u64) -> Result<()> {
-    let (file, path) = segment::open_file(log_dir, seq, false)?;
-    file.set_len(at)
-        .and_then(|()| file.sync_all())
-        .map_err(|e| segment::io_error("cannot cut", &path, &e))?;
-    for later in segment::list(log_dir)?.into_iter().filter(|&s| s > seq) {
-        let path = log_dir.join(segment::file_name(later));
-        std::fs::remove_file(&path).map_err(|e| segment::io_error("cannot delete", &path, &e))?;
-    }
-    segment::sync_dir(log_dir)
 }
 
 impl LogStorage {
@@ -508,51 +130,6 @@ impl LogStorage {
     fn state_mut(&self) -> RwLockWriteGuard<'_, LogState> {
         self.state.write().unwrap_or_else(|p| p.into_inner())
     }
-}
-
-/// Starts the log in `log_dir` (which has no segment): empty, or with what a store
-/// from before the log kept in redb. See the module doc.
-fn migrate(redb: &RedbStorage, log_dir: &Path, segment_bytes: u64) -> Result<()> {
-    let (file, _) = segment::open_file(log_dir, 1, true)?;
-    segment::sync_dir(log_dir)?;
-    let Some(old) = redb.old_log()? else {
-        return Ok(());
-    };
-    tracing::info!(
-        "moving {} message(s) from {} into the log in {}",
-        old.messages.len(),
-        embedded::FILE_NAME,
-        log_dir.display()
-    );
-    let mut writer = SegmentWriter::new(log_dir, 1, Arc::new(file), 0, segment_bytes)?;
-    let mut head = old
-        .messages
-        .first()
-        .map_or(old.bounds.head, |(pos, ..)| pos - 1);
-    let chunks = old.messages.chunks(MIGRATION_FRAME_MESSAGES);
-    let mut frames = Vec::new();
-    for chunk in chunks {
-        head += chunk.len() as u64;
-        let mut frame = FrameBuilder::new(Bounds {
-            head,
-            trimmed_through: old.bounds.trimmed_through,
-        });
-        for (pos, time_ms, track, json) in chunk {
-            let message = Message::new(*pos, track.as_str().into(), json.as_str().into(), *time_ms);
-            frame.message(&message);
-        }
-        frames.push(frame);
-    }
-    // The bounds (and the keys) go in a last frame, so an empty log keeps its head.
-    let mut last = FrameBuilder::new(old.bounds);
-    for (key, record) in &old.keys {
-        last.key(key, record);
-    }
-    frames.push(last);
-    for frame in frames {
-        writer.append(&frame.finish())?;
-    }
-    Ok(())
 }
 
 /// A read view: redb's snapshot, then the log's (see the module doc for the order).
@@ -903,5 +480,4 @@ impl LogTxn<'_> {
 }
 
 #[cfg(test)]
-#[path = "logstore_tests.rs"]
 mod tests;

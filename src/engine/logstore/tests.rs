@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use super::*;
+use crate::engine::embedded;
 use crate::engine::local::LocalEngine;
 use crate::engine::{Change, Engine, IdempotencyKey, Limits, Tail, Update, now_ms};
 
