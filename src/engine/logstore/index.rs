@@ -64,8 +64,9 @@ impl LogState {
             .map_or_else(|| track.into(), |(name, _)| name.clone())
     }
 
-    /// Adds the message at `head + 1`.
-    pub(super) fn push(&mut self, pos: Position, stored: Stored) {
+    /// Adds the message at `head + 1`, keeping at most `cache_bytes` of the newest
+    /// texts ([`CACHED_BODY_BYTES`] but in tests).
+    pub(super) fn push(&mut self, pos: Position, stored: Stored, cache_bytes: usize) {
         if self.entries.is_empty() {
             self.base = pos;
         }
@@ -80,7 +81,7 @@ impl LogState {
             .push_back(pos);
         self.entries.push_back(stored);
         self.bounds.head = pos;
-        while self.cached_bytes > CACHED_BODY_BYTES && self.cached_from <= pos {
+        while self.cached_bytes > cache_bytes && self.cached_from <= pos {
             if let Some(entry) = self.entry_mut(self.cached_from)
                 && let Some(message) = entry.cached.take()
             {
@@ -240,7 +241,7 @@ impl LogState {
                         json_len: json.len() as u32,
                         cached: None,
                     };
-                    self.push(pos, stored);
+                    self.push(pos, stored, CACHED_BODY_BYTES);
                 }
                 Entry::Key { key, record } => self.put_key(key, record, seq),
                 Entry::ExpireKeys { before_ms } => self.expire_keys(before_ms),
@@ -259,5 +260,53 @@ impl LogState {
                 .max(if count > 0 { bounds.head } else { 0 });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(track: &Arc<str>, pos: Position, text: &str) -> Stored {
+        Stored {
+            time_ms: 0,
+            track: track.clone(),
+            seq: 1,
+            json_at: 0,
+            json_len: text.len() as u32,
+            cached: Some(Arc::new(Message::new(pos, track.clone(), text.into(), 0))),
+        }
+    }
+
+    fn cached(state: &LogState) -> Vec<Position> {
+        (state.base..=state.bounds.head)
+            .filter(|&p| state.entry(p).is_some_and(|s| s.cached.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn only_the_newest_texts_are_kept_within_the_bound() {
+        let track: Arc<str> = ":t".into();
+        let mut state = LogState::default();
+        for pos in 1..=10 {
+            // Ten bytes each, at most 35 kept: the newest three.
+            state.push(pos, stored(&track, pos, "0123456789"), 35);
+            assert!(state.cached_bytes <= 35, "{}", state.cached_bytes);
+        }
+        assert_eq!(cached(&state), [8, 9, 10]);
+        assert_eq!(state.cached_bytes, 30);
+        // Trimming a cached text gives its bytes back.
+        state.trim(8);
+        assert_eq!(cached(&state), [9, 10]);
+        assert_eq!(state.cached_bytes, 20);
+        state.trim(10);
+        assert_eq!((state.cached_bytes, state.entries.len()), (0, 0));
+        assert_eq!(state.base, 11);
+        assert!(
+            state.by_track.is_empty(),
+            "a track with nothing kept is gone"
+        );
+        state.push(11, stored(&track, 11, "x"), 35);
+        assert_eq!(cached(&state), [11]);
     }
 }

@@ -446,7 +446,7 @@ impl LogTxn<'_> {
                 json_len: message.json.len() as u32,
                 cached: Some(message.clone()),
             };
-            state.push(message.pos, stored);
+            state.push(message.pos, stored, index::CACHED_BODY_BYTES);
         }
         if let Some(last) = self.appended.last()
             && let Some(segment) = state.segments.get_mut(&written.seq)
