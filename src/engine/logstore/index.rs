@@ -156,8 +156,19 @@ impl LogState {
         let segment = self.segments.get(&stored.seq).ok_or_else(|| {
             EngineError::Storage(format!("message {pos}: segment {} is gone", stored.seq))
         })?;
-        let json = segment::read_text(&segment.file, stored.json_at, stored.json_len)
-            .map_err(|e| EngineError::Storage(format!("cannot read message {pos}: {e}")))?;
+        let json = segment::read_text(&segment.file, stored.json_at, stored.json_len).map_err(
+            |e| match e.kind() {
+                // It was whole when the log was read at open: damaged since.
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                    EngineError::Corrupt(format!(
+                        "the log segment {} is damaged (message {pos} no longer reads as text): \
+                     restart the server, which checks the log as it opens",
+                        segment::file_name(stored.seq)
+                    ))
+                }
+                _ => EngineError::Storage(format!("cannot read message {pos}: {e}")),
+            },
+        )?;
         Ok(Some(Arc::new(Message::new(
             pos,
             stored.track.clone(),
