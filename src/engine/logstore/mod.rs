@@ -87,6 +87,9 @@ pub(crate) struct LogStorage {
     /// `Storage::take_partial_commit`): its callers are told it failed, though its
     /// messages are kept (like any answer lost on the way, an "unknown" outcome).
     partial_commit: AtomicBool,
+    /// Set when a commit failed in writing its frame, before redb was touched: then
+    /// `recover` has nothing to reopen.
+    only_the_log_failed: AtomicBool,
 }
 
 impl LogStorage {
@@ -120,6 +123,7 @@ impl LogStorage {
             writer: Mutex::new(writer),
             log_dir,
             partial_commit: AtomicBool::new(false),
+            only_the_log_failed: AtomicBool::new(false),
         })
     }
 
@@ -187,7 +191,14 @@ impl Storage for LogStorage {
         self.redb.corrupt(what)
     }
 
+    /// Reopens redb's file, unless only the log failed: the log's writer needs nothing
+    /// to write again (its next frame goes where the failed one would have), and a
+    /// reopen would fail every read meanwhile — each publish refused on a full disk
+    /// would cost every open stream a failed read.
     fn recover(&self) -> Result<()> {
+        if self.only_the_log_failed.swap(false, Ordering::Relaxed) {
+            return Ok(());
+        }
         self.redb.recover()
     }
 
@@ -381,7 +392,11 @@ impl StorageTxn for LogTxn<'_> {
     fn commit(mut self) -> Result<()> {
         let logged = self.log_changed();
         if logged {
-            self.commit_log()?;
+            self.commit_log().inspect_err(|_| {
+                self.storage
+                    .only_the_log_failed
+                    .store(true, Ordering::Relaxed);
+            })?;
         }
         match self.redb_write.take() {
             Some(redb) => redb.commit().inspect_err(|_| {
