@@ -6,7 +6,8 @@
 //!
 //! - [`api`] — the backend's HTTP API (`/api/v1/…`): checks input, calls the engine.
 //! - [`engine`] — the store: one ordered log, listeners and their cursors; group commit.
-//!   `engine::memory` and `engine::embedded` are the storages; the trait is the seam.
+//!   `engine::memory` and `engine::logstore` (a segment log for messages, `embedded`'s
+//!   redb file for listeners) are the storages; the trait is the seam.
 //! - [`hub`] — this node's live fan-out: track → open streams, bounded queues.
 //! - [`presence`] — who is online (an open stream on any node), which tracks are
 //!   occupied, and their transitions, reported once per cluster to a sink (webhooks).

@@ -402,6 +402,61 @@ async fn a_damaged_store_left_by_a_crash_is_checked_as_it_opens() {
     }
 }
 
+/// Flips 16 bytes in the middle of the log's first segment: inside a frame that was
+/// synced, with whole frames after it (frames are padded by at most 7 bytes, so 16 in
+/// a row always hit one).
+fn damage_log(store: &std::path::Path) {
+    let path = store.join("log").join("00000000000000000001.seg");
+    let mut bytes = std::fs::read(&path).expect("read the segment");
+    for byte in &mut bytes[50_000..50_016] {
+        *byte ^= 0xFF;
+    }
+    std::fs::write(&path, bytes).expect("write the segment");
+}
+
+#[tokio::test]
+async fn a_damaged_log_is_found_by_check_refused_at_start_and_cut_by_repair() {
+    let uid = uid("logrot");
+    let mut server = store_with_messages(&uid).await;
+    assert!(server.terminate().await.success());
+    let store = server.store_dir();
+    let dir = store.to_str().expect("utf-8 path");
+    damage_log(&store);
+
+    let check = dolores(&["check", "--data", dir]).await;
+    let said = String::from_utf8_lossy(&check.stderr);
+    assert!(
+        !check.status.success(),
+        "check passed a damaged log: {said}"
+    );
+    assert!(
+        said.contains("is damaged") && said.contains(".seg"),
+        "{said}"
+    );
+    match serve_store(dir).await {
+        Start::Refused(said) => assert_refused_with_what_to_do(&said),
+        Start::Serving(mut child, line) => {
+            let _ = child.kill().await;
+            panic!("served a damaged log: {line}");
+        }
+    }
+
+    // Repair cuts the log at the damage: what came before it is kept, in order.
+    let repair = dolores(&["repair", "--data", dir]).await;
+    assert!(repair.status.success(), "{repair:?}");
+    assert!(String::from_utf8_lossy(&repair.stdout).contains("repaired"));
+    let check = dolores(&["check", "--data", dir]).await;
+    assert!(check.status.success(), "{check:?}");
+    server.restart().await;
+    let kept = server.stats().await["messages_stored"]
+        .as_u64()
+        .expect("messages_stored");
+    assert!((1..300).contains(&kept), "kept {kept} of 300");
+    let mut stream = server.listen(&uid).await;
+    let events = stream.events(kept as usize).await;
+    assert_eq!(common::positions(&events), (1..=kept).collect::<Vec<u64>>());
+}
+
 #[tokio::test]
 async fn an_empty_store_file_is_an_error_not_a_new_store() {
     let dir = tempfile::tempdir().expect("temp dir");

@@ -1,4 +1,8 @@
-//! The durable embedded storage (the default): one redb file in the data dir.
+//! The redb file in the data dir, `dolores.redb`: since the segment log (`logstore`)
+//! holds the messages, the durable store keeps only its listener tables here (and
+//! reads the message tables once, to move a store from before the log). Its
+//! `Storage` implementation, messages included, is kept whole: the tables are one
+//! format, and the move reads them with it.
 //!
 //! Tables: `log` (position → time, track, message), `by_track` ((track, position) → ()),
 //! the index that makes a listener's queue a range scan per track, `listeners`
@@ -626,5 +630,100 @@ impl StorageTxn for RedbTxn {
 
     fn commit(self) -> Result<()> {
         self.0.commit().map_err(storage_error)
+    }
+}
+
+/// What a store from before the segment log kept in its own tables: the log's bounds,
+/// its messages (position, time, track, JSON) and its idempotency keys. Read once, to
+/// move them into the log (`logstore`).
+#[derive(Debug, Default)]
+pub(crate) struct OldLog {
+    /// The log's bounds.
+    pub bounds: Bounds,
+    /// The messages, in order.
+    pub messages: Vec<(Position, u64, String, String)>,
+    /// The idempotency keys.
+    pub keys: Vec<(String, KeyRecord)>,
+}
+
+impl RedbStorage {
+    /// The messages, bounds and keys a store from before the segment log kept in this
+    /// file; `None` when it has none.
+    pub(crate) fn old_log(&self) -> Result<Option<OldLog>> {
+        let txn = self.read()?;
+        let bounds = Snapshot::bounds(&txn)?;
+        let log = txn.table(LOG)?;
+        let keys = txn.table(KEYS)?;
+        if bounds == Bounds::default()
+            && log.is_empty().map_err(storage_error)?
+            && keys.is_empty().map_err(storage_error)?
+        {
+            return Ok(None);
+        }
+        let mut old = OldLog {
+            bounds,
+            ..OldLog::default()
+        };
+        for row in log.iter().map_err(storage_error)? {
+            let (pos, row) = row.map_err(storage_error)?;
+            let (time_ms, track, json) = row.value();
+            old.messages
+                .push((pos.value(), time_ms, track.to_owned(), json.to_owned()));
+        }
+        for row in keys.iter().map_err(storage_error)? {
+            let (key, row) = row.map_err(storage_error)?;
+            let (time_ms, digest, first, count) = row.value();
+            let record = KeyRecord {
+                time_ms,
+                digest: digest.to_owned(),
+                first,
+                count,
+            };
+            old.keys.push((key.value().to_owned(), record));
+        }
+        Ok(Some(old))
+    }
+
+    /// Empties the message tables of a store from before the segment log, once the log
+    /// holds what they held (a no-op, without a commit, when they are empty).
+    pub(crate) fn forget_old_log(&self) -> Result<()> {
+        let empty = {
+            let txn = self.read()?;
+            Snapshot::bounds(&txn)? == Bounds::default()
+                && txn.table(LOG)?.is_empty().map_err(storage_error)?
+                && txn.table(KEYS)?.is_empty().map_err(storage_error)?
+        };
+        if empty {
+            return Ok(());
+        }
+        let txn = self.db()?.begin_write().map_err(storage_error)?;
+        txn.delete_table(LOG).map_err(storage_error)?;
+        txn.delete_table(BY_TRACK).map_err(storage_error)?;
+        txn.delete_table(KEYS).map_err(storage_error)?;
+        txn.delete_table(KEYS_BY_AGE).map_err(storage_error)?;
+        {
+            let mut meta = txn.open_table(META).map_err(storage_error)?;
+            meta.remove("head").map_err(storage_error)?;
+            meta.remove("trimmed_through").map_err(storage_error)?;
+            txn.open_table(LOG).map_err(storage_error)?;
+            txn.open_table(BY_TRACK).map_err(storage_error)?;
+            txn.open_table(KEYS).map_err(storage_error)?;
+            txn.open_table(KEYS_BY_AGE).map_err(storage_error)?;
+        }
+        txn.commit().map_err(storage_error)
+    }
+
+    /// Writes messages into this file's own tables, as a store from before the segment
+    /// log did (the migration test's old store).
+    #[cfg(test)]
+    pub(crate) fn write_old_log(&self, messages: &[Arc<Message>]) -> Result<()> {
+        let mut txn = self.write()?;
+        let mut bounds = Snapshot::bounds(&txn)?;
+        for message in messages {
+            txn.append(message)?;
+            bounds.head = message.pos;
+        }
+        txn.set_bounds(bounds)?;
+        txn.commit()
     }
 }

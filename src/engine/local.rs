@@ -142,6 +142,12 @@ pub(crate) trait Storage: Send + Sync + 'static {
     fn recover(&self) -> Result<()> {
         Ok(())
     }
+    /// Whether the last commit, though it failed, made its messages durable and
+    /// visible (a storage in two parts can fail after the first); cleared by the call.
+    /// The tail then hears [`Change::Lost`], so open streams read them from the store.
+    fn take_partial_commit(&self) -> bool {
+        false
+    }
 }
 
 type Reply<T> = oneshot::Sender<Result<T>>;
@@ -525,6 +531,9 @@ impl<S: Storage> Writer<S> {
                 tracing::error!("commit failed, {} operation(s) refused: {e}", answers.len());
                 self.failing.store(true, Ordering::Relaxed);
                 changes.clear();
+                if self.storage.take_partial_commit() {
+                    changes.push(Change::Lost);
+                }
             }
         }
         if !changes.is_empty() {

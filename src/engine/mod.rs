@@ -6,7 +6,9 @@
 //! [`Tail`] (the hub of this node). Implementations:
 //!
 //! - `memory` — nothing on disk (`--memory`);
-//! - `embedded` — the durable default, a redb file in the data dir;
+//! - `logstore` — the durable default: messages in an append-only segment log
+//!   (`segment`: its files, frames and recovery), listeners in a redb file beside it
+//!   (`embedded`'s tables);
 //!
 //! both driven by the one writer in `local`, which does group commit; and
 //!
@@ -24,9 +26,11 @@ use bytes::Bytes;
 mod acks;
 mod embedded;
 mod local;
+mod logstore;
 mod memory;
 mod redis;
 mod redis_connection;
+mod segment;
 
 /// What presence and the webhook outbox share with the Redis engine: its connection and
 /// key prefix.
@@ -577,12 +581,11 @@ pub(crate) async fn open_redis(
     ))
 }
 
-/// Opens (or creates) the durable embedded engine in `dir`.
-/// Checks the embedded store in `dir` without changing it (a copy is checked), or
-/// repairs it in place when `repair`: `Ok(true)` when it was sound, `Ok(false)` when it
+/// Checks the embedded store in `dir` without changing it (a copy of the redb file is
+/// checked, the log is only read), or repairs it in place when `repair`: `Ok(true)` when it was sound, `Ok(false)` when it
 /// was repaired. For `dolores check` and `dolores repair`, with the server stopped.
 pub(crate) fn check_embedded(dir: &std::path::Path, repair: bool) -> Result<bool> {
-    embedded::check(dir, repair)
+    logstore::check(dir, repair)
 }
 
 /// Opens the embedded store in `dir` (creating it if missing).
@@ -591,7 +594,7 @@ pub(crate) fn open_embedded(
     limits: Limits,
     tail: Arc<dyn Tail>,
 ) -> Result<Arc<dyn Engine>> {
-    let storage = embedded::RedbStorage::open(dir)?;
+    let storage = logstore::LogStorage::open(dir)?;
     Ok(Arc::new(LocalEngine::start(
         storage, "embedded", limits, tail,
     )))
