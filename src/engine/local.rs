@@ -672,12 +672,7 @@ fn append(
     let mut positions = Vec::with_capacity(updates.len());
     for update in updates {
         bounds.head += 1;
-        let message = Arc::new(Message::new(
-            bounds.head,
-            update.track.into(),
-            update.json.into(),
-            now,
-        ));
+        let message = Arc::new(Message::new(bounds.head, update.track, update.json, now));
         txn.append(&message)?;
         positions.push(bounds.head);
         changes.push(Change::Appended(message));

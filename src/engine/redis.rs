@@ -924,7 +924,7 @@ impl Engine for RedisEngine {
         }
         call.arg(&s.keys.prefix);
         for update in &updates {
-            call.arg(&update.track).arg(&update.json);
+            call.arg(&*update.track).arg(&*update.json);
         }
         let answer: Vec<u64> = s.observe(call.invoke_async(&mut s.conn()).await)?;
         match answer.split_first() {
