@@ -31,6 +31,7 @@ use crate::names;
 use crate::node::Node;
 
 mod body;
+pub(crate) mod direct;
 pub(crate) mod tracks;
 
 // Most updates in one batch; the bench keeps to the same limit.
@@ -519,21 +520,8 @@ async fn read_object(state: &Node, headers: &HeaderMap, body: Body) -> Result<Fi
 /// Reads a body that says it is JSON (or says nothing): 415 if it says it is not JSON,
 /// 413 past the limit.
 async fn read_body(state: &Node, headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
-    if let Some(kind) = headers.get(header::CONTENT_TYPE)
-        // What nearly every client sends, taken without a copy.
-        && !kind.as_bytes().eq_ignore_ascii_case(b"application/json")
-    {
-        let kind = kind.to_str().unwrap_or("").to_ascii_lowercase();
-        let essence = kind.split(';').next().unwrap_or("").trim();
-        if essence != "application/json" && !essence.ends_with("+json") {
-            return Err(ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                ErrorCode::NotJson,
-                format!("send JSON with Content-Type: application/json (got {essence:?})"),
-            ));
-        }
-    }
-    let limit = MIN_BODY_LIMIT.max(state.settings.max_message_bytes + 4096);
+    check_json_type(headers.get(header::CONTENT_TYPE))?;
+    let limit = body_limit(state);
     let bytes = to_bytes(body, limit).await.map_err(|e| {
         let too_large = std::error::Error::source(&e)
             .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
@@ -547,6 +535,30 @@ async fn read_body(state: &Node, headers: &HeaderMap, body: Body) -> Result<Byte
         }
     })?;
     Ok(bytes)
+}
+
+/// The largest request body taken: one message of `max_message_bytes` always fits.
+fn body_limit(state: &Node) -> usize {
+    MIN_BODY_LIMIT.max(state.settings.max_message_bytes + 4096)
+}
+
+/// 415 for a `Content-Type` that is not JSON; none at all is fine.
+fn check_json_type(kind: Option<&HeaderValue>) -> Result<(), ApiError> {
+    if let Some(kind) = kind
+        // What nearly every client sends, taken without a copy.
+        && !kind.as_bytes().eq_ignore_ascii_case(b"application/json")
+    {
+        let kind = kind.to_str().unwrap_or("").to_ascii_lowercase();
+        let essence = kind.split(';').next().unwrap_or("").trim();
+        if essence != "application/json" && !essence.ends_with("+json") {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                ErrorCode::NotJson,
+                format!("send JSON with Content-Type: application/json (got {essence:?})"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A body's bytes as a JSON object: 400 when they do not parse or are not an object.
