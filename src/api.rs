@@ -324,33 +324,45 @@ pub(crate) async fn connect(
 ) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
     let bytes = read_body(&state, &parts.headers, body).await?;
-    let (uid, track) = match body::connect(&bytes) {
-        Ok(parsed) => parsed?,
-        Err(body::Fallback) => parse_connect(parse_object(&bytes)?)?,
-    };
+    let (uid, track) = read_connect(&bytes)?;
     drop(bytes);
     let tracks = state.engine.connect(&uid, vec![track]).await?;
     Ok(listener_tracks_answer(&uid, &tracks))
 }
 
+/// A connect body's uid and track: read without a tree when it can be, else the
+/// tree-based way.
+fn read_connect(bytes: &[u8]) -> Result<(String, String), ApiError> {
+    match body::connect(bytes) {
+        Ok(parsed) => parsed,
+        Err(body::Fallback) => parse_connect(parse_object(bytes)?),
+    }
+}
+
 /// A connect or disconnect answer, `{"uid", "tracks"}`, serialized without a tree.
 fn listener_tracks_answer(uid: &str, tracks: &[String]) -> Response {
+    match listener_tracks_json(uid, tracks) {
+        Ok(body) => json_answer(body),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The JSON of a connect or disconnect answer.
+fn listener_tracks_json(uid: &str, tracks: &[String]) -> Result<String, ApiError> {
     /// The answer's fields, in the order a tree (sorted by key) wrote them.
     #[derive(serde::Serialize)]
     struct Answer<'a> {
         tracks: &'a [String],
         uid: &'a str,
     }
-    match serde_json::to_vec(&Answer { tracks, uid }) {
-        Ok(body) => json_answer(body),
-        // Strings and a list of them always serialize; this is for the type checker.
-        Err(e) => ApiError::new(
+    // Strings and a list of them always serialize; the error is for the type checker.
+    serde_json::to_string(&Answer { tracks, uid }).map_err(|e| {
+        ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             ErrorCode::Internal,
             e.to_string(),
         )
-        .into_response(),
-    }
+    })
 }
 
 /// A connect body: `{"uid", "track"}`.

@@ -81,7 +81,7 @@ pub(crate) async fn serve(
     }
     // Publishes (a backend's kept-alive connections) are served here too, until a
     // request comes that the framework must answer (`api::direct`).
-    if api::direct::is_publish(&buffer, &state) {
+    if api::direct::serves(&buffer, &state) {
         match api::direct::serve(stream, buffer, peer, state).await {
             Some((rest, read)) => (stream, buffer) = (rest, read),
             None => return,

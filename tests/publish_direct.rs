@@ -1,4 +1,4 @@
-//! Publishes served straight on the socket (`api::direct`): several on one kept-alive
+//! Publishes (and connects) served straight on the socket (`api::direct`): several on one kept-alive
 //! connection, pipelined, then another request on it that the framework answers; and
 //! every answer — success or error — the same as the framework path gives for the same
 //! request, byte for byte in its status and body.
@@ -110,6 +110,13 @@ fn publish(body: &str, extra: &str) -> Vec<u8> {
     .into_bytes()
 }
 
+/// A connect request with `body`.
+fn connect(body: &str) -> Vec<u8> {
+    String::from_utf8_lossy(&publish(body, ""))
+        .replacen("/api/v1/update", "/api/v1/connect", 1)
+        .into_bytes()
+}
+
 const STATS: &[u8] =
     b"GET /api/v1/stats HTTP/1.1\r\nhost: x\r\nauthorization: Bearer test-api-key\r\n\r\n";
 
@@ -198,6 +205,13 @@ async fn every_answer_on_the_direct_path_is_the_frameworks() {
         )
         .into_bytes(),
         publish(&over, ""),
+        connect(r#"{"uid":"direct-listener-1","track":":d"}"#),
+        connect(r#"{"uid":"direct-listener-1","track":":d"}"#),
+        connect(r#"{"uid":"short","track":":d"}"#),
+        connect(r#"{"uid":"direct-listener-1","track":":d","x":1}"#),
+        connect(r#"{"track":":d"}"#),
+        connect("[]"),
+        connect("{"),
     ];
     for case in &cases {
         // Straight on a fresh connection (the direct path), then on a connection the
@@ -218,7 +232,9 @@ async fn every_answer_on_the_direct_path_is_the_frameworks() {
         let framework = framework.answer().await.expect("a framework answer");
         let request = String::from_utf8_lossy(&case[..case.len().min(300)]);
         assert_eq!(direct.status, framework.status, "{request}");
-        if direct.status == 200 {
+        if direct.status == 200 && case.starts_with(b"POST /api/v1/connect") {
+            assert_eq!(direct.json(), framework.json(), "{request}");
+        } else if direct.status == 200 {
             // Two publishes: other ids, the same shape.
             let keys = |v: Value| v.as_object().map(|o| o.keys().cloned().collect::<Vec<_>>());
             assert_eq!(keys(direct.json()), keys(framework.json()), "{request}");

@@ -1,4 +1,5 @@
-//! `POST /api/v1/update` served straight on the socket, like the streams: a busy
+//! `POST /api/v1/update` (and `POST /api/v1/connect`, a listener's set-up) served
+//! straight on the socket, like the streams: a busy
 //! backend publishes over a few kept-alive connections, and on this path each publish
 //! costs the HTTP framework more than everything else (request and header maps,
 //! routing, boxed futures, body channels: about half of a publish's instructions under
@@ -21,7 +22,9 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{body_limit, check_json_type, ids_answer, read_updates};
+use super::{
+    body_limit, check_json_type, ids_answer, listener_tracks_json, read_connect, read_updates,
+};
 use crate::auth;
 use crate::engine::IdempotencyKey;
 use crate::error::{ApiError, ErrorCode};
@@ -32,8 +35,19 @@ const MAX_HEADERS: usize = 32;
 /// Longest head read here; a longer one goes to hyper (which has its own limit).
 const MAX_HEAD_BYTES: usize = 16 * 1024;
 
-/// A publish request's head, as far as this path needs it.
+/// The calls served here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Call {
+    /// `POST /api/v1/update`.
+    Update,
+    /// `POST /api/v1/connect`.
+    Connect,
+}
+
+/// A request's head, as far as this path needs it.
 struct Publish {
+    /// Which call.
+    call: Call,
     /// Bytes of the head, up to and including its empty line.
     head_len: usize,
     /// Bytes of the body.
@@ -48,8 +62,8 @@ struct Publish {
     not_json: Option<ApiError>,
 }
 
-/// Whether `buffer` starts with a whole request head this path serves.
-pub(crate) fn is_publish(buffer: &[u8], node: &Node) -> bool {
+/// Whether `buffer` starts with a whole request head of a call this path serves.
+pub(crate) fn serves(buffer: &[u8], node: &Node) -> bool {
     matches!(parse(buffer, node), Some(Ok(_)))
 }
 
@@ -142,10 +156,12 @@ fn parse(buffer: &[u8], node: &Node) -> Option<Result<Publish, ()>> {
     let route = request
         .path
         .and_then(|path| crate::proxy::strip_base(&node.settings.base_path, path));
-    if request.method != Some("POST")
-        || request.version != Some(1)
-        || route != Some(dolores_protocol::api::UPDATE)
-    {
+    let call = match route {
+        Some(dolores_protocol::api::UPDATE) => Call::Update,
+        Some(dolores_protocol::api::CONNECT) => Call::Connect,
+        _ => return Some(Err(())),
+    };
+    if request.method != Some("POST") || request.version != Some(1) {
         return Some(Err(()));
     }
     let mut body_len = None;
@@ -198,6 +214,7 @@ fn parse(buffer: &[u8], node: &Node) -> Option<Result<Publish, ()>> {
     let refused = auth::check_api_key_value(&node.api_key, value(authorization).as_ref()).err();
     let not_json = check_json_type(value(content_type).as_ref()).err();
     Some(Ok(Publish {
+        call,
         head_len,
         body_len,
         close,
@@ -220,6 +237,15 @@ async fn answer(
         if let Some(refused) = &publish.refused {
             log_refusal(node, peer, &request[..publish.head_len], refused);
             return Err(refused.clone());
+        }
+        if publish.call == Call::Connect {
+            // As the framework's `connect`: the body, then the engine.
+            if let Some(not_json) = &publish.not_json {
+                return Err(not_json.clone());
+            }
+            let (uid, track) = read_connect(body)?;
+            let tracks = node.engine.connect(&uid, vec![track]).await?;
+            return Ok((listener_tracks_json(&uid, &tracks)?, false));
         }
         let key = match &publish.key {
             Ok(key) => key.as_deref(),
@@ -277,7 +303,7 @@ fn response(status: StatusCode, extra: &str, json: &str) -> Vec<u8> {
     head.into_bytes()
 }
 
-/// Logs a refused publish as the api key layer does: method, path as sent, client.
+/// Logs a refused call as the api key layer does: method, path as sent, client.
 fn log_refusal(node: &Node, peer: SocketAddr, head: &[u8], refused: &ApiError) {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut headers);
