@@ -205,6 +205,9 @@ async fn every_answer_on_the_direct_path_is_the_frameworks() {
         )
         .into_bytes(),
         publish(&over, ""),
+        String::from_utf8_lossy(&publish(r#"{"track":":d","message":1}"#, ""))
+            .replace("content-length: ", "content-length: +")
+            .into_bytes(),
         connect(r#"{"uid":"direct-listener-1","track":":d"}"#),
         connect(r#"{"uid":"direct-listener-1","track":":d"}"#),
         connect(r#"{"uid":"short","track":":d"}"#),

@@ -172,9 +172,12 @@ fn parse(buffer: &[u8], node: &Node) -> Option<Result<Publish, ()>> {
     for header in request.headers.iter() {
         let name = header.name;
         if name.eq_ignore_ascii_case("content-length") {
-            let length = std::str::from_utf8(header.value)
+            // Digits only (`parse` would also take a sign, which hyper refuses).
+            let digits = header.value.trim_ascii();
+            let length = std::str::from_utf8(digits)
                 .ok()
-                .and_then(|v| v.trim().parse::<usize>().ok());
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok());
             match (body_len, length) {
                 (None, Some(length)) => body_len = Some(length),
                 // Unreadable or repeated: hyper's to judge.
