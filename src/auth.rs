@@ -30,7 +30,15 @@ pub(crate) const DEFAULT_TOKEN_TTL_SECONDS: u64 = 3600;
 
 /// Checks `Authorization: Bearer <key>` against `key`.
 pub(crate) fn check_api_key(key: &str, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(value) = headers.get(axum::http::header::AUTHORIZATION) else {
+    check_api_key_value(key, headers.get(axum::http::header::AUTHORIZATION))
+}
+
+/// [`check_api_key`] on the `Authorization` header's value, if one was sent.
+pub(crate) fn check_api_key_value(
+    key: &str,
+    value: Option<&axum::http::HeaderValue>,
+) -> Result<(), ApiError> {
+    let Some(value) = value else {
         return Err(ApiError::unauthorized(
             ErrorCode::MissingApiKey,
             "send the api key as 'Authorization: Bearer <key>'",

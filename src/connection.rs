@@ -2,8 +2,10 @@
 //! opens a Server-Sent Events stream (`GET /listen/…`), the stream is served directly
 //! on the socket by `transport::sse`, holding none of an HTTP framework's per-connection
 //! buffers for the hours a stream may stay open — idle streams are most of a push
-//! server's connections, so their size is the server's size. Every other request (and
-//! every later request of a kept-alive connection) goes to hyper and the axum router.
+//! server's connections, so their size is the server's size. A publish
+//! (`POST /api/v1/update`) is served directly too, and so are the publishes after it on
+//! the same connection (`api::direct`), until another request comes. Every other
+//! request goes to hyper and the axum router.
 
 use std::io;
 use std::net::SocketAddr;
@@ -23,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tower_http::add_extension::AddExtension;
 
+use crate::api;
 use crate::error::{ApiError, ErrorCode};
 use crate::node::Node;
 use crate::proxy::strip_base;
@@ -74,6 +77,14 @@ pub(crate) async fn serve(
             );
             crate::transport::direct::write_error(&mut stream, &error, "").await;
             return;
+        }
+    }
+    // Publishes (a backend's kept-alive connections) are served here too, until a
+    // request comes that the framework must answer (`api::direct`).
+    if api::direct::serves(&buffer, &state) {
+        match api::direct::serve(stream, buffer, peer, state).await {
+            Some((rest, read)) => (stream, buffer) = (rest, read),
+            None => return,
         }
     }
     let io = Prefixed {

@@ -180,6 +180,8 @@ pub(crate) struct LocalEngine<S: Storage> {
     kind: &'static str,
     storage: Arc<S>,
     ops_tx: mpsc::Sender<Op>,
+    /// Wakes the writer once per runtime turn for all the ops queued in it.
+    kick: Arc<Kick>,
     acks: Acks,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     /// Set while the last commit failed: `/healthz` says so until one succeeds.
@@ -225,7 +227,29 @@ impl<S: Storage> LocalEngine<S> {
             .name("dolores-writer".into())
             .spawn(move || writer.run(ops_rx))
             .ok();
+        let kick = Arc::new(Kick {
+            pending: AtomicBool::new(false),
+            notify: tokio::sync::Notify::new(),
+            writer: writer.as_ref().map(|w| w.thread().clone()),
+        });
         let weak_tx = ops_tx.downgrade();
+        let kicker = kick.clone();
+        tokio::spawn(async move {
+            loop {
+                kicker.notify.notified().await;
+                if weak_tx.upgrade().is_none() {
+                    break;
+                }
+                // Let every task ready in this turn of the runtime queue its op first:
+                // a yielded task runs again only after the others (and the I/O
+                // driver), so one wake-up of the writer takes them all.
+                tokio::task::yield_now().await;
+                kicker.pending.store(false, Ordering::Release);
+                kicker.wake_writer();
+            }
+        });
+        let weak_tx = ops_tx.downgrade();
+        let ticker = kick.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(TICK);
             loop {
@@ -236,12 +260,14 @@ impl<S: Storage> LocalEngine<S> {
                 }
                 // A full inbox means the writer is busy and will flush anyway.
                 let _ = tx.try_send(Op::Tick);
+                ticker.wake_writer();
             }
         });
         Self {
             kind,
             storage,
             ops_tx,
+            kick,
             acks,
             writer: Mutex::new(writer),
             failing,
@@ -256,6 +282,7 @@ impl<S: Storage> LocalEngine<S> {
             .send(op(done_tx))
             .await
             .map_err(|_| EngineError::Closed)?;
+        self.kick.soon();
         done_rx.await.map_err(|_| EngineError::Closed)?
     }
 
@@ -383,6 +410,7 @@ impl<S: Storage> Engine for LocalEngine<S> {
     async fn close(&self) {
         let (done_tx, done_rx) = oneshot::channel();
         if self.ops_tx.send(Op::Close(done_tx)).await.is_ok() {
+            self.kick.wake_writer();
             let _ = done_rx.await;
         }
         let writer = self.writer.lock().ok().and_then(|mut w| w.take());
@@ -394,6 +422,42 @@ impl<S: Storage> Engine for LocalEngine<S> {
     #[cfg(test)]
     fn pending_acks(&self) -> &PendingAcks {
         &self.acks
+    }
+}
+
+/// How callers wake the writer: an op queued sets `pending` and, if it was not set,
+/// wakes the kicker task, which lets the rest of the runtime's turn queue theirs and
+/// then wakes the writer once. Before, every op woke the writer thread by itself; on a
+/// busy core the woken writer ran at once, took one op and woke the caller back: two
+/// context switches a publish, and group commit grouped nothing (`docs/benchmarks.md`).
+#[derive(Debug)]
+struct Kick {
+    pending: AtomicBool,
+    notify: tokio::sync::Notify,
+    writer: Option<std::thread::Thread>,
+}
+
+impl Kick {
+    /// The writer will look at its inbox within this turn of the runtime.
+    fn soon(&self) {
+        if !self.pending.swap(true, Ordering::AcqRel) {
+            self.notify.notify_one();
+        }
+    }
+
+    /// The writer looks at its inbox now.
+    fn wake_writer(&self) {
+        if let Some(writer) = &self.writer {
+            writer.unpark();
+        }
+    }
+}
+
+impl<S: Storage> Drop for LocalEngine<S> {
+    fn drop(&mut self) {
+        // The kicker ends, and the writer sees its inbox closed.
+        self.kick.notify.notify_one();
+        self.kick.wake_writer();
     }
 }
 
@@ -470,8 +534,16 @@ impl<S: Storage> Writer<S> {
     fn run(mut self, mut ops_rx: mpsc::Receiver<Op>) {
         let mut closing = false;
         while !closing {
-            let Some(first) = ops_rx.blocking_recv() else {
-                break;
+            // Woken by the kicker (`Kick`), not by each op: the channel's own wake-up
+            // is never armed, since the writer only ever `try_recv`s. The timeout
+            // bounds what a lost wake-up could cost.
+            let first = match ops_rx.try_recv() {
+                Ok(op) => op,
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    std::thread::park_timeout(TICK);
+                    continue;
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
             };
             let mut ops = vec![first];
             while ops.len() < MAX_OPS_PER_COMMIT {
@@ -682,12 +754,7 @@ fn append(
     let mut positions = Vec::with_capacity(updates.len());
     for update in updates {
         bounds.head += 1;
-        let message = Arc::new(Message::new(
-            bounds.head,
-            update.track.into(),
-            update.json.into(),
-            now,
-        ));
+        let message = Arc::new(Message::new(bounds.head, update.track, update.json, now));
         txn.append(&message)?;
         positions.push(bounds.head);
         changes.push(Change::Appended(message));

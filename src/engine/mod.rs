@@ -140,13 +140,14 @@ impl Message {
     }
 }
 
-/// What a caller asks to publish: a checked track and a compact JSON message.
+/// What a caller asks to publish: a checked track and a compact JSON message, each in
+/// the allocation the stored [`Message`] keeps (nothing is copied on the way in).
 #[derive(Debug, Clone)]
 pub(crate) struct Update {
     /// The track, already checked by `names::check_track`.
-    pub track: String,
+    pub track: Arc<str>,
     /// The message as compact JSON text.
-    pub json: String,
+    pub json: Box<str>,
 }
 
 /// Longest `Idempotency-Key`, in bytes (the SPEC's 1 to 255 printable ASCII): room for
@@ -217,7 +218,7 @@ fn digest(updates: &[Update]) -> String {
     use sha2::Digest;
     let mut hasher = sha2::Sha256::new();
     for update in updates {
-        for part in [&update.track, &update.json] {
+        for part in [&*update.track, &*update.json] {
             hasher.update((part.len() as u64).to_le_bytes());
             hasher.update(part.as_bytes());
         }

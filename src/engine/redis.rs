@@ -1112,7 +1112,7 @@ impl Engine for RedisEngine {
             .arg(s.floor.load(Ordering::Relaxed))
             .arg(now_us());
         for update in &updates {
-            call.arg(&update.track).arg(&update.json);
+            call.arg(&*update.track).arg(&*update.json);
         }
         let mut conn = s.append_conn.as_ref().unwrap_or(&s.conn).clone();
         let answer: Vec<u64> = s.observe(call.invoke_async(&mut conn).await)?;

@@ -160,7 +160,7 @@ fn limits() -> Limits {
 fn update(track: &str, message: &str) -> Update {
     Update {
         track: track.into(),
-        json: serde_json::to_string(message).expect("json"),
+        json: serde_json::to_string(message).expect("json").into(),
     }
 }
 
