@@ -1420,7 +1420,7 @@ mod tests {
     fn update(text: &str) -> Update {
         Update {
             track: "t".into(),
-            json: format!("\"{text}\""),
+            json: format!("\"{text}\"").into(),
         }
     }
 

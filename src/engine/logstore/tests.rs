@@ -43,7 +43,7 @@ async fn close(engine: Arc<dyn Engine>) {
 fn update(track: &str, n: u64) -> Update {
     Update {
         track: track.into(),
-        json: format!("{{\"n\":{n}}}"),
+        json: format!("{{\"n\":{n}}}").into(),
     }
 }
 
