@@ -140,6 +140,8 @@ pub(crate) enum End {
     Forgotten,
     /// The store failed; the client should retry later.
     Store,
+    /// The server is shutting down; the client should come back (elsewhere, or later).
+    Shutdown,
 }
 
 /// A listener's stream of deliveries. See the module docs.
@@ -196,6 +198,22 @@ pub(crate) async fn open(state: &Node, request: &ListenRequest) -> Result<Delive
     })
 }
 
+/// Runs `write`, bounded by `limit` only when it cannot finish at once: `None` when
+/// the limit passed. Nearly every write of a stream goes straight into the socket's
+/// buffer; a timer started (and dropped) around each of those was a clock read and a
+/// timer poll per delivery for nothing.
+pub(crate) async fn write_within<F: Future>(
+    limit: std::time::Duration,
+    write: F,
+) -> Option<F::Output> {
+    let mut write = std::pin::pin!(write);
+    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
+    if let std::task::Poll::Ready(done) = first {
+        return Some(done);
+    }
+    tokio::time::timeout(limit, write).await.ok()
+}
+
 /// The client's own cursor: `Last-Event-ID` if sent, else `last_event_id`.
 fn resume_cursor(query: &ListenQuery, headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
     let header = headers
@@ -232,10 +250,11 @@ impl Deliveries {
             if let Some(delivery) = self.ready().await? {
                 return Ok(delivery);
             }
-            match self.subscription.recv().await {
-                Received::Messages(messages) => self.pending.extend(messages),
+            match self.subscription.recv(&mut self.pending).await {
+                Received::Messages => {}
                 Received::Lagged => self.replaying = true,
                 Received::Forgotten => return Err(End::Forgotten),
+                Received::Closed => return Err(End::Shutdown),
             }
         }
     }
@@ -244,6 +263,10 @@ impl Deliveries {
     /// or one read from the store while the stream still replays. `None` when the
     /// stream is caught up. Cancel-safe.
     pub(crate) async fn ready(&mut self) -> Result<Option<Delivery>, End> {
+        // Shutdown wins over what is ready, as it does over waiting.
+        if self.subscription.closed() {
+            return Err(End::Shutdown);
+        }
         loop {
             if let Some(message) = self.take_ready() {
                 return Ok(Some(Delivery::Message(message)));

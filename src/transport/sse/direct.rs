@@ -96,9 +96,9 @@ async fn pump(mut socket: TcpStream, mut stream: SseStream, chunked: bool) {
             chunk = stream.next_chunk() => match chunk {
                 Some(chunk) => {
                     let write = write_chunk(&mut writer, &chunk, chunked);
-                    match tokio::time::timeout(slow_reader_timeout, write).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) | Err(_) => return,
+                    match transport::write_within(slow_reader_timeout, write).await {
+                        Some(Ok(())) => {}
+                        Some(Err(_)) | None => return,
                     }
                 }
                 None => break,

@@ -257,7 +257,7 @@ async fn serve<R, W>(
     let (code, reason) = loop {
         let out = tokio::select! {
             biased;
-            () = state.shutdown.cancelled() => break (CloseCode::Shutdown, "server shutting down"),
+            // Shutdown comes from `deliveries` (the hub wakes every stream once).
             // One frame at a time, and its answer written before the next is read: a
             // client that floods pings and never reads is held back by its own pongs.
             frame = inbound.next(&mut reader) => match frame {
@@ -280,6 +280,7 @@ async fn serve<R, W>(
                     break (CloseCode::Refused(StatusCode::NOT_FOUND), ErrorCode::UnknownListener.as_str())
                 }
                 Err(End::Store) => break (CloseCode::StoreFailed, ErrorCode::StoreUnavailable.as_str()),
+                Err(End::Shutdown) => break (CloseCode::Shutdown, "server shutting down"),
             },
             _ = heartbeat.tick() => Out::Frame(frame::short(Opcode::Ping, b"")),
         };
@@ -309,15 +310,15 @@ async fn serve<R, W>(
         };
         let mut written = 0;
         let write = write_counted(&mut writer, &bytes, &mut written);
-        match tokio::time::timeout(state.settings.slow_reader_timeout, write).await {
-            Ok(Ok(())) => {
+        match super::write_within(state.settings.slow_reader_timeout, write).await {
+            Some(Ok(())) => {
                 if delivered > 0 {
                     state.metrics.delivered(delivered);
                 }
                 deliveries.ack();
             }
-            Ok(Err(_)) => return,
-            Err(_) => {
+            Some(Err(_)) => return,
+            None => {
                 tracing::info!(
                     "closing the WebSocket of {} with {}: it took no frame for {:?}",
                     deliveries.uid(),
