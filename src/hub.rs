@@ -99,6 +99,10 @@ type Streams = Arc<Vec<Arc<Slot>>>;
 struct Slot {
     uid: Arc<str>,
     queue: Mutex<Queue>,
+    /// Whether the stream ever had more than one track: only then can one commit bring
+    /// it messages of several tracks, which must be merged into log order. Never
+    /// cleared, so a fan-out that reads it late errs on the merging side.
+    several_tracks: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -268,6 +272,9 @@ impl HubState {
                 return;
             }
             queue.tracks.push(track.clone());
+            if queue.tracks.len() > 1 {
+                slot.several_tracks.store(true, Ordering::Relaxed);
+            }
         }
         let list = self.tracks.entry(track.clone()).or_default();
         if list.is_empty() {
@@ -315,6 +322,7 @@ impl Hub {
         let slot = Arc::new(Slot {
             uid: uid.into(),
             queue: Mutex::default(),
+            several_tracks: AtomicBool::new(false),
         });
         let mut state = lock(&self.state);
         let slots = state.uids.entry(slot.uid.clone()).or_default();
@@ -461,32 +469,30 @@ impl Tail for Hub {
 /// streams: each stream gets everything of the commit that is its own under one lock,
 /// in log order, and is woken once.
 fn fan_out(deliveries: &[(&Arc<Message>, Streams)]) {
-    let Some((_, first_slots)) = deliveries.first() else {
-        return;
-    };
-    // One track in the commit (one publish, or a burst on one track: the big fan-outs):
-    // every stream gets all of it, no sorting.
-    if deliveries
-        .iter()
-        .all(|(_, slots)| Arc::ptr_eq(slots, first_slots))
-    {
-        for slot in first_slots.iter() {
-            slot.push(deliveries.iter().map(|(message, _)| *message));
-        }
-        return;
-    }
-    // Several tracks: a stream may receive several of them, and must get its messages
-    // in log order (it skips anything at or below its cursor). Sorting by (stream,
-    // message index) puts each stream's messages together, in order.
-    let mut pairs: Vec<(*const Slot, usize, &Arc<Slot>)> =
-        Vec::with_capacity(deliveries.iter().map(|(_, slots)| slots.len()).sum());
-    for (index, (_, slots)) in deliveries.iter().enumerate() {
-        for slot in slots.iter() {
-            pairs.push((Arc::as_ptr(slot), index, slot));
+    // The commit's messages grouped by track, each group in log order (a stable sort of
+    // the messages, not of every delivery: a commit's tracks are few next to its
+    // deliveries).
+    let mut by_track: Vec<usize> = (0..deliveries.len()).collect();
+    by_track.sort_by_key(|&index| Arc::as_ptr(&deliveries[index].1));
+    // Deliveries to streams of several tracks, to be merged into log order.
+    let mut merged: Vec<(*const Slot, usize, &Arc<Slot>)> = Vec::new();
+    for group in by_track.chunk_by(|&a, &b| Arc::ptr_eq(&deliveries[a].1, &deliveries[b].1)) {
+        let messages = || group.iter().map(|&index| deliveries[index].0);
+        for slot in deliveries[group[0]].1.iter() {
+            if slot.several_tracks.load(Ordering::Relaxed) {
+                merged.extend(group.iter().map(|&index| (Arc::as_ptr(slot), index, slot)));
+            } else {
+                slot.push(messages());
+            }
         }
     }
-    pairs.sort_unstable_by_key(|&(slot, index, _)| (slot, index));
-    for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+    if merged.is_empty() {
+        return;
+    }
+    // Sorting by (stream, message index) puts each stream's messages together, in order
+    // (a stream skips anything at or below its cursor, so order is not optional).
+    merged.sort_unstable_by_key(|&(slot, index, _)| (slot, index));
+    for run in merged.chunk_by(|a, b| a.0 == b.0) {
         run[0]
             .2
             .push(run.iter().map(|&(_, index, _)| deliveries[index].0));
