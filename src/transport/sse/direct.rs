@@ -93,6 +93,10 @@ async fn pump(mut socket: TcpStream, mut stream: SseStream, chunked: bool) {
     let mut probe = [0u8; 16];
     loop {
         tokio::select! {
+            // The stream first: when it has a chunk, the probe is not polled (a poll of
+            // it registers with the socket again, each wake-up); a client that went
+            // away is still found by the next write, or the next wait.
+            biased;
             chunk = stream.next_chunk() => match chunk {
                 Some(chunk) => {
                     let write = write_chunk(&mut writer, &chunk, chunked);
