@@ -212,8 +212,13 @@ impl Subscription {
     /// queue and `into` swap buffers when `into` is empty), or news that the stream
     /// must read from the store. Cancel-safe: nothing is taken from the queue unless
     /// this returns.
-    pub(crate) async fn recv(&self, into: &mut VecDeque<Arc<Message>>) -> Received {
-        std::future::poll_fn(|cx| {
+    pub(crate) fn recv<'a>(
+        &'a self,
+        into: &'a mut VecDeque<Arc<Message>>,
+    ) -> impl Future<Output = Received> + 'a {
+        // A bare `poll_fn`, not an `async fn` around one: this future is part of every
+        // waiting stream's task, so its size is every idle stream's.
+        std::future::poll_fn(move |cx| {
             let mut queue = lock(&self.slot.queue);
             // Looked at under the queue's lock, which `Hub::close` takes after setting
             // it: either this sees it, or `close` finds the waker left below.
@@ -247,7 +252,6 @@ impl Subscription {
             }
             Poll::Ready(Received::Messages)
         })
-        .await
     }
 
     /// Whether the server is shutting down (every stream ends).

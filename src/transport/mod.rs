@@ -198,22 +198,6 @@ pub(crate) async fn open(state: &Node, request: &ListenRequest) -> Result<Delive
     })
 }
 
-/// Runs `write`, bounded by `limit` only when it cannot finish at once: `None` when
-/// the limit passed. Nearly every write of a stream goes straight into the socket's
-/// buffer; a timer started (and dropped) around each of those was a clock read and a
-/// timer poll per delivery for nothing.
-pub(crate) async fn write_within<F: Future>(
-    limit: std::time::Duration,
-    write: F,
-) -> Option<F::Output> {
-    let mut write = std::pin::pin!(write);
-    let first = std::future::poll_fn(|cx| std::task::Poll::Ready(write.as_mut().poll(cx))).await;
-    if let std::task::Poll::Ready(done) = first {
-        return Some(done);
-    }
-    tokio::time::timeout(limit, write).await.ok()
-}
-
 /// The client's own cursor: `Last-Event-ID` if sent, else `last_event_id`.
 fn resume_cursor(query: &ListenQuery, headers: &HeaderMap) -> Result<Option<Position>, ApiError> {
     let header = headers

@@ -310,15 +310,15 @@ async fn serve<R, W>(
         };
         let mut written = 0;
         let write = write_counted(&mut writer, &bytes, &mut written);
-        match super::write_within(state.settings.slow_reader_timeout, write).await {
-            Some(Ok(())) => {
+        match tokio::time::timeout(state.settings.slow_reader_timeout, write).await {
+            Ok(Ok(())) => {
                 if delivered > 0 {
                     state.metrics.delivered(delivered);
                 }
                 deliveries.ack();
             }
-            Some(Err(_)) => return,
-            None => {
+            Ok(Err(_)) => return,
+            Err(_) => {
                 tracing::info!(
                     "closing the WebSocket of {} with {}: it took no frame for {:?}",
                     deliveries.uid(),
