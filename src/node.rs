@@ -164,6 +164,7 @@ impl Node {
             settings.tls.is_some(),
         );
         let shutdown = CancellationToken::new();
+        close_hub_on(&shutdown, &hub);
         // The status page's chart starts with the last five minutes, not empty.
         Metrics::keep_history(&metrics, shutdown.clone());
         Ok(Self(Arc::new(Shared {
@@ -180,4 +181,19 @@ impl Node {
             webhooks,
         })))
     }
+}
+
+/// Ends every open stream once `shutdown` is cancelled: the hub wakes each one, so no
+/// stream watches the token itself (a watch per stream cost a lock of the token's
+/// shared waiter list twice per delivery). Holds the hub weakly, like the metrics'
+/// history, so a node dropped without a shutdown is not kept alive.
+fn close_hub_on(shutdown: &CancellationToken, hub: &Arc<Hub>) {
+    let hub = Arc::downgrade(hub);
+    let shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown.cancelled().await;
+        if let Some(hub) = hub.upgrade() {
+            hub.close();
+        }
+    });
 }

@@ -93,11 +93,15 @@ impl Message {
     pub(crate) fn json_event(&self) -> Bytes {
         self.json_event
             .get_or_init(|| {
-                let track = serde_json::to_string(&*self.track).unwrap_or_default();
-                Bytes::from(format!(
-                    "{{\"id\":\"{}\",\"track\":{},\"message\":{}}}",
-                    self.pos, track, self.json
-                ))
+                let mut event = self.frame_buffer(32);
+                event.extend_from_slice(b"{\"id\":\"");
+                push_decimal(&mut event, self.pos);
+                event.extend_from_slice(b"\",\"track\":");
+                push_json_string(&mut event, &self.track);
+                event.extend_from_slice(b",\"message\":");
+                event.extend_from_slice(self.json.as_bytes());
+                event.push(b'}');
+                Bytes::from(event)
             })
             .clone()
     }
@@ -130,13 +134,54 @@ impl Message {
     pub(crate) fn sse_frame(&self) -> Bytes {
         self.sse
             .get_or_init(|| {
-                let track = serde_json::to_string(&*self.track).unwrap_or_default();
-                Bytes::from(format!(
-                    "id: {}\ndata: {{\"track\":{},\"message\":{}}}\n\n",
-                    self.pos, track, self.json
-                ))
+                let mut frame = self.frame_buffer(40);
+                frame.extend_from_slice(b"id: ");
+                push_decimal(&mut frame, self.pos);
+                frame.extend_from_slice(b"\ndata: {\"track\":");
+                push_json_string(&mut frame, &self.track);
+                frame.extend_from_slice(b",\"message\":");
+                frame.extend_from_slice(self.json.as_bytes());
+                frame.extend_from_slice(b"}\n\n");
+                Bytes::from(frame)
             })
             .clone()
+    }
+}
+
+impl Message {
+    /// An empty buffer with room for a frame of this message: `extra` bytes of framing,
+    /// the id, the track (quoted, and escaped when it must be) and the JSON. One
+    /// allocation per frame, built once per message and shared by every stream.
+    fn frame_buffer(&self, extra: usize) -> Vec<u8> {
+        Vec::with_capacity(extra + 20 + self.track.len() + 2 + self.json.len())
+    }
+}
+
+/// `n` in decimal, without the formatting machinery (a frame is built per message).
+fn push_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[start..]);
+}
+
+/// `text` as a JSON string. Tracks are checked names (no control characters), so the
+/// quotes alone nearly always do; anything to escape goes through serde_json.
+fn push_json_string(out: &mut Vec<u8>, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push(b'"');
+        out.extend_from_slice(text.as_bytes());
+        out.push(b'"');
+    } else if serde_json::to_writer(&mut *out, text).is_err() {
+        // Writing a string into a Vec cannot fail; keep the frame valid regardless.
+        out.extend_from_slice(b"\"\"");
     }
 }
 
@@ -599,4 +644,24 @@ pub(crate) fn open_embedded(
     Ok(Arc::new(LocalEngine::start(
         storage, "embedded", limits, tail,
     )))
+}
+
+#[cfg(test)]
+mod frame_tests {
+    use super::Message;
+
+    proptest::proptest! {
+        /// The frames built by hand are exactly what the formatting machinery makes:
+        /// any position, any track (quotes, backslashes, any Unicode), any JSON.
+        #[test]
+        fn frames_are_the_formatted_ones(pos in proptest::num::u64::ANY, track in "\\PC{1,12}|[a-z\"\\\\]{1,6}", n in proptest::num::i64::ANY) {
+            let json = serde_json::json!({"n": n, "s": track}).to_string();
+            let message = Message::new(pos, track.as_str().into(), json.clone().into(), 0);
+            let quoted = serde_json::to_string(&track).unwrap();
+            let sse = format!("id: {pos}\ndata: {{\"track\":{quoted},\"message\":{json}}}\n\n");
+            proptest::prop_assert_eq!(&message.sse_frame()[..], sse.as_bytes());
+            let event = format!("{{\"id\":\"{pos}\",\"track\":{quoted},\"message\":{json}}}");
+            proptest::prop_assert_eq!(&message.json_event()[..], event.as_bytes());
+        }
+    }
 }

@@ -140,6 +140,8 @@ pub(crate) enum End {
     Forgotten,
     /// The store failed; the client should retry later.
     Store,
+    /// The server is shutting down; the client should come back (elsewhere, or later).
+    Shutdown,
 }
 
 /// A listener's stream of deliveries. See the module docs.
@@ -232,10 +234,11 @@ impl Deliveries {
             if let Some(delivery) = self.ready().await? {
                 return Ok(delivery);
             }
-            match self.subscription.recv().await {
-                Received::Messages(messages) => self.pending.extend(messages),
+            match self.subscription.recv(&mut self.pending).await {
+                Received::Messages => {}
                 Received::Lagged => self.replaying = true,
                 Received::Forgotten => return Err(End::Forgotten),
+                Received::Closed => return Err(End::Shutdown),
             }
         }
     }
@@ -244,6 +247,10 @@ impl Deliveries {
     /// or one read from the store while the stream still replays. `None` when the
     /// stream is caught up. Cancel-safe.
     pub(crate) async fn ready(&mut self) -> Result<Option<Delivery>, End> {
+        // Shutdown wins over what is ready, as it does over waiting.
+        if self.subscription.closed() {
+            return Err(End::Shutdown);
+        }
         loop {
             if let Some(message) = self.take_ready() {
                 return Ok(Some(Delivery::Message(message)));

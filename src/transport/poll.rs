@@ -92,6 +92,8 @@ pub(crate) async fn listen(
         }
         Some(Ok(Delivery::Reset { .. })) => {}
         Some(Err(End::Forgotten)) => return Err(ApiError::unknown_listener()),
+        // Shutting down: an empty answer, as when the wait below is cut by it.
+        Some(Err(End::Shutdown)) => {}
         Some(Err(End::Store)) => {
             return Err(crate::engine::EngineError::Storage("replay failed".into()).into());
         }

@@ -88,14 +88,26 @@ async fn pump(mut socket: TcpStream, mut stream: SseStream, chunked: bool) {
     // the client resumes from its last id when it can (as WebSocket's 4008).
     let slow_reader_timeout = stream.state.settings.slow_reader_timeout;
     let (mut reader, mut writer) = socket.split();
-    // A listener sends nothing after its request; reading tells when it goes away. Small:
-    // it is part of every open stream's task.
-    let mut probe = [0u8; 16];
+    // A listener sends nothing after its request; reading tells when it goes away. One
+    // byte: it is part of every open stream's task (and anything sent ends the stream).
+    let mut probe = [0u8; 1];
     loop {
         tokio::select! {
+            // The stream first: when it has a chunk, the probe is not polled (a poll of
+            // it registers with the socket again, each wake-up); a client that went
+            // away is still found by the next write, or the next wait.
+            biased;
             chunk = stream.next_chunk() => match chunk {
                 Some(chunk) => {
-                    let write = write_chunk(&mut writer, &chunk, chunked);
+                    // Straight into the socket's buffer when there is room (nearly
+                    // always): a timer started around each such write was a clock read
+                    // and a timer poll per delivery for nothing.
+                    let (rest, framed) = match try_write_chunk(writer.as_ref(), &chunk, chunked) {
+                        Ok(None) => continue,
+                        Ok(Some(rest)) => rest,
+                        Err(_) => return,
+                    };
+                    let write = write_chunk(&mut writer, &rest, chunked && !framed);
                     match tokio::time::timeout(slow_reader_timeout, write).await {
                         Ok(Ok(())) => {}
                         Ok(Err(_)) | Err(_) => return,
@@ -115,6 +127,39 @@ async fn pump(mut socket: TcpStream, mut stream: SseStream, chunked: bool) {
         let _ = writer.write_all(b"0\r\n\r\n").await;
     }
     let _ = writer.shutdown().await;
+}
+
+/// Writes one chunk if the socket takes it now. `None` when all of it went; else what
+/// is left to write, and whether it is already framed: the chunk itself when nothing
+/// went (the socket's buffer is full), or, rarely, the unwritten end of the framed
+/// chunk (written as it is).
+fn try_write_chunk(
+    socket: &TcpStream,
+    chunk: &Bytes,
+    chunked: bool,
+) -> std::io::Result<Option<(Bytes, bool)>> {
+    let mut size = [0u8; 18];
+    let size = chunk_size_line(chunk.len(), &mut size);
+    let framed = [
+        IoSlice::new(size),
+        IoSlice::new(chunk),
+        IoSlice::new(b"\r\n"),
+    ];
+    let parts = if chunked { &framed[..] } else { &framed[1..2] };
+    let total: usize = parts.iter().map(|part| part.len()).sum();
+    let written = match socket.try_write_vectored(parts) {
+        Ok(written) => written,
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(e),
+    };
+    if written >= total {
+        return Ok(None);
+    }
+    if written == 0 {
+        return Ok(Some((chunk.clone(), false)));
+    }
+    let whole: Vec<u8> = parts.iter().flat_map(|part| part.iter().copied()).collect();
+    Ok(Some((Bytes::from(whole).slice(written..), true)))
 }
 
 /// Writes one chunk, framed when `chunked` (so a client can tell a clean end from a

@@ -94,13 +94,10 @@ impl SseStream {
         if !self.started {
             return Some(self.welcome());
         }
-        let shutdown = self.state.shutdown.clone();
+        // Shutdown comes as a delivery too (the hub wakes every stream once): nothing
+        // here watches for it on each wake-up.
         let delivery = tokio::select! {
             biased;
-            _ = shutdown.cancelled() => {
-                self.done = true;
-                return Some(Bytes::from_static(b": server shutting down, reconnect\n\n"));
-            }
             d = self.deliveries.next() => d,
             _ = self.heartbeat.tick() => {
                 self.deliveries.ack();
@@ -140,6 +137,10 @@ impl SseStream {
             Err(End::Forgotten) => {
                 self.done = true;
                 Some(Bytes::from_static(b": listener forgotten\n\n"))
+            }
+            Err(End::Shutdown) => {
+                self.done = true;
+                Some(Bytes::from_static(b": server shutting down, reconnect\n\n"))
             }
             Err(End::Store) => None,
         }

@@ -257,7 +257,7 @@ async fn serve<R, W>(
     let (code, reason) = loop {
         let out = tokio::select! {
             biased;
-            () = state.shutdown.cancelled() => break (CloseCode::Shutdown, "server shutting down"),
+            // Shutdown comes from `deliveries` (the hub wakes every stream once).
             // One frame at a time, and its answer written before the next is read: a
             // client that floods pings and never reads is held back by its own pongs.
             frame = inbound.next(&mut reader) => match frame {
@@ -280,6 +280,7 @@ async fn serve<R, W>(
                     break (CloseCode::Refused(StatusCode::NOT_FOUND), ErrorCode::UnknownListener.as_str())
                 }
                 Err(End::Store) => break (CloseCode::StoreFailed, ErrorCode::StoreUnavailable.as_str()),
+                Err(End::Shutdown) => break (CloseCode::Shutdown, "server shutting down"),
             },
             _ = heartbeat.tick() => Out::Frame(frame::short(Opcode::Ping, b"")),
         };
