@@ -266,13 +266,7 @@ fn parse_updates(
             ));
         };
         if items.is_empty() || items.len() > MAX_BATCH {
-            return Err(ApiError::bad_field(
-                ErrorCode::BadBatch,
-                format!(
-                    "a batch has 1 to {MAX_BATCH} updates, this one has {}",
-                    items.len()
-                ),
-            ));
+            return Err(bad_batch_size(items.len()));
         }
         let mut updates = Vec::with_capacity(items.len());
         for (i, item) in items.into_iter().enumerate() {
@@ -518,6 +512,14 @@ pub(crate) async fn stats(State(state): State<Node>) -> ApiResult {
 
 fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::bad_field(ErrorCode::BadRequest, message)
+}
+
+/// A batch of `len` updates, empty or past [`MAX_BATCH`].
+fn bad_batch_size(len: usize) -> ApiError {
+    ApiError::bad_field(
+        ErrorCode::BadBatch,
+        format!("a batch has 1 to {MAX_BATCH} updates, this one has {len}"),
+    )
 }
 
 /// Reads a JSON object body: 415 if it says it is not JSON, 413 past the limit, 400

@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::ConnectInfo;
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::StatusCode;
 use dolores_protocol::Transport;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::Watcher;
@@ -28,7 +28,7 @@ use tower_http::add_extension::AddExtension;
 use crate::api;
 use crate::error::{ApiError, ErrorCode};
 use crate::node::Node;
-use crate::proxy::strip_base;
+use crate::proxy::{header_map, strip_base};
 use crate::transport::{Head, sse, ws};
 
 /// Longest request head read here; anything longer is hyper's to refuse.
@@ -236,15 +236,7 @@ fn parse_direct(buffer: &[u8], base: &str) -> Option<(Direct, Head)> {
     } else {
         return None;
     };
-    let mut map = HeaderMap::new();
-    for header in request.headers.iter() {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(header.name.as_bytes()),
-            HeaderValue::from_bytes(header.value),
-        ) {
-            map.append(name, value);
-        }
-    }
+    let map = header_map(request.headers);
     if endpoint == Direct::Ws && ws::accept_key(&map).is_none() {
         return None;
     }

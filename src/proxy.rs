@@ -12,7 +12,7 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::str::FromStr;
 
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 
 /// Checks a base path and writes it the one way the router uses: empty for the root,
 /// else `/a/b` — a leading slash, no trailing one (`/dolores/` becomes `/dolores`).
@@ -234,6 +234,23 @@ impl fmt::Display for Client {
             None => f.write_str("an unknown client"),
         }
     }
+}
+
+/// The headers of a head read with `httparse`, as the map the rest of the server reads,
+/// for the requests served on the socket without hyper (streams, publishes). A header
+/// hyper would refuse (a name or value that is not valid) is left out, as hyper leaves
+/// the request out.
+pub(crate) fn header_map(headers: &[httparse::Header<'_>]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for header in headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(header.name.as_bytes()),
+            HeaderValue::from_bytes(header.value),
+        ) {
+            map.append(name, value);
+        }
+    }
+    map
 }
 
 #[cfg(test)]

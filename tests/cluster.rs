@@ -12,9 +12,8 @@ mod common;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use common::{Server, ServerConfig, Sse, WAIT, uid, within};
+use common::{RedisProcess, Server, ServerConfig, Sse, WAIT, uid, within};
 use serde_json::json;
-use tokio::process::{Child, Command};
 
 fn shared_redis() -> String {
     std::env::var("DOLORES_TEST_REDIS").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
@@ -50,75 +49,55 @@ fn node_config(redis: &str, prefix: &str, extra: &[&str]) -> ServerConfig {
         .args(extra.iter().copied())
 }
 
-/// A redis-server of the test's own, persisting every write, killed on drop.
+/// A redis-server of the test's own, persisting every write (so a kill -9 and a restart
+/// on the same dir keep everything acknowledged), killed on drop.
 struct OwnRedis {
-    port: u16,
     dir: tempfile::TempDir,
-    child: Option<Child>,
+    process: RedisProcess,
 }
 
 impl OwnRedis {
     async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let mut redis = Self {
-            port,
-            dir: tempfile::tempdir().expect("tempdir"),
-            child: None,
-        };
-        redis.spawn().await;
-        redis
+        let dir = tempfile::tempdir().expect("tempdir");
+        let process = RedisProcess::start_with(&Self::args(&dir)).await;
+        Self { dir, process }
+    }
+
+    fn args(dir: &tempfile::TempDir) -> [&str; 8] {
+        let dir = dir.path().to_str().expect("a UTF-8 temp dir");
+        [
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--dir",
+            dir,
+        ]
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
+        self.process.url()
     }
 
+    /// Starts it again on the same port and dir, after a kill.
     async fn spawn(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        self.child = Some(child);
-        let deadline = Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        let port = self.process.port;
+        let mut args: Vec<String> = ["--port", &port.to_string(), "--bind", "127.0.0.1"]
+            .iter()
+            .map(|s| (*s).to_owned())
+            .collect();
+        args.extend(Self::args(&self.dir).iter().map(|s| (*s).to_owned()));
+        self.process = RedisProcess::start(port, &args).await;
     }
 
     async fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill().expect("kill redis");
-            let _ = child.wait().await;
-        }
+        self.process.kill9().await;
     }
 
     async fn command(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+        self.process.cli(args).await
     }
 }
 

@@ -5,13 +5,10 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{Server, Sse, WAIT, assert_error, id_of, read_json, uid, within};
+use common::{RedisProcess, Server, Sse, WAIT, assert_error, id_of, read_json, uid, within};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::process::{Child, Command};
 
 /// `POST /api/v1/update` with `body` and these `Idempotency-Key` header values (none,
 /// one, or several to test the refusal); also says whether the answer was marked as a
@@ -240,61 +237,10 @@ async fn a_bad_idempotency_key_is_400() {
 // The finding: a 503 while Redis is paused, committed anyway.
 // ---------------------------------------------------------------------------------
 
-/// A redis-server of the test's own (pausing the shared one would stall every other
-/// test), killed on drop.
-struct OwnRedis {
-    port: u16,
-    _child: Child,
-}
-
-impl OwnRedis {
-    async fn start() -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
-        let dir = std::env::temp_dir();
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .arg("--dir")
-            .arg(dir)
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        let deadline = Instant::now() + WAIT;
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(Instant::now() < deadline, "redis-server did not start");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self {
-            port,
-            _child: child,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    async fn command(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_update_answered_503_while_redis_pauses_but_committed_is_stored_once_on_retry() {
-    let redis = OwnRedis::start().await;
+    // Its own Redis: pausing the shared one would stall every other test.
+    let redis = RedisProcess::start_with(&["--save", "", "--appendonly", "no"]).await;
     let node = redis_node(&redis.url(), "dolores-idem-pause").await;
     let listener = uid("pause");
     node.connect(&listener, ":data").await;
@@ -309,7 +255,7 @@ async fn an_update_answered_503_while_redis_pauses_but_committed_is_stored_once_
     // Writes (and so the append script) wait while Redis is paused; the node gives up
     // after its command timeout and answers 503 — but the script is already sent.
     assert_eq!(
-        redis.command(&["CLIENT", "PAUSE", "30000", "WRITE"]).await,
+        redis.cli(&["CLIENT", "PAUSE", "30000", "WRITE"]).await,
         "OK"
     );
     let (status, answer, _) = within(
@@ -319,7 +265,7 @@ async fn an_update_answered_503_while_redis_pauses_but_committed_is_stored_once_
     )
     .await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{answer}");
-    assert_eq!(redis.command(&["CLIENT", "UNPAUSE"]).await, "OK");
+    assert_eq!(redis.cli(&["CLIENT", "UNPAUSE"]).await, "OK");
 
     // The refused update was committed once Redis went on: the listener gets it.
     let committed = within("the refused update to arrive", WAIT, stream.next_event()).await;

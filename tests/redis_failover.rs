@@ -24,85 +24,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{Server, Sse, to_event, uid};
+use common::{RedisProcess, Server, Sse, free_port, to_event, uid};
 use serde_json::json;
-use tokio::process::{Child, Command};
 
 const MASTER: &str = "dolores-test";
 const TRACKS: [&str; 2] = ["fo-a", "fo-b"];
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
-
-/// One redis-server (or sentinel) process, killed on drop.
-struct RedisProcess {
-    port: u16,
-    child: Option<Child>,
-}
-
-impl RedisProcess {
-    async fn start(port: u16, args: &[String]) -> Self {
-        let child = Command::new("redis-server")
-            .args(args)
-            .stdout(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server (apt-get install redis-server)");
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .is_err()
-        {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {port} did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self {
-            port,
-            child: Some(child),
-        }
-    }
-
-    fn pid(&self) -> String {
-        self.child
-            .as_ref()
-            .and_then(Child::id)
-            .expect("running")
-            .to_string()
-    }
-
-    async fn signal(&self, signal: &str) {
-        let status = Command::new("kill")
-            .args([signal, &self.pid()])
-            .status()
-            .await
-            .expect("kill");
-        assert!(status.success(), "kill {signal}");
-    }
-
-    async fn kill9(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            child.start_kill().expect("kill -9");
-            let _ = child.wait().await;
-        }
-    }
-
-    async fn cli(&self, args: &[&str]) -> String {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .expect("redis-cli");
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    }
-}
 
 /// A primary, its two replicas and three sentinels watching them. Two replicas, so
 /// that after a failover the new primary still has one (`--redis-min-replicas 1`

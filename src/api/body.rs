@@ -25,7 +25,7 @@ use std::fmt;
 use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
 
-use super::{MAX_BATCH, bad_request};
+use super::{MAX_BATCH, bad_batch_size, bad_request};
 use crate::engine::Update;
 use crate::error::{ApiError, ErrorCode};
 use crate::names;
@@ -63,13 +63,7 @@ pub(super) fn updates(bytes: &[u8], max_message_bytes: usize) -> Result<ParsedUp
     }
     let items: Vec<&RawValue> = serde_json::from_str(batch.raw.get()).map_err(|_| Fallback)?;
     if items.is_empty() || items.len() > MAX_BATCH {
-        return Ok(Err(ApiError::bad_field(
-            ErrorCode::BadBatch,
-            format!(
-                "a batch has 1 to {MAX_BATCH} updates, this one has {}",
-                items.len()
-            ),
-        )));
+        return Ok(Err(bad_batch_size(items.len())));
     }
     let mut updates = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
@@ -284,9 +278,9 @@ impl<'de, const N: usize> Visitor<'de> for ObjectSeed<N> {
             let spaced = if raw.get().starts_with('"') {
                 false
             } else if self.depth == usize::MAX {
-                has_space(raw.get())
+                check(raw.get(), None) == Ok(true)
             } else {
-                check(raw.get(), room).map_err(|()| de::Error::custom("refused"))?
+                check(raw.get(), Some(room)).map_err(|()| de::Error::custom("refused"))?
             };
             let field = Field { raw, spaced };
             match self.names.iter().position(|name| *name == key) {
@@ -327,11 +321,12 @@ impl<'de> serde::Deserialize<'de> for Text<'de> {
     }
 }
 
-/// Checks what serde_json's reading of a raw value lets through but its building of a
+/// Says whether `text` (valid JSON) has whitespace between tokens; with `room`, first
+/// checks what serde_json's reading of a raw value lets through but its building of a
 /// tree refuses: arrays and objects nested more than `room` deep, and numbers out of
-/// the range of an `f64`. `text` is valid JSON. Says whether it has whitespace between
-/// tokens.
-fn check(text: &str, room: usize) -> Result<bool, ()> {
+/// the range of an `f64`. Without `room` (a value already checked as part of a larger
+/// one) it stops at the first whitespace.
+fn check(text: &str, room: Option<usize>) -> Result<bool, ()> {
     let bytes = text.as_bytes();
     let mut depth = 0usize;
     let mut spaced = false;
@@ -344,12 +339,17 @@ fn check(text: &str, room: usize) -> Result<bool, ()> {
             }
             b'[' | b'{' => {
                 depth += 1;
-                if depth > room {
+                if room.is_some_and(|room| depth > room) {
                     return Err(());
                 }
             }
             b']' | b'}' => depth = depth.saturating_sub(1),
-            b' ' | b'\t' | b'\n' | b'\r' => spaced = true,
+            b' ' | b'\t' | b'\n' | b'\r' => {
+                if room.is_none() {
+                    return Ok(true);
+                }
+                spaced = true;
+            }
             b'-' | b'0'..=b'9' => {
                 let start = i;
                 while bytes
@@ -358,7 +358,9 @@ fn check(text: &str, room: usize) -> Result<bool, ()> {
                 {
                     i += 1;
                 }
-                check_number(&text[start..i])?;
+                if room.is_some() {
+                    check_number(&text[start..i])?;
+                }
                 continue;
             }
             _ => {}
@@ -366,24 +368,6 @@ fn check(text: &str, room: usize) -> Result<bool, ()> {
         i += 1;
     }
     Ok(spaced)
-}
-
-/// Whether `text` (valid JSON) has whitespace between its tokens.
-fn has_space(text: &str) -> bool {
-    let bytes = text.as_bytes();
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        match b {
-            b'"' => {
-                i = string_end(bytes, i);
-                continue;
-            }
-            b' ' | b'\t' | b'\n' | b'\r' => return true,
-            _ => {}
-        }
-        i += 1;
-    }
-    false
 }
 
 /// Where the string opening at `start` ends (just past its closing quote).

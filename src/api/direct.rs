@@ -18,7 +18,7 @@ use std::cell::RefCell;
 use std::net::SocketAddr;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -313,15 +313,7 @@ fn log_refusal(node: &Node, peer: SocketAddr, head: &[u8], refused: &ApiError) {
     if request.parse(head).is_err() {
         return;
     }
-    let mut map = HeaderMap::new();
-    for header in request.headers.iter() {
-        if let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(header.name.as_bytes()),
-            HeaderValue::from_bytes(header.value),
-        ) {
-            map.append(name, value);
-        }
-    }
+    let map = crate::proxy::header_map(request.headers);
     let client = node.settings.trusted_proxies.client(Some(peer), &map);
     tracing::warn!(
         "refused POST {} from {client}: {}",

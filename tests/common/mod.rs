@@ -9,6 +9,7 @@
 //! - `http` — the API calls a test makes on a server, and reading their answers.
 //! - `sse` — the event-stream parser and the `/listen/{uid}` client [`Sse`].
 //! - `wait` — bounded waits: [`eventually`], [`within`], [`WAIT`].
+//! - `redis` — [`RedisProcess`]: a redis-server of the test's own, to kill, pause or fail over.
 //!
 //! Every wait is bounded ([`WAIT`] unless said otherwise) so that no test can hang: a
 //! wait that runs out panics with what it was waiting for.
@@ -19,6 +20,7 @@
 mod http;
 mod in_process;
 mod process;
+mod redis;
 mod server;
 mod sse;
 mod wait;
@@ -29,6 +31,8 @@ pub(crate) use http::{
 };
 #[allow(unused_imports)]
 pub(crate) use process::{binary, command};
+#[allow(unused_imports)]
+pub(crate) use redis::{RedisProcess, free_port};
 #[allow(unused_imports)]
 pub(crate) use server::{Server, ServerConfig};
 #[allow(unused_imports)]
